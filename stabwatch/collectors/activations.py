@@ -1,0 +1,102 @@
+"""Activation statistics through forward hooks, sampled on a schedule.
+
+Hooks the activation modules (``ReLU`` family, ``Tanh``, ``Sigmoid``, ``GELU``/``SiLU``/``ELU``...); a
+model with none gets hooks on its ``Linear``/``Conv`` outputs instead (mean/std only). A module called
+several times in one step (an RNN cell, an unrolled loop) is averaged over its calls.
+
+Emits per layer ``activation_mean``, ``activation_std``, ``dead_frac`` (ReLU-like: units zero for the
+whole batch) and ``saturated_frac`` (tanh/sigmoid: elements with ``|y| > 0.99`` or outside
+``[0.01, 0.99]``), and globally the mean of each over layers (``activation/mean`` ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from stabwatch.collectors.base import Collector, MonitorContext, Readout
+from stabwatch.collectors.nonfinite import first_tensor
+from stabwatch.functional.activations import activation_statistics
+
+__all__ = ["ActivationCollector"]
+
+_KINDS: tuple[tuple[tuple[type[nn.Module], ...], str], ...] = (
+    ((nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.RReLU), "relu"),
+    ((nn.Tanh, nn.Hardtanh), "tanh"),
+    ((nn.Sigmoid, nn.Hardsigmoid), "sigmoid"),
+    ((nn.GELU, nn.SiLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus), "smooth"),
+)
+_FALLBACK = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_FIELDS = ("activation_mean", "activation_std", "dead_frac", "saturated_frac")
+
+
+def _kind(module: nn.Module) -> str | None:
+    for types, kind in _KINDS:
+        if isinstance(module, types):
+            return "relu" if kind == "relu" and not isinstance(module, nn.LeakyReLU) else kind
+    return None
+
+
+class ActivationCollector(Collector):
+    family = "activation"
+
+    def __init__(self, every: Any = 50, saturation: float = 0.99) -> None:
+        super().__init__(every)
+        self.saturation = saturation
+
+    def setup(self, ctx: MonitorContext) -> None:
+        targets = [(n, m, _kind(m)) for n, m in ctx.model.named_modules() if _kind(m) is not None]
+        if not targets:
+            targets = [(n, m, "linear") for n, m in ctx.model.named_modules() if isinstance(m, _FALLBACK)]
+        self.layers = [n or "(root)" for n, _, _ in targets]
+        self._kinds = [kind or "linear" for _, _, kind in targets]
+        self._sums: dict[int, torch.Tensor] = {}
+        self._counts: dict[int, int] = {}
+        for i, (_, module, kind) in enumerate(targets):
+            self.hook(module.register_forward_hook(self.guard(self._make_hook(i, kind or "linear"))))
+
+    def _make_hook(self, index: int, kind: str) -> Any:
+        def _hook(module: nn.Module, args: Any, out: Any) -> None:
+            if not self.active:
+                return
+            t = first_tensor(out)
+            if t is None or t.numel() == 0:
+                return
+            with torch.no_grad():
+                stats = activation_statistics(t, kind, saturation=self.saturation)
+            if index in self._sums:
+                self._sums[index] = self._sums[index] + stats
+                self._counts[index] += 1
+            else:
+                self._sums[index] = stats
+                self._counts[index] = 1
+
+        return _hook
+
+    def begin_step(self, step: int) -> None:
+        self._sums, self._counts = {}, {}
+
+    def teardown(self) -> None:
+        self._sums, self._counts = {}, {}
+
+    def collect(self, step: int, readout: Readout, loss: torch.Tensor | None, batch: Any) -> None:
+        if not self._sums:
+            return
+        idx = sorted(self._sums)
+        stats = torch.stack([self._sums[i] / self._counts[i] for i in idx])  # [L, 4]
+        self._sums, self._counts = {}, {}
+        applies = {
+            "activation_mean": lambda kind: True,
+            "activation_std": lambda kind: True,
+            "dead_frac": lambda kind: kind == "relu",
+            "saturated_frac": lambda kind: kind in ("tanh", "sigmoid"),
+        }
+        for j, field in enumerate(_FIELDS):
+            keep = [k for k, i in enumerate(idx) if applies[field](self._kinds[i])]
+            if not keep:
+                continue
+            col = stats[keep, j]
+            readout.add_layers(field, [self.layers[idx[k]] for k in keep], col)
+            readout.add(field, col.mean())

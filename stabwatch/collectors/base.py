@@ -1,0 +1,228 @@
+"""The collector base class: owns the lifecycle (attach, detach, schedule, state), so a family only
+declares what it needs and how to read it out.
+
+A collector gathers tensors during a training step (through hooks it registers in `attach`) and, at a
+scheduled step, adds *device* tensors to a shared `Readout`. The `Monitor` then moves everything in the
+readout to the host in one copy and builds the record. Collectors never call ``.item()``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from stabwatch.schedules import Schedule, make_schedule
+
+__all__ = ["Collector", "MonitorContext", "Readout"]
+
+log = logging.getLogger("stabwatch")
+
+
+@dataclass
+class MonitorContext:
+    """What a collector may look at: the model, the optimizer and the monitor's own RNG.
+
+    ``param_names`` maps each parameter (by ``id``) to its qualified name; ``param_owner`` maps it to
+    the path of the module that owns it ("" for the root); ``module_order`` is filled with module paths
+    in forward-execution order of the first monitored step.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    generator: torch.Generator
+    params: list[tuple[str, nn.Parameter]] = field(default_factory=list)
+    param_owner: dict[int, str] = field(default_factory=dict)
+    module_order: list[str] = field(default_factory=list)
+
+    @classmethod
+    def build(
+        cls, model: nn.Module, optimizer: torch.optim.Optimizer | None, generator: torch.Generator
+    ) -> MonitorContext:
+        ctx = cls(model=model, optimizer=optimizer, generator=generator)
+        seen: set[int] = set()
+        for mod_name, module in model.named_modules():
+            for p_name, p in module.named_parameters(recurse=False):
+                if id(p) in seen or not p.requires_grad:
+                    continue
+                seen.add(id(p))
+                full = f"{mod_name}.{p_name}" if mod_name else p_name
+                ctx.params.append((full, p))
+                ctx.param_owner[id(p)] = mod_name or "(root)"
+        return ctx
+
+
+class Readout:
+    """Values gathered for one record, still on the device until `Monitor` syncs them once.
+
+    Collectors call `add` (a global field), `add_layers` (one value per layer for a field) or
+    `add_extra` (a free ``family/metric[/layer]`` key). `add_internal` stores tensors a collector needs
+    back as floats in `Collector.finish` (e.g. per-module non-finite flags). Values are kept as 1-D
+    chunks and concatenated once in `sync`.
+    """
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, str, str | None]] = []  # (kind, name, layer) per value
+        self.chunks: list[torch.Tensor] = []
+        self.internal_slices: dict[str, tuple[int, int]] = {}
+        self.values: list[float] = []
+
+    def _push(self, entries: list[tuple[str, str, str | None]], value: torch.Tensor | float) -> None:
+        t = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+        t = t.reshape(-1)
+        if t.numel() != len(entries):
+            raise ValueError(f"readout: {len(entries)} names but {t.numel()} values ({entries[:3]}...)")
+        self.entries.extend(entries)
+        self.chunks.append(t)
+
+    def add(self, name: str, value: torch.Tensor | float) -> None:
+        """A global record field, e.g. ``add("grad_norm", total)``."""
+        self._push([("field", name, None)], value)
+
+    def add_layers(self, name: str, layers: Sequence[str], values: torch.Tensor) -> None:
+        """One value per layer for a field: ``values`` is a 1-D tensor aligned with ``layers``."""
+        self._push([("layer", name, layer) for layer in layers], values)
+
+    def add_extra(self, key: str, value: torch.Tensor | float, layer: str | None = None) -> None:
+        """A key outside the record's fields, ``family/metric`` (stored under ``extra``)."""
+        self._push([("extra", key, layer)], value)
+
+    def add_internal(self, name: str, values: torch.Tensor) -> None:
+        """Tensors synced with the record and handed back as floats to `Collector.finish`."""
+        start = len(self.entries)
+        n = values.numel()
+        self._push([("internal", name, None)] * n, values)
+        self.internal_slices[name] = (start, start + n)
+
+    def internal(self, name: str) -> list[float]:
+        """Floats of an `add_internal` entry after the sync (empty when absent)."""
+        if name not in self.internal_slices:
+            return []
+        a, b = self.internal_slices[name]
+        return self.values[a:b]
+
+    def sync(self) -> list[float]:
+        """Move all gathered values to the host: one copy per device (one in the usual case)."""
+        if not self.chunks:
+            self.values = []
+            return self.values
+        devices = {c.device for c in self.chunks}
+        if len(devices) == 1:
+            self.values = torch.cat([c.to(torch.float64) for c in self.chunks]).cpu().tolist()
+        else:
+            self.values = torch.cat([c.to("cpu", torch.float64) for c in self.chunks]).tolist()
+        self.chunks = []
+        return self.values
+
+
+class Collector:
+    """Base class of a metric family.
+
+    Subclasses set `family` and override what they need:
+
+    * `setup(ctx)` — register hooks with `self.hook(handle)` (removed on `detach`);
+    * `before_optimizer_step()` / `after_optimizer_step()` — run inside the optimizer's step hooks;
+    * `collect(step, readout, loss, batch)` — add device tensors for a scheduled step;
+    * `finish(step, readout, record)` — read synced internal values (optional).
+
+    The base class keeps the schedule, the hook handles and the `active` flag (true while the current
+    step is scheduled), so hook bodies can return at once on unscheduled steps.
+    """
+
+    family: ClassVar[str] = "base"
+    #: True when `collect` must run every step even if the family is unscheduled (e.g. non-finite).
+    always_collect: ClassVar[bool] = False
+
+    def __init__(self, every: int | Schedule | None = 1) -> None:
+        self.schedule: Schedule = make_schedule(every, field=f"every[{self.family!r}]")
+        self.active = False
+        self.ctx: MonitorContext | None = None
+        self._handles: list[Any] = []
+        self._failed_once = False
+        self.elapsed = 0.0  # seconds spent in this collector's hooks since the last record
+
+    # lifecycle -------------------------------------------------------------------------------------
+    def attach(self, ctx: MonitorContext) -> None:
+        self.ctx = ctx
+        self.setup(ctx)
+
+    def detach(self) -> None:
+        for h in self._handles:
+            try:
+                h.remove()
+            except Exception:  # pragma: no cover - removing a handle twice is harmless
+                pass
+        self._handles.clear()
+        self.teardown()
+        self.ctx = None
+        self.active = False
+
+    def guard(self, fn: Any) -> Any:
+        """Wrap a hook body: time it (counted in ``monitor/overhead_ms``) and never let it raise."""
+        import time
+
+        def _guarded(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - monitoring never kills training
+                self.fail(f"{self.family} hook", exc)
+            finally:
+                self.elapsed += time.perf_counter() - t0
+            return None
+
+        return _guarded
+
+    def hook(self, handle: Any) -> None:
+        """Keep a hook handle so `detach` removes it."""
+        self._handles.append(handle)
+
+    def hooks(self, handles: Iterable[Any]) -> None:
+        for h in handles:
+            self.hook(h)
+
+    def scheduled(self, step: int) -> bool:
+        return bool(self.schedule(step))
+
+    def fail(self, what: str, exc: BaseException) -> None:
+        """Log a failure of this family once (training goes on; the field stays empty)."""
+        if not self._failed_once:
+            self._failed_once = True
+            log.warning(
+                "stabwatch: %s failed (%s: %s); its fields stay empty. Further failures are not logged.",
+                what,
+                type(exc).__name__,
+                exc,
+            )
+
+    # to override -----------------------------------------------------------------------------------
+    def setup(self, ctx: MonitorContext) -> None:
+        """Register hooks; called on `Monitor.__enter__`."""
+
+    def teardown(self) -> None:
+        """Drop per-run state; called on `Monitor.__exit__` after hooks are removed."""
+
+    def begin_step(self, step: int) -> None:
+        """Called before the forward pass of ``step`` (after the previous record)."""
+
+    def before_optimizer_step(self) -> None:
+        """Called in the optimizer's pre-step hook."""
+
+    def after_optimizer_step(self) -> None:
+        """Called in the optimizer's post-step hook."""
+
+    def collect(self, step: int, readout: Readout, loss: torch.Tensor | None, batch: Any) -> None:
+        """Add this step's values to ``readout`` (device tensors)."""
+
+    def finish(self, step: int, readout: Readout, record: Any) -> None:
+        """Use synced internal values to fill ``record`` (a `StabilityMetrics`)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

@@ -1,0 +1,85 @@
+"""Update-to-weight ratios and weight norms.
+
+Emits ``update_ratio`` (``update/ratio``) = ``||theta_t - theta_{t-1}|| / ||theta_{t-1}||`` over all
+parameters, ``update_norm``, ``weight_norm`` (``weight/norm``) and the same per layer. At a scheduled
+step the parameters are copied in the optimizer's pre-step hook into one persistent scratch buffer
+(allocated once, the size of the trainable weights) and the difference is reduced after the step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from stabwatch.collectors.base import Collector, MonitorContext, Readout
+
+__all__ = ["UpdateCollector"]
+
+
+class UpdateCollector(Collector):
+    family = "update"
+
+    def __init__(self, every: Any = 1, per_layer: bool = True) -> None:
+        super().__init__(every)
+        self.per_layer = per_layer
+
+    def setup(self, ctx: MonitorContext) -> None:
+        self._params = [p for _, p in ctx.params]
+        layers: list[str] = []
+        index: dict[str, int] = {}
+        owner_idx = []
+        for p in self._params:
+            owner = ctx.param_owner[id(p)]
+            if owner not in index:
+                index[owner] = len(layers)
+                layers.append(owner)
+            owner_idx.append(index[owner])
+        self.layers = layers
+        self._owner_idx = owner_idx
+        self._buffer: list[torch.Tensor] | None = None
+        self._result: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def teardown(self) -> None:
+        self._buffer = None
+        self._result = None
+
+    def begin_step(self, step: int) -> None:
+        self._result = None
+
+    def before_optimizer_step(self) -> None:
+        if not self.active:
+            return
+        with torch.no_grad():
+            if self._buffer is None:
+                self._buffer = [p.detach().clone() for p in self._params]
+            else:
+                torch._foreach_copy_(self._buffer, [p.detach() for p in self._params])
+
+    def after_optimizer_step(self) -> None:
+        if not self.active or self._buffer is None:
+            return
+        with torch.no_grad():
+            weights = torch.stack(torch._foreach_norm(self._buffer, 2.0)).double()
+            torch._foreach_sub_(self._buffer, [p.detach() for p in self._params])
+            deltas = torch.stack(torch._foreach_norm(self._buffer, 2.0)).double()
+        self._result = (weights, deltas)
+
+    def collect(self, step: int, readout: Readout, loss: torch.Tensor | None, batch: Any) -> None:
+        if self._result is None:
+            return
+        weights, deltas = self._result
+        self._result = None
+        w_total = weights.square().sum().sqrt()
+        d_total = deltas.square().sum().sqrt()
+        readout.add("weight_norm", w_total)
+        readout.add("update_norm", d_total)
+        readout.add("update_ratio", d_total / w_total)
+        if self.per_layer:
+            idx = torch.tensor(self._owner_idx, device=weights.device)
+            w_sq = torch.zeros(len(self.layers), dtype=torch.float64, device=weights.device)
+            d_sq = torch.zeros_like(w_sq)
+            w_sq.index_add_(0, idx, weights.square())
+            d_sq.index_add_(0, idx, deltas.square())
+            readout.add_layers("weight_norm", self.layers, w_sq.sqrt())
+            readout.add_layers("update_ratio", self.layers, d_sq.sqrt() / w_sq.sqrt())

@@ -1,0 +1,100 @@
+"""Weight spectra: spectral norm of every 2-D weight and spectral radius of recurrent (square) weights.
+
+* ``spectral_norm`` (``weight/spectral_norm[/layer]``): largest singular value by warm-started power
+  iteration with a persistent left vector per weight (as ``torch.nn.utils.spectral_norm``); the first
+  record runs ``init_iter`` iterations, later ones ``n_iter``.
+* ``spectral_radius`` (``weight/spectral_radius[/layer]``): largest |eigenvalue| (``eigvals``) of the
+  hidden-to-hidden blocks of ``nn.RNN``/``LSTM``/``GRU`` (``weight_hh_l<k>`` split into its 1/4/3
+  gate blocks, layer keys ``<module>.weight_hh_l0.<gate>``) and of parameters whose name contains
+  ``weight_hh`` or ``recurrent``. With ``radius="square"`` every square 2-D weight is included.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from stabwatch.collectors.base import Collector, MonitorContext, Readout
+from stabwatch.functional.spectral import as_matrix, spectral_norm, spectral_radius
+
+__all__ = ["WeightSpectrumCollector"]
+
+_GATES = {nn.RNN: ("h",), nn.LSTM: ("i", "f", "g", "o"), nn.GRU: ("r", "z", "n")}
+
+
+class WeightSpectrumCollector(Collector):
+    family = "spectral"
+
+    def __init__(self, every: Any = 100, n_iter: int = 2, init_iter: int = 30, radius: str = "recurrent") -> None:
+        super().__init__(every)
+        if radius not in ("recurrent", "square", "none"):
+            from stabwatch.errors import StabwatchError
+
+            raise StabwatchError(f"radius: expected 'recurrent', 'square' or 'none', got {radius!r}")
+        self.n_iter, self.init_iter, self.radius = n_iter, init_iter, radius
+        self._u: dict[str, torch.Tensor] = {}
+
+    def setup(self, ctx: MonitorContext) -> None:
+        self._norm_targets = [
+            (n[: -len(".weight")] if n.endswith(".weight") else n, p)
+            for n, p in ctx.params
+            if p.ndim >= 2 and min(as_matrix(p).shape) > 0
+        ]
+        self._radius_targets: list[tuple[str, nn.Parameter, int, int]] = []  # (key, p, row0, size)
+        if self.radius == "none":
+            return
+        claimed: set[int] = set()
+        for mod_name, module in ctx.model.named_modules():
+            gates = next((g for t, g in _GATES.items() if isinstance(module, t)), None)
+            if gates is None:
+                continue
+            for p_name, p in module.named_parameters(recurse=False):
+                if p_name.startswith("weight_hh") and p.ndim == 2:
+                    h = p.shape[1]
+                    for gi, gate in enumerate(gates):
+                        key = f"{mod_name}.{p_name}" if mod_name else p_name
+                        self._radius_targets.append((f"{key}.{gate}" if len(gates) > 1 else key, p, gi * h, h))
+                    claimed.add(id(p))
+        for name, p in ctx.params:
+            if id(p) in claimed or p.ndim != 2 or p.shape[0] != p.shape[1]:
+                continue
+            if self.radius == "square" or "weight_hh" in name or "recurrent" in name:
+                key = name[: -len(".weight")] if name.endswith(".weight") else name
+                self._radius_targets.append((key, p, 0, p.shape[0]))
+
+    def teardown(self) -> None:
+        self._u = {}
+
+    def collect(self, step: int, readout: Readout, loss: torch.Tensor | None, batch: Any) -> None:
+        gen = self.ctx.generator if self.ctx else None
+        with torch.no_grad():
+            norms, layers = [], []
+            for layer, p in self._norm_targets:
+                try:
+                    u = self._u.get(layer)
+                    sigma, self._u[layer] = spectral_norm(
+                        p, u, n_iter=self.init_iter if u is None else self.n_iter, generator=gen
+                    )
+                except Exception as exc:  # noqa: BLE001
+                    self.fail(f"spectral norm of {layer}", exc)
+                    continue
+                norms.append(sigma.double())
+                layers.append(layer)
+            if norms:
+                t = torch.stack(norms)
+                readout.add_layers("spectral_norm", layers, t)
+                readout.add("spectral_norm", t.max())
+            radii, r_layers = [], []
+            for key, p, row0, size in self._radius_targets:
+                try:
+                    radii.append(spectral_radius(p.detach()[row0 : row0 + size]).double())
+                except Exception as exc:  # noqa: BLE001
+                    self.fail(f"spectral radius of {key}", exc)
+                    continue
+                r_layers.append(key)
+            if radii:
+                t = torch.stack(radii)
+                readout.add_layers("spectral_radius", r_layers, t)
+                readout.add("spectral_radius", t.max())

@@ -1,0 +1,26 @@
+"""Pure math: tensors in, tensors (or floats) out. No hooks, no state, no host syncs.
+
+Every function here is tested against ``torch.linalg`` / numpy references or an analytic result. The
+collectors call these; users can too.
+"""
+
+from stabwatch.functional.activations import activation_statistics
+from stabwatch.functional.gradients import gradient_norm, update_ratio
+from stabwatch.functional.spectral import (
+    condition_number,
+    randomized_singular_values,
+    singular_values,
+    spectral_norm,
+    spectral_radius,
+)
+
+__all__ = [
+    "activation_statistics",
+    "condition_number",
+    "gradient_norm",
+    "randomized_singular_values",
+    "singular_values",
+    "spectral_norm",
+    "spectral_radius",
+    "update_ratio",
+]

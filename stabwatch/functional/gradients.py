@@ -1,0 +1,65 @@
+"""Norms of many tensors at once: one fused on-device reduction, no host sync."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["gradient_norm", "update_ratio"]
+
+
+def _foreach_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of each tensor, as one float32 vector on the tensors' device.
+
+    Uses ``torch._foreach_norm`` (one fused kernel per device/dtype group) when all tensors share a
+    device, and falls back to a per-tensor ``linalg.vector_norm`` otherwise. Never syncs with the host.
+    """
+    if len(tensors) == 0:
+        return torch.zeros(0)
+    devices = {t.device for t in tensors}
+    try:
+        if len(devices) == 1:
+            norms = torch._foreach_norm(list(tensors), 2.0)
+        else:
+            raise RuntimeError("mixed devices")
+    except (RuntimeError, TypeError, AttributeError):
+        norms = [torch.linalg.vector_norm(t) for t in tensors]
+        target = tensors[0].device
+        norms = [n.to(target) for n in norms]
+    return torch.stack([n.float() for n in norms])
+
+
+def gradient_norm(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Global and per-tensor L2 norms.
+
+    .. math:: \|g\| = \sqrt{\textstyle\sum_p \|g_p\|_2^2}
+
+    Args:
+        tensors: the gradients (or any tensors), on one device.
+
+    Returns:
+        ``(total, per_tensor)``: a 0-d tensor and a 1-D tensor of length ``len(tensors)``, float32, on
+        the tensors' device. A non-finite entry anywhere makes ``total`` non-finite.
+
+    Example:
+        >>> total, each = gradient_norm([torch.tensor([3.0]), torch.tensor([4.0])])
+        >>> float(total), each.tolist()
+        (5.0, [3.0, 4.0])
+    """
+    per = _foreach_norms(tensors)
+    total = per.double().square().sum().sqrt().float()
+    return total, per
+
+
+def update_ratio(before: Sequence[torch.Tensor], after: Sequence[torch.Tensor]) -> torch.Tensor:
+    r"""Update-to-weight ratio :math:`\|\theta_{t+1}-\theta_t\| / \|\theta_t\|` over all tensors.
+
+    Example:
+        >>> float(update_ratio([torch.ones(4)], [torch.full((4,), 1.001)]))  # doctest: +ELLIPSIS
+        0.00099...
+    """
+    deltas = [a.detach() - b.detach() for a, b in zip(after, before, strict=True)]
+    _, d = gradient_norm(deltas)
+    _, w = gradient_norm([b.detach() for b in before])
+    return d.double().square().sum().sqrt().float() / w.double().square().sum().sqrt().float()

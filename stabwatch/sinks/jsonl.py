@@ -1,0 +1,85 @@
+"""`JsonlSink`: one JSON object per line, the format `stabwatch diagnose` / `report` read back.
+
+Each line is ``StabilityMetrics.to_json_line()``: strict JSON, ``None`` fields left out, non-finite
+floats written as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` (standard JSON has no literal
+for them; Python's ``json`` would write a non-standard ``NaN`` token that other readers reject).
+`read_jsonl` turns them back into floats.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+from stabwatch.errors import StabwatchError
+from stabwatch.metrics import StabilityMetrics
+
+__all__ = ["JsonlSink", "read_jsonl"]
+
+
+class JsonlSink:
+    """Append records to a JSON-lines file.
+
+    Args:
+        path: the file; parent folders are created. Checked for writability at construction.
+        mode: ``"w"`` (truncate, the default) or ``"a"`` (append).
+        flush_every: flush to the OS every N records (``close``/``flush`` always do).
+
+    Example:
+        >>> import tempfile, os
+        >>> d = tempfile.mkdtemp(); sink = JsonlSink(os.path.join(d, "run.jsonl"))
+        >>> sink.write(StabilityMetrics(step=0, loss=float("nan"))); sink.close()
+        >>> [r.loss for r in read_jsonl(os.path.join(d, "run.jsonl"))]
+        [nan]
+    """
+
+    def __init__(self, path: str | os.PathLike[str], mode: str = "w", flush_every: int = 50) -> None:
+        if mode not in ("w", "a"):
+            raise StabwatchError(f"JsonlSink mode: expected 'w' or 'a', got {mode!r}")
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file: IO[str] | None = open(self.path, mode, encoding="utf-8")  # noqa: SIM115
+        except OSError as exc:
+            raise StabwatchError(
+                f"JsonlSink: cannot open {str(self.path)!r} for writing ({exc.strerror}); "
+                "choose a writable path"
+            ) from exc
+        self.flush_every = max(1, int(flush_every))
+        self._since_flush = 0
+
+    def write(self, record: StabilityMetrics) -> None:
+        if self._file is None:
+            raise StabwatchError(f"JsonlSink({str(self.path)!r}) is closed")
+        self._file.write(record.to_json_line() + "\n")
+        self._since_flush += 1
+        if self._since_flush >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            self._since_flush = 0
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            self._file.close()
+            self._file = None
+
+    def __repr__(self) -> str:
+        return f"JsonlSink({str(self.path)!r})"
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> Iterator[StabilityMetrics]:
+    """Read the records of a JSONL run file (blank lines skipped; a bad line raises with its number)."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield StabilityMetrics.from_json_line(line)
+            except ValueError as exc:
+                raise StabwatchError(f"{path}:{lineno}: not a stabwatch record ({exc})") from exc
