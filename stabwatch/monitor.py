@@ -61,9 +61,7 @@ class MonitorConfig(BaseModel):
     def _check_every(cls, value: dict[str, Any]) -> dict[str, Any]:
         for family, spec in value.items():
             if family not in FAMILIES:
-                raise ValueError(
-                    f"unknown family {family!r}; allowed: {', '.join(sorted(FAMILIES))}"
-                )
+                raise ValueError(f"unknown family {family!r}; allowed: {', '.join(sorted(FAMILIES))}")
             if spec is None or callable(spec):
                 continue
             if isinstance(spec, bool) or not isinstance(spec, int) or spec < 0:
@@ -345,7 +343,9 @@ class Monitor:
                     c.fail(f"{c.family} metrics", exc)
             if loss is not None:
                 try:
-                    readout.add("loss", loss.detach().reshape(()) if isinstance(loss, torch.Tensor) else float(loss))
+                    readout.add(
+                        "loss", loss.detach().reshape(()) if isinstance(loss, torch.Tensor) else float(loss)
+                    )
                 except Exception as exc:  # noqa: BLE001
                     log.warning("stabwatch: could not read the loss (%s)", exc)
             values = readout.sync()

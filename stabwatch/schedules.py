@@ -46,8 +46,7 @@ def make_schedule(spec: int | Schedule | None, field: str = "every") -> Schedule
         return spec
     if isinstance(spec, bool) or not isinstance(spec, int):
         raise StabwatchError(
-            f"{field}: expected None/0 (off), a positive int period or a callable step -> bool, "
-            f"got {spec!r}"
+            f"{field}: expected None/0 (off), a positive int period or a callable step -> bool, got {spec!r}"
         )
     if spec < 0:
         raise StabwatchError(f"{field}: a schedule period must be >= 0 (0 = off), got {spec}")

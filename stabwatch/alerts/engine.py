@@ -1,75 +1,161 @@
-"""The alert engine: feeds each record to its rules and collects the alerts they raise."""
+"""The alert engine: feeds each record to its rules, collects their alerts, and acts on them."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from stabwatch.metrics import Alert, AlertReason, Severity, StabilityMetrics
+from stabwatch.alerts.actions import AlertCallbacks, log_alert
+from stabwatch.alerts.base import RecordView, Rule, check_unique_names
+from stabwatch.errors import InstabilityError, StabwatchError
+from stabwatch.metrics import Alert, StabilityMetrics
 
-__all__ = ["AlertEngine", "NonFiniteRule", "default_rules"]
+__all__ = ["AlertEngine"]
 
-
-class NonFiniteRule:
-    """Critical alert when a record reports a NaN/Inf (loss, gradient or activation), naming the layer."""
-
-    name = "non_finite"
-
-    def __init__(self, cooldown: int = 50) -> None:
-        self.cooldown = cooldown
-        self._last: int | None = None
-
-    def evaluate(self, record: StabilityMetrics) -> list[Alert]:
-        if not record.nonfinite:
-            return []
-        if self._last is not None and record.step - self._last < self.cooldown:
-            return []
-        self._last = record.step
-        where = record.nonfinite_source
-        loss = "" if record.loss is None or math.isfinite(record.loss) else f" (loss={record.loss})"
-        return [
-            Alert(
-                rule=self.name,
-                reason=AlertReason.NON_FINITE,
-                severity=Severity.CRITICAL,
-                step=record.step,
-                metric="nonfinite",
-                layer=where if where not in (None, "loss", "gradients") else None,
-                value=float("nan"),
-                message=f"non-finite values first seen in {where}{loss}",
-                suggestion="lower the learning rate, clip gradients, check the data and the loss for "
-                "log(0)/division by zero; enable anomaly detection to find the op",
-            )
-        ]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"last": self._last}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._last = state["last"]
+log = logging.getLogger("stabwatch.alerts")
 
 
 class AlertEngine:
-    """Runs rules on each record: ``engine.evaluate(record) -> list[Alert]``."""
+    """Runs rules on each record: ``engine.evaluate(record) -> list[Alert]``.
 
-    def __init__(self, rules: Iterable[Any]) -> None:
-        self.rules = list(rules)
+    Each rule reads the values its metric binding selects from the record (rules skip metrics that
+    were not computed at this step). The engine then logs every alert (logger ``stabwatch.alerts``) and
+    calls the callbacks. A rule that raises is logged once and the others go on: alerting never stops
+    training (only the opt-in ``Monitor(raise_on=...)`` does, after the record reached the sinks).
 
-    def evaluate(self, record: StabilityMetrics) -> list[Alert]:
+    Args:
+        rules: `Rule` instances with unique names (see `stabwatch.alerts.default_rules`).
+        callbacks: ``fn(alert)`` callables, called for every alert.
+        log_alerts: log every alert on the ``stabwatch.alerts`` logger.
+
+    Example:
+        >>> from stabwatch.alerts import AlertEngine, RatioRule
+        >>> from stabwatch.metrics import StabilityMetrics
+        >>> engine = AlertEngine([RatioRule("grad_norm", factor=10, min_history=3)], log_alerts=False)
+        >>> for s, g in enumerate([1.0, 1.2, 0.9, 15.0]):
+        ...     fired = engine.evaluate(StabilityMetrics(step=s, grad_norm=g))
+        >>> [str(a) for a in fired]
+        ['[warning] step 3 ratio:grad_norm: grad_norm 15 is 15× its 3-step median 1']
+    """
+
+    def __init__(
+        self,
+        rules: Iterable[Rule] = (),
+        *,
+        callbacks: Callable[[Alert], Any] | Iterable[Callable[[Alert], Any]] | None = (),
+        log_alerts: bool = True,
+    ) -> None:
+        self._rules: list[Rule] = []
+        for rule in rules:
+            self.add(rule)
+        self.callbacks = AlertCallbacks(callbacks)
+        self.log_alerts = bool(log_alerts)
+        self._failed: set[str] = set()
+
+    # the rule set ---------------------------------------------------------------------------------
+    def add(self, rule: Rule) -> AlertEngine:
+        """Add a rule (its name must be new)."""
+        if not isinstance(rule, Rule):
+            raise StabwatchError(
+                f"AlertEngine: expected a stabwatch.alerts Rule, got {type(rule).__name__} ({rule!r})"
+            )
+        check_unique_names([*self._rules, rule])
+        self._rules.append(rule)
+        return self
+
+    def remove(self, name: str) -> Rule:
+        """Remove and return the rule called ``name``."""
+        rule = self[name]
+        self._rules.remove(rule)
+        return rule
+
+    @property
+    def rules(self) -> list[Rule]:
+        return list(self._rules)
+
+    def __getitem__(self, name: str) -> Rule:
+        for rule in self._rules:
+            if rule.name == name:
+                return rule
+        raise KeyError(f"no alert rule named {name!r}; rules: {', '.join(r.name for r in self._rules)}")
+
+    def __iter__(self) -> Iterator[Rule]:
+        return iter(self._rules)
+
+    def __len__(self) -> int:
+        return len(self._rules)
+
+    # evaluation -----------------------------------------------------------------------------------
+    def evaluate(self, record: StabilityMetrics, extra: Sequence[Alert] = ()) -> list[Alert]:
+        """Run every rule on ``record``; log and call back the alerts (``extra`` ones, e.g. from the
+        skip-step guard, first). Returns them; the caller puts them in ``record.alerts``."""
+        view = RecordView(record)
+        fired: list[Alert] = list(extra)
+        for rule in self._rules:
+            try:
+                fired.extend(rule.observe(view))
+            except Exception as exc:  # noqa: BLE001 - a broken rule never kills training
+                if rule.name not in self._failed:
+                    self._failed.add(rule.name)
+                    log.warning(
+                        "stabwatch: alert rule %r failed at step %d (%s: %s); it is skipped on this "
+                        "record, further failures are not logged",
+                        rule.name,
+                        record.step,
+                        type(exc).__name__,
+                        exc,
+                    )
+        self.dispatch(fired)
+        return fired
+
+    def dispatch(self, alerts: Sequence[Alert]) -> None:
+        """Log the alerts and call the callbacks (a callback may raise `InstabilityError` on purpose)."""
+        if not alerts:
+            return
+        if self.log_alerts:
+            for alert in alerts:
+                log_alert(alert)
+        try:
+            self.callbacks(alerts)
+        except InstabilityError:
+            raise
+
+    def run(self, records: Iterable[StabilityMetrics]) -> list[Alert]:
+        """Evaluate a sequence of records (e.g. read back from JSONL) and return all alerts."""
         out: list[Alert] = []
-        for rule in self.rules:
-            out.extend(rule.evaluate(record))
+        for record in records:
+            out.extend(self.evaluate(record))
         return out
 
+    # state ----------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        for rule in self._rules:
+            rule.reset()
+
     def state_dict(self) -> dict[str, Any]:
-        return {"rules": [r.state_dict() for r in self.rules]}
+        """Every rule's windows and episode state, keyed by rule name (plain Python values)."""
+        return {"version": 1, "rules": {rule.name: rule.state_dict() for rule in self._rules}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for rule, s in zip(self.rules, state["rules"], strict=True):
-            rule.load_state_dict(s)
+        """Restore `state_dict` output. Rules absent from ``state`` start fresh; state for rules this
+        engine does not have is ignored (both logged), so a resumed run may change its rule set."""
+        saved = state.get("rules")
+        if not isinstance(saved, dict):
+            raise StabwatchError(
+                "AlertEngine.load_state_dict: expected {'version': 1, 'rules': {name: state}}, "
+                f"got keys {sorted(state) if isinstance(state, dict) else type(state).__name__}"
+            )
+        names = {r.name for r in self._rules}
+        unknown = sorted(set(saved) - names)
+        if unknown:
+            log.info("stabwatch: alert state for unknown rule(s) ignored: %s", ", ".join(unknown))
+        for rule in self._rules:
+            if rule.name in saved:
+                rule.load_state_dict(saved[rule.name])
+            else:
+                rule.reset()
+                log.info("stabwatch: alert rule %r has no saved state; it starts fresh", rule.name)
 
-
-def default_rules() -> list[Any]:
-    """The default rule set."""
-    return [NonFiniteRule()]
+    def __repr__(self) -> str:
+        return f"AlertEngine({len(self._rules)} rules: {', '.join(r.name for r in self._rules)})"

@@ -152,10 +152,7 @@ class Collector:
 
     def detach(self) -> None:
         for h in self._handles:
-            try:
-                h.remove()
-            except Exception:  # pragma: no cover - removing a handle twice is harmless
-                pass
+            h.remove()
         self._handles.clear()
         self.teardown()
         self.ctx = None

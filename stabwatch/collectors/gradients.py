@@ -75,9 +75,7 @@ class GradientCollector(Collector):
             sq = torch.zeros(len(self.layers), device=per.device, dtype=torch.float64)
             sq.index_add_(0, idx, per.double().square())
             present = sorted(set(owners))
-            readout.add_layers(
-                "grad_norm", [self.layers[i] for i in present], sq[present].sqrt()
-            )
+            readout.add_layers("grad_norm", [self.layers[i] for i in present], sq[present].sqrt())
 
     def finish(self, step: int, readout: Readout, record: Any) -> None:
         if record.grad_norm is not None:

@@ -78,7 +78,11 @@ class NonFiniteCollector(Collector):
         if self._flags:
             devices = {f.device for f in self._flags}
             dev = next(iter(devices))
-            flags = torch.stack([f.to(dev) for f in self._flags]) if len(devices) > 1 else torch.stack(self._flags)
+            flags = (
+                torch.stack([f.to(dev) for f in self._flags])
+                if len(devices) > 1
+                else torch.stack(self._flags)
+            )
             readout.add_internal("nonfinite_flags", flags.to(torch.float64))
         if not self._order_done and self._calls and self.ctx is not None:
             seen: list[str] = []

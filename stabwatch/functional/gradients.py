@@ -17,16 +17,12 @@ def _foreach_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """
     if len(tensors) == 0:
         return torch.zeros(0)
-    devices = {t.device for t in tensors}
-    try:
-        if len(devices) == 1:
-            norms = torch._foreach_norm(list(tensors), 2.0)
-        else:
-            raise RuntimeError("mixed devices")
-    except (RuntimeError, TypeError, AttributeError):
-        norms = [torch.linalg.vector_norm(t) for t in tensors]
-        target = tensors[0].device
-        norms = [n.to(target) for n in norms]
+    target = tensors[0].device
+    norms: list[torch.Tensor]
+    if all(t.device == target for t in tensors):
+        norms = list(torch._foreach_norm(list(tensors), 2.0))
+    else:  # tensors spread over devices (model parallel): one reduction each, gathered on the first
+        norms = [torch.linalg.vector_norm(t).to(target) for t in tensors]
     return torch.stack([n.float() for n in norms])
 
 

@@ -1,0 +1,152 @@
+"""Monitor overhead vs a bare training step, and vs what people use today.
+
+Prints, for an 8x512 MLP (batch 128) and a small CNN on CPU, the time per training step as a ratio to
+the bare loop measured in the same run:
+
+* stabwatch presets ``cheap``, ``default``, ``full``, and ``full`` with one family at a time (where
+  the time goes);
+* a hand-written monitor: per-parameter ``.item()`` gradient-norm loop (``peer:item-loop``) and the
+  same plus a full ``svdvals`` of every gradient on the CPU each step (``peer:item+svd``);
+* ``wandb.watch(model, log="gradients", log_freq=1)`` in offline mode, where wandb is installed.
+
+Targets (issue #2): default <= 1.03x, full <= 1.5x. Run: ``python benchmarks/bench_overhead.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import interleaved, time_per_step
+
+import stabwatch as sw
+from stabwatch.collectors import FAMILIES
+
+
+def mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(8):
+        layers += [nn.Linear(512, 512), nn.ReLU()]
+    layers.append(nn.Linear(512, 10))
+    return nn.Sequential(*layers), torch.randn(128, 512), torch.randint(0, 10, (128,))
+
+
+def cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 8 * 8, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
+    )
+    return model, torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+
+
+def _runner(
+    make: Callable[[], tuple[nn.Module, torch.Tensor, torch.Tensor]], kind: str, steps: int
+) -> Callable[[int], float]:
+    model, x, y = make()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    mon: Any = None
+    extra: Callable[[], None] | None = None
+    if kind.startswith("stabwatch:"):
+        spec = kind.split(":", 1)[1]
+        if spec.startswith("only-"):
+            fam = spec[5:]
+            every = {f: (1 if f == fam else None) for f in FAMILIES}
+            mon = sw.Monitor(model, opt, preset="cheap", every=every, alerts=False)
+        else:
+            mon = sw.Monitor(model, opt, preset=spec)
+        mon.start()
+    elif kind == "peer:item-loop":
+
+        def extra() -> None:
+            total = 0.0
+            for p in model.parameters():
+                if p.grad is not None:
+                    total += p.grad.data.norm(2).item() ** 2
+            _ = total**0.5
+    elif kind == "peer:item+svd":
+
+        def extra() -> None:
+            total = 0.0
+            for p in model.parameters():
+                if p.grad is not None:
+                    total += p.grad.data.norm(2).item() ** 2
+                    if p.ndim >= 2:
+                        torch.linalg.svdvals(p.grad.detach().reshape(p.shape[0], -1).cpu())
+    elif kind == "peer:wandb.watch":
+        import wandb
+
+        os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true")
+        run = wandb.init(project="bench", dir=tempfile.mkdtemp(), mode="offline")
+        run.watch(model, log="gradients", log_freq=1)
+        step_count = [0]
+
+        def extra() -> None:
+            step_count[0] += 1
+            run.log({"loss": 0.0})  # watch's histograms are emitted with the next log call
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        if extra is not None:
+            extra()
+        if mon is not None:
+            mon.step(loss=loss)
+
+    for _ in range(5):
+        step()
+    return lambda _: time_per_step(step, steps)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--quick", action="store_true", help="fewer steps (smoke run)")
+    args = ap.parse_args()
+    if args.quick:
+        args.steps, args.repeats = 5, 2
+    try:
+        import wandb  # noqa: F401
+
+        has_wandb = True
+    except ImportError:
+        has_wandb = False
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, steps={args.steps} repeats={args.repeats}"
+    )
+    for name, make in (("MLP 8x512, batch 128", mlp), ("small CNN, batch 64", cnn)):
+        kinds = ["bare", "stabwatch:cheap", "stabwatch:default", "stabwatch:full"]
+        kinds += [f"stabwatch:only-{f}" for f in FAMILIES]
+        kinds += ["peer:item-loop", "peer:item+svd"] + (["peer:wandb.watch"] if has_wandb else [])
+        runners = {k: _runner(make, k, args.steps) for k in kinds}
+        med = interleaved(runners, args.repeats)
+        bare = med["bare"]
+        print(f"\n{name}: bare step {bare * 1e3:.2f} ms")
+        for k in kinds:
+            print(f"  {k:<28} {med[k] * 1e3:8.2f} ms   {med[k] / bare:6.3f}x")
+        if not has_wandb:
+            print("  peer:wandb.watch             skipped (wandb not installed)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+import sys
+
+from stabwatch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,526 @@
+"""The `Rule` base class: metric binding, per-stream state, and the alert lifecycle every rule shares.
+
+A rule is a detector fed plain values, ``rule.update(step, value) -> Alert | None``. A subclass only
+says *whether the condition holds* for one value (`Rule._check`, which also advances the detector's
+window); the base class owns what turns a condition into alerts:
+
+* **patience** — the condition must hold for ``patience`` consecutive observations before it alerts;
+* **hysteresis** — a condition that persists alerts *once*; the stream is then *active* until the
+  condition has been false for ``clear_after`` consecutive observations, when a ``recovered`` alert
+  (severity info) reports the end of the episode;
+* **cooldown** — at most one alert per stream every ``cooldown`` steps (a condition that flaps
+  on/off inside the cooldown does not re-alert until it has passed);
+* **per-layer streams** — a rule bound to ``"layers:<field>"`` keeps one independent state per module
+  path; `Rule.update` takes ``layer=`` for that.
+
+Missing values (``None``, the metric was not scheduled at this step) are skipped without touching any
+state. Non-finite values are skipped too — they are the business of `NonFiniteRule`, so one NaN raises
+one alert, not a cascade — except by rules that set ``accepts_nonfinite``.
+
+Metric bindings (what `AlertEngine` feeds a rule with, see `Binding`):
+
+* a record field name: ``"grad_norm"``, ``"loss"``, ``"lyapunov"`` ...;
+* ``"layers:<field>"``: every layer's value of that field, one stream per layer;
+* ``"layers_rel:<field>"``: every layer's value divided by the median over all layers at the same step
+  (how far a layer is from the typical layer; needs at least 3 layers);
+* a flat key ``family/metric[/layer]`` as in `StabilityMetrics.to_dict` (``"grad/norm/fc1"``, or an
+  ``extra`` key such as ``"grad/sv_top1/fc1"``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import math
+from collections.abc import Iterable
+from typing import Any, ClassVar, NamedTuple
+
+from stabwatch.errors import StabwatchError
+from stabwatch.metrics import FIELD_KEYS, Alert, AlertReason, Severity, StabilityMetrics, metric_key
+
+__all__ = ["Binding", "RecordView", "Rule", "Verdict", "fmt"]
+
+#: record fields a rule can bind to (metrics; not step / layers / extra / alerts / text fields)
+METRIC_FIELDS: tuple[str, ...] = tuple(FIELD_KEYS)
+_KEY_TO_FIELD = {key: field for field, key in FIELD_KEYS.items()}
+
+
+def fmt(value: float) -> str:
+    """Format a number for an alert message: 4 significant digits, scientific when large or small.
+
+    Example:
+        >>> fmt(32000.0), fmt(0.00012), fmt(2.5), fmt(float("nan"))
+        ('3.2e+04', '1.2e-04', '2.5', 'nan')
+    """
+    if math.isnan(value) or math.isinf(value):
+        return str(value)
+    if value != 0 and (abs(value) >= 1e4 or abs(value) < 1e-3):
+        mantissa, exponent = f"{value:.2e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{exponent}"
+    return f"{value:.4g}"
+
+
+class Verdict(NamedTuple):
+    """What a detector says about one value.
+
+    Attributes:
+        triggered: the condition holds.
+        value: the value that was judged.
+        detail: the numbers, phrased to follow the metric name ("3.2e+04 is 11x its 50-step median
+            2.9e+03"); used for the alert (when triggered) or the recovery message (when not).
+    """
+
+    triggered: bool
+    value: float
+    detail: str
+
+
+class RecordView:
+    """A record plus a lazily built flat-key dict, shared by all rules evaluating one record."""
+
+    __slots__ = ("_flat", "record")
+
+    def __init__(self, record: StabilityMetrics) -> None:
+        self.record = record
+        self._flat: dict[str, float] | None = None
+
+    def flat(self) -> dict[str, float]:
+        if self._flat is None:
+            self._flat = self.record.to_dict()
+        return self._flat
+
+
+class Binding:
+    """Which values of a record a rule is fed (see the module docstring for the four forms).
+
+    Raises:
+        StabwatchError: an unknown field name (the message lists the allowed ones).
+
+    Example:
+        >>> b = Binding("layers:grad_norm")
+        >>> r = StabilityMetrics(step=0, grad_norm=2.0, layers={"fc1": {"grad_norm": 1.5}, "fc2": {}})
+        >>> b.values(RecordView(r))
+        [('fc1', 1.5)]
+        >>> Binding("grad/norm/fc1").values(RecordView(r))
+        [('fc1', 1.5)]
+    """
+
+    __slots__ = ("field", "kind", "layer", "spec")
+
+    def __init__(self, spec: str) -> None:
+        if not isinstance(spec, str) or not spec:
+            raise StabwatchError(f"rule metric must be a non-empty string, got {spec!r}")
+        self.spec = spec
+        self.layer: str | None = None
+        self.field: str | None = None
+        for prefix, kind in (("layers_rel:", "layers_rel"), ("layers:", "layers")):
+            if spec.startswith(prefix):
+                self.kind = kind
+                self.field = self._check_field(spec[len(prefix) :], spec)
+                return
+        if "/" in spec:
+            self.kind = "key"
+            parts = spec.split("/")
+            head = "/".join(parts[:2])
+            if head in _KEY_TO_FIELD:
+                self.field = _KEY_TO_FIELD[head]
+                self.layer = "/".join(parts[2:]) or None
+            return
+        self.kind = "field"
+        self.field = self._check_field(spec, spec)
+
+    @staticmethod
+    def _check_field(name: str, spec: str) -> str:
+        if name not in METRIC_FIELDS:
+            raise StabwatchError(
+                f"rule metric {spec!r}: unknown field {name!r}; allowed fields: {', '.join(METRIC_FIELDS)} "
+                "(or 'layers:<field>', 'layers_rel:<field>', or a flat key 'family/metric[/layer]')"
+            )
+        return name
+
+    @property
+    def per_layer(self) -> bool:
+        return self.kind in ("layers", "layers_rel")
+
+    @property
+    def label(self) -> str:
+        """The metric name put into alerts (``grad_norm`` for ``layers:grad_norm``)."""
+        if self.kind == "layers_rel":
+            return f"{self.field}/layer-median"
+        return self.field if self.kind in ("field", "layers") and self.field else self.spec
+
+    def values(self, view: RecordView) -> list[tuple[str | None, Any]]:
+        """``[(layer or None, value or None)]`` for one record."""
+        record = view.record
+        field = self.field
+        if self.kind == "field":
+            return [(None, getattr(record, field))]  # type: ignore[arg-type]
+        if self.kind == "layers":
+            return [(layer, vals[field]) for layer, vals in record.layers.items() if field in vals]
+        if self.kind == "layers_rel":
+            pairs = [(layer, vals[field]) for layer, vals in record.layers.items() if field in vals]
+            finite = sorted(abs(v) for _, v in pairs if math.isfinite(v))
+            if len(finite) < 3:
+                return []
+            mid = len(finite) // 2
+            med = finite[mid] if len(finite) % 2 else 0.5 * (finite[mid - 1] + finite[mid])
+            if med <= 0:
+                return []
+            return [(layer, v / med) for layer, v in pairs]
+        # flat key
+        if field is not None:
+            if self.layer is None:
+                return [(None, getattr(record, field))]
+            vals = record.layers.get(self.layer)
+            if vals is not None and field in vals:
+                return [(self.layer, vals[field])]
+        value = record.extra.get(self.spec)
+        if value is None:
+            value = view.flat().get(metric_key(self.spec))
+        return [(self.layer, value)]
+
+
+class _Stream:
+    """Lifecycle state of one stream (the global value, or one layer) plus the detector's own state."""
+
+    __slots__ = ("active", "calm", "det", "last_alert", "since", "streak")
+
+    def __init__(self, det: Any) -> None:
+        self.det = det
+        self.active = False
+        self.streak = 0
+        self.calm = 0
+        self.last_alert: int | None = None
+        self.since: int | None = None
+
+
+class _Window:
+    """The last ``size`` values with their steps, kept sorted too so the median costs O(1).
+
+    `push` is O(size) in the worst case (a `list` insert/delete, a memmove in C), which for the window
+    sizes used here (<= a few hundred) is well under a microsecond per value.
+    """
+
+    __slots__ = ("size", "sorted", "steps", "values")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.values: collections.deque[float] = collections.deque()
+        self.steps: collections.deque[int] = collections.deque()
+        self.sorted: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def push(self, step: int, value: float) -> None:
+        self.values.append(value)
+        self.steps.append(step)
+        bisect.insort(self.sorted, value)
+        if len(self.values) > self.size:
+            old = self.values.popleft()
+            self.steps.popleft()
+            del self.sorted[bisect.bisect_left(self.sorted, old)]
+
+    def median(self) -> float:
+        s = self.sorted
+        n = len(s)
+        mid = n // 2
+        return s[mid] if n % 2 else 0.5 * (s[mid - 1] + s[mid])
+
+    def mad(self, center: float) -> float:
+        """Median absolute deviation from ``center``."""
+        dev = sorted(abs(v - center) for v in self.sorted)
+        n = len(dev)
+        mid = n // 2
+        return dev[mid] if n % 2 else 0.5 * (dev[mid - 1] + dev[mid])
+
+    def describe(self) -> str:
+        """``"50-step"`` when the window covers consecutive steps, else ``"last-20-value (steps a-b)"``."""
+        n = len(self.values)
+        first, last = self.steps[0], self.steps[-1]
+        if last - first + 1 == n:
+            return f"{n}-step"
+        return f"{n}-value (steps {first}-{last})"
+
+    def state(self) -> dict[str, Any]:
+        return {"values": list(self.values), "steps": list(self.steps)}
+
+    @classmethod
+    def from_state(cls, size: int, state: dict[str, Any]) -> _Window:
+        w = cls(size)
+        for step, value in zip(state["steps"], state["values"], strict=True):
+            w.push(int(step), float(value))
+        return w
+
+
+def _severity(value: Severity | str, field: str = "severity") -> Severity:
+    try:
+        return Severity(value)
+    except ValueError:
+        raise StabwatchError(
+            f"{field}: expected one of {', '.join(s.value for s in Severity)}, got {value!r}"
+        ) from None
+
+
+def _reason(value: AlertReason | str) -> AlertReason:
+    try:
+        return AlertReason(value)
+    except ValueError:
+        raise StabwatchError(
+            f"reason: expected one of {', '.join(r.value for r in AlertReason)}, got {value!r}"
+        ) from None
+
+
+def _positive_int(value: Any, field: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise StabwatchError(f"{field}: expected an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _positive_float(value: Any, field: str, allow_zero: bool = False) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise StabwatchError(f"{field}: expected a number, got {value!r}") from None
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        raise StabwatchError(f"{field}: expected a finite number > {'=' if allow_zero else ''}0, got {value!r}")
+    return v
+
+
+class Rule:
+    """Base class of the alert rules (see the module docstring for the lifecycle).
+
+    Args:
+        metric: what the rule watches (a field, ``"layers:<field>"``, ``"layers_rel:<field>"`` or a flat
+            key); a rule used stand-alone through `update` may pass any label.
+        name: the rule's name in alerts and in the engine's state (defaults to the class's default).
+        severity: ``"info"``, ``"warning"`` or ``"critical"``.
+        reason: the `AlertReason` put on alerts (defaults to the rule type's).
+        suggestion: what to try, copied into every alert.
+        patience: consecutive observations the condition must hold before the first alert.
+        cooldown: minimum number of steps between two alerts of the same stream.
+        clear_after: consecutive calm observations that end an episode.
+        report_recovery: emit a ``recovered`` info alert when an episode ends.
+    """
+
+    #: the rule type's default reason and name
+    default_reason: ClassVar[AlertReason] = AlertReason.CUSTOM
+    default_name: ClassVar[str] = "rule"
+    #: whether non-finite values reach `_check` (otherwise they are skipped)
+    accepts_nonfinite: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        metric: str,
+        *,
+        name: str | None = None,
+        severity: Severity | str = Severity.WARNING,
+        reason: AlertReason | str | None = None,
+        suggestion: str = "",
+        patience: int = 1,
+        cooldown: int = 0,
+        clear_after: int = 1,
+        report_recovery: bool = True,
+    ) -> None:
+        self.binding = self._bind(metric)
+        self.metric = metric
+        self.name = str(name) if name else f"{self.default_name}:{metric}"
+        self.severity = _severity(severity)
+        self.reason = _reason(reason) if reason is not None else self.default_reason
+        self.suggestion = str(suggestion)
+        self.patience = _positive_int(patience, f"{type(self).__name__}.patience")
+        self.cooldown = _positive_int(cooldown, f"{type(self).__name__}.cooldown", minimum=0)
+        self.clear_after = _positive_int(clear_after, f"{type(self).__name__}.clear_after")
+        self.report_recovery = bool(report_recovery)
+        self._streams: dict[str | None, _Stream] = {}
+
+    # --- what a subclass provides ------------------------------------------------------------------
+    def _bind(self, metric: str) -> Binding:
+        return Binding(metric)
+
+    @property
+    def label(self) -> str:
+        """The metric name put into this rule's alerts."""
+        return self.binding.label
+
+    def _new_state(self) -> Any:
+        """Fresh detector state for one stream."""
+        return None
+
+    def _check(self, state: Any, step: int, value: float, active: bool) -> Verdict | None:
+        """Judge one value and advance the detector; ``None`` while warming up (no opinion)."""
+        raise NotImplementedError
+
+    def _dump_state(self, state: Any) -> Any:
+        """Detector state as plain Python values (lists, dicts, floats, ints, str, None)."""
+        return state
+
+    def _load_state(self, data: Any) -> Any:
+        return data
+
+    # --- the lifecycle ------------------------------------------------------------------------------
+    def _stream(self, layer: str | None) -> _Stream:
+        s = self._streams.get(layer)
+        if s is None:
+            s = self._streams[layer] = _Stream(self._new_state())
+        return s
+
+    def check(self, step: int, value: Any, layer: str | None = None) -> Verdict | None:
+        """Judge one value and advance the detector, without the alert lifecycle (used by `AllOf`)."""
+        if value is None:
+            return None
+        v = float(value)
+        if not self.accepts_nonfinite and not math.isfinite(v):
+            return None
+        s = self._stream(layer)
+        return self._check(s.det, step, v, s.active)
+
+    def update(self, step: int, value: Any, layer: str | None = None) -> Alert | None:
+        """Feed one value; returns the alert it raises (or its recovery), else ``None``.
+
+        Args:
+            step: the training step of the value.
+            value: the value (``None`` = not measured at this step: skipped).
+            layer: the stream (module path) for per-layer rules; ``None`` for a global value.
+        """
+        if value is None:
+            return None
+        v = float(value)
+        if not self.accepts_nonfinite and not math.isfinite(v):
+            return None
+        s = self._stream(layer)
+        verdict = self._check(s.det, step, v, s.active)
+        if verdict is None:
+            return None
+        return self._advance(s, step, verdict, layer)
+
+    def _advance(self, s: _Stream, step: int, verdict: Verdict, layer: str | None) -> Alert | None:
+        if verdict.triggered:
+            s.streak += 1
+            s.calm = 0
+            if s.active:
+                return None
+            if s.streak >= self.patience and (s.last_alert is None or step - s.last_alert >= self.cooldown):
+                s.active = True
+                s.last_alert = step
+                s.since = step
+                return self._make_alert(step, layer, verdict)
+            return None
+        s.streak = 0
+        if s.active:
+            s.calm += 1
+            if s.calm >= self.clear_after:
+                s.active = False
+                s.calm = 0
+                if self.report_recovery:
+                    return self._make_recovery(step, layer, verdict, s.since)
+        return None
+
+    def observe(self, view: RecordView) -> list[Alert]:
+        """Feed this rule the values of one record (what `AlertEngine.evaluate` calls)."""
+        out: list[Alert] = []
+        step = view.record.step
+        for layer, value in self.binding.values(view):
+            alert = self.update(step, value, layer)
+            if alert is not None:
+                out.append(alert)
+        return out
+
+    def verdicts(self, view: RecordView) -> list[tuple[str | None, Verdict]]:
+        """Verdicts of every stream of one record without the lifecycle (used by combinations)."""
+        step = view.record.step
+        out = []
+        for layer, value in self.binding.values(view):
+            v = self.check(step, value, layer)
+            if v is not None:
+                out.append((layer, v))
+        return out
+
+    # --- alerts ----------------------------------------------------------------------------------------
+    def subject(self, layer: str | None) -> str:
+        """What the message is about: ``"grad_norm"`` or ``"grad_norm of fc1"``."""
+        return f"{self.label} of {layer}" if layer else self.label
+
+    def _message(self, layer: str | None, detail: str) -> str:
+        return " ".join(part for part in (self.subject(layer), detail) if part)
+
+    def _make_alert(self, step: int, layer: str | None, verdict: Verdict) -> Alert:
+        held = f" (held for {self.patience} observations)" if self.patience > 1 else ""
+        return Alert(
+            rule=self.name,
+            reason=self.reason,
+            severity=self.severity,
+            step=step,
+            metric=self.label,
+            layer=layer,
+            value=verdict.value,
+            message=self._message(layer, verdict.detail) + held,
+            suggestion=self.suggestion,
+        )
+
+    def _make_recovery(self, step: int, layer: str | None, verdict: Verdict, since: int | None) -> Alert:
+        began = f" (alert raised at step {since})" if since is not None else ""
+        return Alert(
+            rule=self.name,
+            reason=AlertReason.RECOVERED,
+            severity=Severity.INFO,
+            step=step,
+            metric=self.label,
+            layer=layer,
+            value=verdict.value,
+            message=f"recovered: {self._message(layer, verdict.detail)}{began}",
+        )
+
+    # --- state ------------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every stream (windows, episodes, cooldowns)."""
+        self._streams.clear()
+
+    def active_layers(self) -> list[str | None]:
+        """Streams currently in an alert episode."""
+        return [layer for layer, s in self._streams.items() if s.active]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every stream's state as plain Python values (JSON- and ``torch.load(weights_only=True)``-safe)."""
+        streams = []
+        for layer, s in self._streams.items():
+            streams.append(
+                {
+                    "layer": layer,
+                    "active": s.active,
+                    "streak": s.streak,
+                    "calm": s.calm,
+                    "last_alert": s.last_alert,
+                    "since": s.since,
+                    "det": self._dump_state(s.det),
+                }
+            )
+        return {"type": type(self).__name__, "streams": streams}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+        kind = state.get("type")
+        if kind is not None and kind != type(self).__name__:
+            raise StabwatchError(
+                f"rule {self.name!r}: state is for a {kind}, this rule is a {type(self).__name__}"
+            )
+        self._streams = {}
+        for item in state["streams"]:
+            s = _Stream(self._load_state(item["det"]))
+            s.active = bool(item["active"])
+            s.streak = int(item["streak"])
+            s.calm = int(item["calm"])
+            s.last_alert = None if item["last_alert"] is None else int(item["last_alert"])
+            s.since = None if item["since"] is None else int(item["since"])
+            self._streams[item["layer"]] = s
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, metric={self.metric!r}, severity={self.severity.value!r})"
+
+
+def check_unique_names(rules: Iterable[Rule]) -> None:
+    seen: set[str] = set()
+    for rule in rules:
+        if rule.name in seen:
+            raise StabwatchError(f"two alert rules are named {rule.name!r}; give each rule a unique name=")
+        seen.add(rule.name)

@@ -1,0 +1,116 @@
+"""`RatioRule`: the value is many times its trailing-window median."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from stabwatch.alerts.base import Rule, Verdict, _positive_float, _positive_int, _Window, fmt
+from stabwatch.errors import StabwatchError
+from stabwatch.metrics import AlertReason
+
+__all__ = ["RatioRule"]
+
+
+class _RatioState:
+    __slots__ = ("excluded", "window")
+
+    def __init__(self, size: int) -> None:
+        self.window = _Window(size)
+        self.excluded = 0
+
+
+class RatioRule(Rule):
+    r"""Alert when a value is ``factor`` times its trailing median (``direction="up"``) or ``factor``
+    times smaller (``"down"``).
+
+    .. math:: r_t = x_t / \operatorname{median}(x_{t-w}, \dots, x_{t-1}), \quad
+              \text{alert if } r_t \ge f \;(\text{up}) \text{ or } r_t \le 1/f \;(\text{down})
+
+    The median is robust: a few outliers in the window do not move it. Values that trigger are kept out
+    of the window (so a spike does not become its own baseline) until an episode has lasted a full
+    window, after which the window adapts to the new level. Nothing is judged until the window holds
+    ``min_history`` values. Windows count observations (records carrying the metric), not steps.
+
+    Args:
+        metric: the bound metric.
+        factor: the ratio that alerts (> 1).
+        window: trailing-window length in observations.
+        min_history: values needed before the first judgement (the warm-up).
+        direction: ``"up"`` or ``"down"``.
+        **kwargs: `Rule` options.
+
+    Example:
+        >>> rule = RatioRule("grad_norm", factor=10, window=50, min_history=5)
+        >>> alerts = [rule.update(s, v) for s, v in enumerate([2.9e3] * 10 + [3.2e4])]
+        >>> alerts[-1].message
+        'grad_norm 3.2e+04 is 11× its 10-step median 2900'
+    """
+
+    default_reason = AlertReason.SPIKE
+    default_name = "ratio"
+
+    def __init__(
+        self,
+        metric: str,
+        *,
+        factor: float = 10.0,
+        window: int = 50,
+        min_history: int = 10,
+        direction: Literal["up", "down"] = "up",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(metric, **kwargs)
+        self.factor = _positive_float(factor, "RatioRule.factor")
+        if self.factor <= 1:
+            raise StabwatchError(f"RatioRule.factor: expected a number > 1, got {factor!r}")
+        self.window = _positive_int(window, "RatioRule.window", minimum=1)
+        self.min_history = _positive_int(min_history, "RatioRule.min_history", minimum=1)
+        if self.min_history > self.window:
+            raise StabwatchError(
+                f"RatioRule.min_history ({min_history}) must be <= window ({window})"
+            )
+        if direction not in ("up", "down"):
+            raise StabwatchError(f"RatioRule.direction: expected 'up' or 'down', got {direction!r}")
+        self.direction = direction
+
+    def _new_state(self) -> _RatioState:
+        return _RatioState(self.window)
+
+    def _check(self, state: _RatioState, step: int, value: float, active: bool) -> Verdict | None:
+        w = state.window
+        if len(w) < self.min_history:
+            w.push(step, value)
+            return None
+        med = w.median()
+        desc = w.describe()
+        if self.direction == "up":
+            triggered = med > 0 and value >= self.factor * med
+            ratio = value / med if med > 0 else float("inf")
+            if triggered:
+                detail = f"{fmt(value)} is {ratio:.3g}× its {desc} median {fmt(med)}"
+            else:
+                detail = f"back to {fmt(value)}, {ratio:.3g}× its {desc} median {fmt(med)}"
+        else:
+            triggered = med > 0 and value <= med / self.factor
+            shrink = med / value if value > 0 else float("inf")
+            if triggered:
+                detail = f"{fmt(value)} is {shrink:.3g}× below its {desc} median {fmt(med)}"
+            else:
+                detail = f"back to {fmt(value)}, its {desc} median is {fmt(med)}"
+        if not triggered:
+            state.excluded = 0
+            w.push(step, value)
+        elif state.excluded < self.window:
+            state.excluded += 1  # a spike is not its own baseline...
+        else:
+            w.push(step, value)  # ...until it has lasted a full window: then the level is the new normal
+        return Verdict(triggered, value, detail)
+
+    def _dump_state(self, state: _RatioState) -> dict[str, Any]:
+        return {"window": state.window.state(), "excluded": state.excluded}
+
+    def _load_state(self, data: dict[str, Any]) -> _RatioState:
+        st = _RatioState(self.window)
+        st.window = _Window.from_state(self.window, data["window"])
+        st.excluded = int(data["excluded"])
+        return st

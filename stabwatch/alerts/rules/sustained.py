@@ -1,0 +1,93 @@
+"""`SustainedRule`: a condition that holds for ``patience`` of the last ``within`` observations."""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+from stabwatch.alerts.base import Rule, Verdict, _positive_int, fmt
+from stabwatch.alerts.rules.threshold import _number
+from stabwatch.errors import StabwatchError
+from stabwatch.metrics import AlertReason
+
+__all__ = ["SustainedRule"]
+
+
+class _SustainedState:
+    __slots__ = ("hits", "values")
+
+    def __init__(self, size: int) -> None:
+        self.hits: collections.deque[bool] = collections.deque(maxlen=size)
+        self.values: collections.deque[float] = collections.deque(maxlen=size)
+
+
+class SustainedRule(Rule):
+    """Alert when ``value > above`` (or ``< below``) in at least ``patience`` of the last ``within``
+    observations (``within = patience``: that many in a row).
+
+    For noisy estimates whose sign matters more than any single value, such as a Lyapunov exponent
+    whose running estimate wanders around 0: one positive value is noise, a positive value held over
+    many measurements is a finding. The episode ends when fewer than ``patience`` of the last
+    ``within`` values satisfy the condition.
+
+    Args:
+        metric: the bound metric.
+        above / below: the condition (exactly one).
+        patience: how many observations must satisfy it.
+        within: out of how many recent observations (>= patience; default patience).
+        **kwargs: `Rule` options (``severity``, ``cooldown``, ...).
+
+    Example:
+        >>> rule = SustainedRule("lyapunov", above=0.0, patience=3, within=4)
+        >>> [a.step for s, v in enumerate([0.1, -0.1, 0.2, 0.1, -0.2, -0.3, -0.1]) if (a := rule.update(s, v))]
+        [3, 5]
+    """
+
+    default_reason = AlertReason.THRESHOLD
+    default_name = "sustained"
+
+    def __init__(
+        self,
+        metric: str,
+        *,
+        above: float | None = None,
+        below: float | None = None,
+        patience: int = 5,
+        within: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if "clear_after" not in kwargs:
+            kwargs["clear_after"] = 1
+        super().__init__(metric, **kwargs)
+        self.above = _number(above, "SustainedRule.above")
+        self.below = _number(below, "SustainedRule.below")
+        if (self.above is None) == (self.below is None):
+            raise StabwatchError(f"SustainedRule({metric!r}): give exactly one of above= / below=")
+        self.k = _positive_int(patience, "SustainedRule.patience")
+        self.n = _positive_int(within if within is not None else patience, "SustainedRule.within")
+        if self.n < self.k:
+            raise StabwatchError(f"SustainedRule.within ({within}) must be >= patience ({patience})")
+
+    def _new_state(self) -> _SustainedState:
+        return _SustainedState(self.n)
+
+    def _check(self, st: _SustainedState, step: int, value: float, active: bool) -> Verdict | None:
+        hit = value > self.above if self.above is not None else value < self.below  # type: ignore[operator]
+        st.hits.append(bool(hit))
+        st.values.append(value)
+        if len(st.hits) < self.k:
+            return None
+        count = sum(st.hits)
+        mean = sum(st.values) / len(st.values)
+        cond = f"> {fmt(self.above)}" if self.above is not None else f"< {fmt(self.below)}"  # type: ignore[arg-type]
+        detail = f"{cond} in {count} of the last {len(st.hits)} values (mean {fmt(mean)}, last {fmt(value)})"
+        return Verdict(count >= self.k, value, detail)
+
+    def _dump_state(self, st: _SustainedState) -> dict[str, Any]:
+        return {"hits": list(st.hits), "values": list(st.values)}
+
+    def _load_state(self, data: dict[str, Any]) -> _SustainedState:
+        st = _SustainedState(self.n)
+        st.hits.extend(bool(h) for h in data["hits"])
+        st.values.extend(float(v) for v in data["values"])
+        return st

@@ -1,0 +1,85 @@
+"""`ThresholdRule`: the value is above (or below) a fixed level, with a separate clear level."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stabwatch.alerts.base import Rule, Verdict, fmt
+from stabwatch.errors import StabwatchError
+from stabwatch.metrics import AlertReason
+
+__all__ = ["ThresholdRule"]
+
+
+def _number(value: Any, field: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise StabwatchError(f"{field}: expected a number or None, got {value!r}") from None
+
+
+class ThresholdRule(Rule):
+    """Alert when ``value > above`` or ``value < below``.
+
+    Level hysteresis: with ``clear`` set, an episode that started above ``above`` lasts until the value
+    drops to ``clear`` or below (``clear <= above``); one that started below ``below`` lasts until the
+    value rises to ``clear`` or above (``clear >= below``). Without it the clear level is the threshold.
+
+    Args:
+        metric: the bound metric (see `stabwatch.alerts.base`).
+        above / below: the levels (at least one).
+        clear: the level that ends an episode (only with exactly one of ``above``/``below``).
+        **kwargs: `Rule` options (name, severity, reason, suggestion, patience, cooldown, clear_after).
+
+    Example:
+        >>> rule = ThresholdRule("spectral_radius", above=1.0, clear=0.95, severity="warning")
+        >>> [a.reason.value for s, v in enumerate([0.9, 1.02, 0.97, 0.94]) if (a := rule.update(s, v))]
+        ['threshold', 'recovered']
+    """
+
+    default_reason = AlertReason.THRESHOLD
+    default_name = "threshold"
+
+    def __init__(
+        self,
+        metric: str,
+        *,
+        above: float | None = None,
+        below: float | None = None,
+        clear: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(metric, **kwargs)
+        self.above = _number(above, "ThresholdRule.above")
+        self.below = _number(below, "ThresholdRule.below")
+        self.clear = _number(clear, "ThresholdRule.clear")
+        if self.above is None and self.below is None:
+            raise StabwatchError(f"ThresholdRule({metric!r}): give above= and/or below=")
+        if self.clear is not None:
+            if (self.above is None) == (self.below is None):
+                raise StabwatchError(
+                    f"ThresholdRule({metric!r}): clear= needs exactly one of above=/below= "
+                    f"(got above={self.above}, below={self.below})"
+                )
+            if self.above is not None and self.clear > self.above:
+                raise StabwatchError(f"ThresholdRule({metric!r}): clear={self.clear} must be <= above={self.above}")
+            if self.below is not None and self.clear < self.below:
+                raise StabwatchError(f"ThresholdRule({metric!r}): clear={self.clear} must be >= below={self.below}")
+
+    def _check(self, state: Any, step: int, value: float, active: bool) -> Verdict:
+        hi, lo = self.above, self.below
+        if active and self.clear is not None:
+            if hi is not None:
+                hi = self.clear
+            else:
+                lo = self.clear
+        if hi is not None and value > hi:
+            return Verdict(True, value, f"{fmt(value)} > {fmt(hi)}")
+        if lo is not None and value < lo:
+            return Verdict(True, value, f"{fmt(value)} < {fmt(lo)}")
+        bounds = " and ".join(
+            b for b in (f"<= {fmt(hi)}" if hi is not None else "", f">= {fmt(lo)}" if lo is not None else "") if b
+        )
+        return Verdict(False, value, f"back to {fmt(value)} ({bounds})")

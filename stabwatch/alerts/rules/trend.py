@@ -1,0 +1,156 @@
+"""`TrendRule`: a significant rise (or fall) of the least-squares slope over a trailing window."""
+
+from __future__ import annotations
+
+import collections
+import math
+from typing import Any, Literal
+
+from stabwatch.alerts.base import Rule, Verdict, _positive_float, _positive_int, fmt
+from stabwatch.errors import StabwatchError
+from stabwatch.metrics import AlertReason
+
+__all__ = ["TrendRule", "fit_slope"]
+
+
+def fit_slope(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    r"""Least-squares slope of ``ys`` against ``xs`` and its t-statistic.
+
+    .. math:: b = \frac{S_{xy}}{S_{xx}}, \quad
+              t = \frac{b}{\sqrt{\mathrm{SSE} / ((n-2)\,S_{xx})}}, \quad \mathrm{SSE} = S_{yy} - b\,S_{xy}
+
+    with centred sums. ``t`` is ``inf`` for a perfect fit with non-zero slope, 0 with fewer than 3
+    points or no spread in ``xs``.
+
+    Example:
+        >>> fit_slope([0, 1, 2, 3], [1.0, 3.0, 5.0, 7.0])
+        (2.0, inf)
+    """
+    n = len(xs)
+    if n < 3:
+        return 0.0, 0.0
+    mx = sum(xs) / n
+    my = sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        return 0.0, 0.0
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    syy = sum((y - my) ** 2 for y in ys)
+    b = sxy / sxx
+    sse = max(syy - b * sxy, 0.0)
+    if sse <= 1e-24 * max(syy, 1e-300):
+        return b, (math.inf if b != 0 else 0.0)
+    return b, b / math.sqrt(sse / ((n - 2) * sxx))
+
+
+class _TrendState:
+    __slots__ = ("steps", "values")
+
+    def __init__(self, size: int) -> None:
+        self.steps: collections.deque[int] = collections.deque(maxlen=size)
+        self.values: collections.deque[float] = collections.deque(maxlen=size)
+
+
+class TrendRule(Rule):
+    r"""Alert when a metric has been trending up (or down) over the last ``window`` observations.
+
+    Fits :math:`y = a + b\,t` by least squares over the window, with :math:`y = \ln x` when ``log=True``
+    (so a constant growth *rate* is a straight line) and :math:`t` the step. It alerts when the fitted
+    change over the window, :math:`b\,(t_{last} - t_{first})`, is at least :math:`\ln` ``factor``
+    (``log=True``) or ``min_change`` (``log=False``) in the watched direction, **and** the slope is
+    significant, :math:`|t_b| \ge` ``min_t`` — both, so slow drift and noisy wiggles stay quiet. Only
+    full windows are judged. Cost: O(window) per value.
+
+    Args:
+        metric: the bound metric.
+        window: observations in the fit.
+        direction: ``"rising"`` or ``"falling"``.
+        factor: fitted growth over the window that alerts, with ``log=True`` (> 1).
+        min_change: fitted change over the window that alerts, with ``log=False``.
+        min_t: slope t-statistic needed.
+        log: fit ``ln(value)`` (non-positive values are skipped).
+        **kwargs: `Rule` options.
+
+    Example:
+        >>> rule = TrendRule("grad_norm", window=20, factor=4, min_t=5)
+        >>> hits = [a for s in range(60) if (a := rule.update(s, 1.0 if s < 30 else 1.1 ** (s - 30)))]
+        >>> hits[0].step, hits[0].reason.value
+        (44, 'trend')
+    """
+
+    default_reason = AlertReason.TREND
+    default_name = "trend"
+
+    def __init__(
+        self,
+        metric: str,
+        *,
+        window: int = 100,
+        direction: Literal["rising", "falling"] = "rising",
+        factor: float | None = 10.0,
+        min_change: float | None = None,
+        min_t: float = 5.0,
+        log: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(metric, **kwargs)
+        self.window = _positive_int(window, "TrendRule.window", minimum=3)
+        if direction not in ("rising", "falling"):
+            raise StabwatchError(f"TrendRule.direction: expected 'rising' or 'falling', got {direction!r}")
+        self.direction = direction
+        self.log = bool(log)
+        if self.log:
+            if factor is None:
+                raise StabwatchError("TrendRule: factor= is required with log=True")
+            self.factor = _positive_float(factor, "TrendRule.factor")
+            if self.factor <= 1:
+                raise StabwatchError(f"TrendRule.factor: expected a number > 1, got {factor!r}")
+            self.threshold = math.log(self.factor)
+        else:
+            if min_change is None:
+                raise StabwatchError("TrendRule: min_change= is required with log=False")
+            self.threshold = _positive_float(min_change, "TrendRule.min_change")
+        self.min_t = _positive_float(min_t, "TrendRule.min_t")
+
+    def _new_state(self) -> _TrendState:
+        return _TrendState(self.window)
+
+    def _check(self, st: _TrendState, step: int, value: float, active: bool) -> Verdict | None:
+        if self.log:
+            if value <= 0:
+                return None
+            y = math.log(value)
+        else:
+            y = value
+        st.steps.append(step)
+        st.values.append(y)
+        if len(st.values) < self.window:
+            return None
+        xs = [float(s - st.steps[0]) for s in st.steps]
+        slope, t = fit_slope(xs, list(st.values))
+        change = slope * xs[-1]
+        sign = 1.0 if self.direction == "rising" else -1.0
+        triggered = sign * change >= self.threshold and sign * t >= self.min_t
+        span = f"steps {st.steps[0]}-{st.steps[-1]}"
+        if self.log:
+            ratio = math.exp(change)
+            verb = "rose" if change >= 0 else "fell"
+            amount = f"{ratio:.3g}×" if change >= 0 else f"{1 / ratio:.3g}×"
+            detail = f"{verb} {amount} over {span} (fitted ×{math.exp(slope):.4g} per step, t = {t:.1f})"
+        else:
+            verb = "rose" if change >= 0 else "fell"
+            detail = f"{verb} by {fmt(abs(change))} over {span} (fitted {slope:+.3g} per step, t = {t:.1f})"
+        if not triggered:
+            detail = f"no longer trending: {detail}; now {fmt(value)}"
+        else:
+            detail = f"{detail}; now {fmt(value)}"
+        return Verdict(triggered, value, detail)
+
+    def _dump_state(self, st: _TrendState) -> dict[str, Any]:
+        return {"steps": list(st.steps), "values": list(st.values)}
+
+    def _load_state(self, data: dict[str, Any]) -> _TrendState:
+        st = _TrendState(self.window)
+        st.steps.extend(int(s) for s in data["steps"])
+        st.values.extend(float(v) for v in data["values"])
+        return st

@@ -1,0 +1,664 @@
+"""The background writer between `Monitor.step` and the sinks: bounded queues, spill files, retries.
+
+`Monitor.step` hands each record to `Dispatcher.submit`, which only appends it to one bounded
+in-memory queue per sink and returns (a lock and a deque append; no I/O on the normal path). Each sink
+has its own worker thread, so a slow tracker never holds up another sink. The worker takes up to
+``batch_size`` records at a time and delivers them with ``sink.write_batch(records)`` when the sink has
+it, else with ``sink.write(record)`` one by one.
+
+Nothing is dropped and training never waits on a network call:
+
+* **Queue full** (the tracker is slower than training): the queue's records and every later one go to
+  the sink's *spill file* (JSON lines, the `JsonlSink` format, so `read_jsonl` reads it) until the
+  worker has caught up; the worker reads the spill file back in order.
+* **Sink raises** (tracker down): a warning once per outage, the undelivered records move to the
+  spill file, and the worker retries the same head-of-line batch with exponential back-off
+  (``backoff_min`` doubling to ``backoff_max`` seconds). When the tracker comes back, every record is
+  delivered in order. Exactly once: a record counts as delivered when ``write`` (or ``write_batch``)
+  returns; after a failure the next call starts with the same records, so a sink whose
+  ``write_batch`` keeps track of what already arrived (the MLflow, W&B and TensorBoard sinks do)
+  delivers each record exactly once.
+* **Close** (also on an exception or Ctrl-C in the ``with`` body): the workers drain their queues; a
+  sink that is still failing gets ``close_timeout`` seconds, after which what is left stays in its spill
+  file and a warning says where and how to replay it (``stabwatch replay SPILL --to URI``).
+
+Spill files are created only when needed, as ``<spill_dir>/<SinkClass>-<pid>-<time>-<n>.jsonl``;
+``spill_dir`` is the sink's ``spill_dir`` attribute, else the ``STABWATCH_SPILL_DIR`` environment
+variable, else ``./stabwatch-spill``. It is checked for writability when the dispatcher is built.
+
+Optional sink attributes the dispatcher reads: ``write_batch(records)``, ``log_config(params)``
+(called once on the worker thread before the first record, with the monitor configuration),
+``spill_dir``, ``close_timeout`` (seconds), ``linger_s`` (how long a worker waits to fill a batch),
+``replay_uri`` (the ``--to`` target printed in the replay hint).
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import contextlib
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from stabwatch.errors import StabwatchError
+from stabwatch.metrics import StabilityMetrics
+
+__all__ = ["Dispatcher", "describe_monitor", "resolve_spill_dir"]
+
+log = logging.getLogger("stabwatch")
+
+_DEFAULT_SPILL_DIR = "stabwatch-spill"
+
+
+def resolve_spill_dir(spill_dir: str | os.PathLike[str] | None) -> Path:
+    """The spill folder: `spill_dir`, else ``$STABWATCH_SPILL_DIR``, else ``./stabwatch-spill``.
+
+    Raises:
+        StabwatchError: when the folder cannot be created or written (checked without creating it).
+    """
+    path = Path(spill_dir or os.environ.get("STABWATCH_SPILL_DIR") or _DEFAULT_SPILL_DIR).absolute()
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise StabwatchError(
+            f"spill_dir {str(path)!r} is not writable ({str(probe)!r} is not a writable folder); "
+            "pass spill_dir=... to the sink or set STABWATCH_SPILL_DIR"
+        )
+    return path
+
+
+def describe_monitor(monitor: Any) -> dict[str, str]:
+    """The monitor configuration as flat ``{name: str}`` params (what tracker sinks log as params)."""
+    import stabwatch
+
+    cfg = monitor.config
+    params: dict[str, str] = {"version": stabwatch.__version__, "model": type(monitor.model).__name__}
+    if monitor.optimizer is not None:
+        params["optimizer"] = type(monitor.optimizer).__name__
+        lr = monitor.optimizer.param_groups[0].get("lr")
+        if lr is not None:
+            params["lr"] = str(float(lr))
+    params["n_parameters"] = str(sum(p.numel() for p in monitor.model.parameters()))
+    for name, value in cfg.model_dump().items():
+        if name == "every":
+            continue
+        params[name] = str(value)
+    for family, spec in cfg.periods().items():
+        params[f"every.{family}"] = getattr(spec, "__name__", None) or str(spec)
+    params["families"] = ",".join(c.family for c in monitor._collectors)
+    return params
+
+
+class _Partial(Exception):
+    """`write` failed after `count` records of the batch were delivered."""
+
+    def __init__(self, count: int, exc: BaseException) -> None:
+        super().__init__(str(exc))
+        self.count = count
+        self.exc = exc
+
+
+class _SinkWorker:
+    """One sink's queue, spill file and background thread."""
+
+    def __init__(
+        self,
+        sink: Any,
+        index: int,
+        *,
+        params: dict[str, str] | None,
+        spill_dir: str | os.PathLike[str] | None,
+        queue_size: int,
+        batch_size: int,
+        close_timeout: float,
+        backoff_min: float,
+        backoff_max: float,
+    ) -> None:
+        self.sink = sink
+        self.name = type(sink).__name__
+        self.params = params
+        spill_root = resolve_spill_dir(getattr(sink, "spill_dir", None) or spill_dir)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.spill_path = (
+            spill_root / f"{self.name}-{os.getpid()}-{stamp}-{id(self) % 10_000:04d}-{index}.jsonl"
+        )
+        self.queue_size = max(1, int(queue_size))
+        self.batch_size = max(1, int(batch_size))
+        self.close_timeout = float(getattr(sink, "close_timeout", close_timeout))
+        self.linger_s = float(getattr(sink, "linger_s", 0.05))
+        self.backoff_min = backoff_min
+        self.backoff_max = backoff_max
+        self._cond = threading.Condition(threading.Lock())
+        self._mem: collections.deque[StabilityMetrics] = collections.deque()
+        # spill file: lines [read, count) are undelivered, in order; while active, mem is empty
+        self._spilling = False
+        self._spill_out: IO[bytes] | None = None
+        self._spill_in: IO[bytes] | None = None
+        self._spill_count = 0
+        self._spill_read = 0
+        self._spill_offset = 0
+        self._spill_error_logged = False
+        self._spill_broken = False
+        self._inflight: list[StabilityMetrics] | None = None
+        self._inflight_in_spill = False
+        self._pending_since: float | None = None
+        self._failing = False
+        self._warned = False
+        self._outages = 0
+        self._closing = False
+        self._deadline = float("inf")
+        self._abandoned = False
+        self._finalized = False
+        self._flush_req = 0
+        self._flush_done = 0
+        self._wrote_since_flush = False
+        self.delivered = 0
+        self.spilled = 0
+        self.unsent = 0
+        self._thread = threading.Thread(target=self._run, name=f"stabwatch-{self.name}-{index}", daemon=True)
+        self._started = False
+
+    # producer side (training thread) -------------------------------------------------------------
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._thread.start()
+
+    def put(self, record: StabilityMetrics) -> None:
+        with self._cond:
+            if self._spilling and not self._spill_broken:
+                self._spill_write([record])
+                self._cond.notify()
+            elif len(self._mem) >= self.queue_size and not self._spill_broken:
+                self._activate_spill()
+                self._spill_write([record])
+                self._cond.notify()
+            else:
+                self._mem.append(record)
+                n = len(self._mem)
+                if n == 1 or n >= self.batch_size:
+                    self._cond.notify()
+
+    # spill file (all under self._cond) --------------------------------------------------------------
+    def _activate_spill(self) -> None:
+        """Move the in-flight batch (if it came from memory) and the memory queue to the spill file."""
+        if self._spilling or self._spill_broken:
+            return
+        try:
+            self.spill_path.parent.mkdir(parents=True, exist_ok=True)
+            self._spill_out = open(self.spill_path, "wb")  # noqa: SIM115
+            self._spill_in = open(self.spill_path, "rb")  # noqa: SIM115
+        except OSError as exc:
+            self._spill_failed(exc)
+            return
+        moving_inflight = self._inflight is not None and not self._inflight_in_spill
+        head = [*(self._inflight or [] if moving_inflight else []), *self._mem]
+        try:
+            self._spill_out.write("".join(r.to_json_line() + "\n" for r in head).encode("utf-8"))
+            self._spill_out.flush()
+        except OSError as exc:
+            self._spill_failed(exc)
+            for f in (self._spill_out, self._spill_in):
+                f.close()
+            self._spill_out = self._spill_in = None
+            return
+        self._spilling = True
+        self._spill_count, self._spill_read, self._spill_offset = len(head), 0, 0
+        self.spilled += len(head)
+        self._mem.clear()
+        if moving_inflight:
+            self._inflight_in_spill = True
+
+    def _spill_failed(self, exc: OSError) -> None:
+        self._spill_broken = True
+        if not self._spill_error_logged:
+            self._spill_error_logged = True
+            log.error(
+                "stabwatch: cannot write the spill file %s (%s); %s's undelivered records are kept in "
+                "memory from now on",
+                self.spill_path,
+                exc,
+                self.name,
+            )
+
+    def _spill_write(self, records: Sequence[StabilityMetrics]) -> None:
+        """Append to the spill file; if that fails, keep the records in memory (after the file's)."""
+        if not records:
+            return
+        if not self._spilling or self._spill_out is None or self._spill_broken:
+            self._mem.extend(records)
+            return
+        data = "".join(r.to_json_line() + "\n" for r in records).encode("utf-8")
+        try:
+            self._spill_out.write(data)
+            self._spill_out.flush()
+        except OSError as exc:
+            self._spill_failed(exc)
+            self._mem.extend(records)
+            return
+        self._spill_count += len(records)
+        self.spilled += len(records)
+
+    def _spill_read_lines(self, n: int) -> tuple[list[bytes], int]:
+        assert self._spill_in is not None
+        self._spill_in.seek(self._spill_offset)
+        lines = [self._spill_in.readline() for _ in range(n)]
+        return lines, self._spill_in.tell()
+
+    def _spill_advance(self, n: int) -> None:
+        _, self._spill_offset = self._spill_read_lines(n)
+        self._spill_read += n
+
+    def _deactivate_spill(self) -> None:
+        for f in (self._spill_out, self._spill_in):
+            if f is not None:
+                f.close()
+        self._spill_out = self._spill_in = None
+        self._spilling = False
+        self._spill_count = self._spill_read = self._spill_offset = 0
+        with contextlib.suppress(OSError):
+            self.spill_path.unlink()
+
+    def _finalize_spill(self) -> int:
+        """Leave exactly the undelivered records in the spill file; return how many there are."""
+        if self._finalized:
+            return self.unsent
+        self._finalized = True
+        if (self._inflight and not self._inflight_in_spill) or self._mem:
+            self._activate_spill()
+        if self._spilling and not self._spill_broken and self._mem:
+            self._spill_write(list(self._mem))
+            self._mem.clear()
+        lost = len(self._mem) + (len(self._inflight or []) if not self._inflight_in_spill else 0)
+        if lost:
+            log.error("stabwatch: %d record(s) for %s could not be written to any file", lost, self.name)
+        if not self._spilling:
+            self.unsent = lost
+            return self.unsent
+        unsent = self._spill_count - self._spill_read
+        if unsent and (self._spill_read or self._spill_broken):
+            try:
+                lines, _ = self._spill_read_lines(unsent)
+                tmp = self.spill_path.with_suffix(".jsonl.tmp")
+                tmp.write_bytes(b"".join(lines))
+                os.replace(tmp, self.spill_path)
+            except OSError as exc:
+                log.error("stabwatch: compacting the spill file %s failed: %s", self.spill_path, exc)
+        for f in (self._spill_out, self._spill_in):
+            if f is not None:
+                f.close()
+        self._spill_out = self._spill_in = None
+        self._spilling = False
+        if not unsent:
+            with contextlib.suppress(OSError):
+                self.spill_path.unlink()
+        self.unsent = unsent + lost
+        return self.unsent
+
+    # worker side -----------------------------------------------------------------------------------
+    def _available(self) -> int:
+        if self._spilling:
+            n = self._spill_count - self._spill_read
+            if n == 0 and self._spill_broken and self._inflight is None:
+                self._deactivate_spill()  # the file is drained: go on with what was kept in memory
+            else:
+                return n
+        return len(self._mem)
+
+    def _run(self) -> None:
+        try:
+            self._log_config()
+            backoff = self.backoff_min
+            while True:
+                batch = self._next_batch()
+                if batch is None:
+                    break
+                if self._deliver(batch):
+                    backoff = self.backoff_min
+                else:
+                    with self._cond:
+                        self._cond.wait_for(
+                            lambda: self._abandoned or (self._closing and time.monotonic() >= self._deadline),
+                            timeout=backoff,
+                        )
+                    backoff = min(backoff * 2, self.backoff_max)
+        except BaseException as exc:  # noqa: BLE001 - the worker must end cleanly whatever happens
+            log.error("stabwatch: the writer thread of %s stopped: %r", self.name, exc)
+        finally:
+            self._finish()
+
+    def _log_config(self) -> None:
+        hook = getattr(self.sink, "log_config", None)
+        if self.params is None or not callable(hook):
+            return
+        try:
+            hook(dict(self.params))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("stabwatch: %s could not log the monitor configuration: %s", self.name, exc)
+
+    def _next_batch(self) -> list[StabilityMetrics] | None:
+        with self._cond:
+            while True:
+                if self._abandoned:
+                    return None
+                now = time.monotonic()
+                if self._closing and self._failing and now >= self._deadline:
+                    return None
+                n = self._available()
+                flush_pending = self._flush_req > self._flush_done
+                if n:
+                    if self._pending_since is None:
+                        self._pending_since = now
+                    ready = (
+                        n >= self.batch_size
+                        or self._closing
+                        or flush_pending
+                        or self._failing
+                        or now - self._pending_since >= self.linger_s
+                    )
+                    if ready:
+                        self._pending_since = None
+                        return self._take(min(n, self.batch_size))
+                    self._cond.wait(timeout=max(1e-3, self.linger_s - (now - self._pending_since)))
+                    continue
+                if flush_pending or (self._wrote_since_flush and self._closing):
+                    token = self._flush_req
+                    self._cond.release()
+                    try:
+                        self._flush_sink()
+                    finally:
+                        self._cond.acquire()
+                    self._flush_done = max(self._flush_done, token)
+                    self._cond.notify_all()
+                    continue
+                if self._closing:
+                    return None
+                self._cond.wait(timeout=1.0)
+                if self._wrote_since_flush and not self._available():
+                    self._cond.release()
+                    try:
+                        self._flush_sink()
+                    finally:
+                        self._cond.acquire()
+
+    def _take(self, k: int) -> list[StabilityMetrics]:
+        if self._spilling:
+            lines, _ = self._spill_read_lines(k)
+            batch = [StabilityMetrics.from_json_line(line.decode("utf-8")) for line in lines]
+            self._inflight_in_spill = True
+        else:
+            batch = [self._mem.popleft() for _ in range(k)]
+            self._inflight_in_spill = False
+        self._inflight = batch
+        return batch
+
+    def _flush_sink(self) -> None:
+        self._wrote_since_flush = False
+        try:
+            self.sink.flush()
+        except Exception as exc:  # noqa: BLE001
+            log.debug("stabwatch: flushing %s failed: %s", self.name, exc)
+
+    def _call_sink(self, batch: list[StabilityMetrics]) -> None:
+        write_batch = getattr(self.sink, "write_batch", None)
+        if callable(write_batch):
+            write_batch(batch)
+            return
+        for i, record in enumerate(batch):
+            try:
+                self.sink.write(record)
+            except Exception as exc:
+                raise _Partial(i, exc) from exc
+
+    def _deliver(self, batch: list[StabilityMetrics]) -> bool:
+        error: BaseException | None = None
+        done = len(batch)
+        try:
+            self._call_sink(batch)
+        except _Partial as exc:
+            done, error = exc.count, exc.exc
+        except Exception as exc:  # noqa: BLE001 - a failing sink never kills training
+            done, error = 0, exc
+        with self._cond:
+            if self._abandoned:
+                return True
+            if done:
+                self._wrote_since_flush = True
+                self.delivered += done
+                if self._inflight_in_spill:
+                    self._spill_advance(done)
+            if error is None:
+                self._inflight = None
+                if self._failing:
+                    self._failing = False
+                    log.warning(
+                        "stabwatch: %s is delivering again; spilled records are being re-sent", self.name
+                    )
+                if self._spilling and self._spill_read == self._spill_count:
+                    self._deactivate_spill()
+                self._cond.notify_all()
+                return True
+            self._inflight = batch[done:]
+            if not self._inflight_in_spill:
+                self._activate_spill()
+            if self._inflight_in_spill:
+                self._inflight = None
+            else:  # no spill file: keep the failed records at the head of the memory queue
+                self._mem.extendleft(reversed(self._inflight))
+                self._inflight = None
+            if not self._failing:
+                self._failing = True
+                self._outages += 1
+                if not self._warned:
+                    self._warned = True
+                    log.warning(
+                        "stabwatch: sink %s failed at step %d (%s: %s); training goes on. Its records are "
+                        "spilled to %s and retried with back-off; further failures are not logged.",
+                        self.name,
+                        batch[done].step,
+                        type(error).__name__,
+                        error,
+                        self.spill_path,
+                    )
+                else:
+                    log.info("stabwatch: sink %s failed again (%s); retrying with back-off", self.name, error)
+            self._cond.notify_all()
+            return False
+
+    def _finish(self) -> None:
+        with self._cond:
+            if self._abandoned:
+                return
+            unsent = self._finalize_spill()
+            self._cond.notify_all()
+        if unsent:
+            self._report_unsent(unsent)
+        try:
+            self.sink.close()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("stabwatch: closing sink %s failed: %s", self.name, exc)
+
+    def _report_unsent(self, unsent: int) -> None:
+        target = getattr(self.sink, "replay_uri", None) or "<tracker URI>"
+        log.warning(
+            "stabwatch: %d record(s) for %s were not delivered; they are kept in %s. Replay them with:\n"
+            "    stabwatch replay %s --to %s",
+            unsent,
+            self.name,
+            self.spill_path,
+            self.spill_path,
+            target,
+        )
+
+    # control (training thread) -----------------------------------------------------------------------
+    def request_flush(self) -> int:
+        with self._cond:
+            self._flush_req += 1
+            self._cond.notify_all()
+            return self._flush_req
+
+    def wait_flushed(self, token: int, deadline: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: self._flush_done >= token or not self._thread.is_alive(),
+                timeout=max(0.0, deadline - time.monotonic()),
+            ) and (self._flush_done >= token)
+
+    def request_close(self) -> None:
+        with self._cond:
+            if not self._closing:
+                self._closing = True
+                self._deadline = time.monotonic() + self.close_timeout
+            self._cond.notify_all()
+
+    def join(self, deadline: float) -> bool:
+        if self._started:
+            self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            return not self._thread.is_alive()
+        return True
+
+    def abandon(self) -> None:
+        """Stop waiting for the worker: keep everything undelivered in the spill file now."""
+        with self._cond:
+            if self._finalized and not self._thread.is_alive():
+                return
+            self._abandoned = True
+            unsent = self._finalize_spill()
+            self._cond.notify_all()
+        if unsent:
+            self._report_unsent(unsent)
+        if not self._started:
+            try:
+                self.sink.close()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("stabwatch: closing sink %s failed: %s", self.name, exc)
+
+
+class Dispatcher:
+    """Fan records out to sinks through per-sink background workers (see the module docstring).
+
+    Args:
+        sinks: the sinks (each needs ``write``, ``flush``, ``close``).
+        params: the monitor configuration, passed to each sink's ``log_config`` if it has one.
+        spill_dir: default spill folder (a sink's own ``spill_dir`` attribute wins).
+        queue_size: records kept in memory per sink before spilling to disk.
+        batch_size: records per delivery call.
+        close_timeout: seconds `close` keeps retrying a failing sink (a sink's ``close_timeout``
+            attribute wins).
+        backoff_min / backoff_max: retry back-off, doubling from min to max seconds.
+
+    Example:
+        >>> import tempfile
+        >>> from stabwatch.sinks import JsonlSink, read_jsonl
+        >>> path = tempfile.mkdtemp() + "/run.jsonl"
+        >>> d = Dispatcher([JsonlSink(path)])
+        >>> for step in range(3):
+        ...     d.submit(StabilityMetrics(step=step, loss=1.0 / (step + 1)))
+        >>> d.close()
+        >>> [r.step for r in read_jsonl(path)]
+        [0, 1, 2]
+    """
+
+    def __init__(
+        self,
+        sinks: Sequence[Any],
+        *,
+        params: dict[str, str] | None = None,
+        spill_dir: str | os.PathLike[str] | None = None,
+        queue_size: int = 1000,
+        batch_size: int = 64,
+        close_timeout: float = 30.0,
+        backoff_min: float = 0.5,
+        backoff_max: float = 30.0,
+    ) -> None:
+        self.workers = [
+            _SinkWorker(
+                sink,
+                i,
+                params=params,
+                spill_dir=spill_dir,
+                queue_size=queue_size,
+                batch_size=batch_size,
+                close_timeout=close_timeout,
+                backoff_min=backoff_min,
+                backoff_max=backoff_max,
+            )
+            for i, sink in enumerate(sinks)
+        ]
+        self._started = False
+        self._closed = False
+        if self.workers:
+            ref = weakref.ref(self)
+            self._atexit = lambda: (d := ref()) is not None and d.close()
+            atexit.register(self._atexit)
+
+    def set_params(self, params: dict[str, str]) -> None:
+        """Set the configuration passed to ``log_config`` (before `start`)."""
+        for w in self.workers:
+            w.params = params
+
+    def start(self) -> None:
+        """Start the worker threads (idempotent; `submit` starts them too)."""
+        if not self._started and not self._closed:
+            self._started = True
+            for w in self.workers:
+                w.start()
+
+    def submit(self, record: StabilityMetrics) -> None:
+        """Queue `record` for every sink; never blocks on a sink."""
+        if self._closed:
+            raise StabwatchError("Dispatcher.submit after close")
+        if not self._started:
+            self.start()
+        for w in self.workers:
+            w.put(record)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued record reached its sink and each sink was flushed.
+
+        Args:
+            timeout: seconds to wait at most (default: the longest ``close_timeout``).
+
+        Returns:
+            ``True`` when every sink confirmed, ``False`` when one is still failing or slow (its
+            records are safe in its spill file and keep being retried).
+        """
+        if self._closed or not self._started:
+            return True
+        if timeout is None:
+            timeout = max((w.close_timeout for w in self.workers), default=0.0)
+        deadline = time.monotonic() + timeout
+        tokens = [w.request_flush() for w in self.workers]
+        return all([w.wait_flushed(t, deadline) for w, t in zip(self.workers, tokens)])
+
+    def close(self) -> None:
+        """Drain every queue, close every sink; what a failing sink could not take stays in its spill file.
+
+        Idempotent. On an interrupt (Ctrl-C) while waiting, the undelivered records are written to the
+        spill files at once and the interrupt propagates.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self.workers:
+            atexit.unregister(self._atexit)
+        try:
+            for w in self.workers:
+                w.request_close()
+            grace = 15.0  # an in-flight call gets this long past close_timeout to return
+            deadline = time.monotonic() + max((w.close_timeout for w in self.workers), default=0.0) + grace
+            for w in self.workers:
+                w.join(deadline)
+        finally:
+            for w in self.workers:
+                if not w.join(time.monotonic()) or not w._started:
+                    w.abandon()

@@ -1,0 +1,145 @@
+"""The pure math, against torch.linalg / numpy references and analytic results."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from stabwatch import functional as F
+from stabwatch.functional.spectral import as_matrix, condition_number
+
+
+def test_gradient_norm_matches_concatenated_norm():
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(7, 3, generator=g), torch.randn(5, generator=g), torch.randn(2, 3, 4, generator=g)]
+    total, per = F.gradient_norm(ts)
+    ref = torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in ts]))
+    assert torch.allclose(total, ref, rtol=1e-6)
+    assert torch.allclose(per, torch.stack([torch.linalg.vector_norm(t) for t in ts]), rtol=1e-6)
+
+
+def test_gradient_norm_propagates_nonfinite():
+    total, per = F.gradient_norm([torch.ones(3), torch.tensor([1.0, float("nan")])])
+    assert math.isnan(float(total)) and math.isfinite(float(per[0]))
+
+
+def test_update_ratio_matches_definition():
+    g = torch.Generator().manual_seed(1)
+    before = [torch.randn(4, 4, generator=g), torch.randn(4, generator=g)]
+    after = [b + 1e-3 * torch.randn(b.shape, generator=g) for b in before]
+    num = torch.linalg.vector_norm(torch.cat([(a - b).reshape(-1) for a, b in zip(after, before)]))
+    den = torch.linalg.vector_norm(torch.cat([b.reshape(-1) for b in before]))
+    assert torch.allclose(F.update_ratio(before, after), num / den, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(40, 7), (7, 40), (30, 30), (16, 3, 3, 3), (200, 5)])
+def test_singular_values_exact(shape):
+    a = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
+    ref = torch.linalg.svdvals(a.reshape(shape[0], -1).double()).float()
+    assert torch.allclose(F.singular_values(a), ref, rtol=1e-4, atol=1e-5)
+
+
+def _matrix_with_spectrum(m, n, s, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(m, len(s), generator=g, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(n, len(s), generator=g, dtype=torch.float64)).Q
+    return (u * torch.tensor(s, dtype=torch.float64)) @ v.T
+
+
+def test_randomized_top_k_within_1e3_on_decaying_spectrum():
+    s = [10.0 * 0.9**i for i in range(300)]
+    a = _matrix_with_spectrum(600, 400, s).float()
+    top, _ = F.randomized_singular_values(a, 3, generator=torch.Generator().manual_seed(0))
+    exact = torch.linalg.svdvals(a.double())[:3].float()
+    assert abs(float(top[0]) - float(exact[0])) / float(exact[0]) < 1e-3
+    assert torch.allclose(top, exact, rtol=1e-2)
+
+
+def test_randomized_top1_on_a_real_gradient_and_warm_start_improves():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(300, 512), torch.nn.Tanh(), torch.nn.Linear(512, 300))
+    x = torch.randn(256, 300)
+    net(x).pow(2).mean().backward()
+    grad = net[0].weight.grad
+    exact = float(torch.linalg.svdvals(grad.double())[0])
+    gen = torch.Generator().manual_seed(3)
+    top, basis = F.randomized_singular_values(grad, 1, generator=gen)
+    assert abs(float(top[0]) - exact) / exact < 1e-3
+    top2, _ = F.randomized_singular_values(grad, 1, generator=gen, init=basis, n_iter=1)
+    assert abs(float(top2[0]) - exact) / exact <= abs(float(top[0]) - exact) / exact + 1e-7
+
+
+def test_randomized_does_not_touch_global_rng():
+    a = torch.randn(50, 40)
+    state = torch.get_rng_state()
+    F.randomized_singular_values(a, 2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_condition_number_uses_numerical_rank():
+    # rank-3 matrix 50x20: numpy's matrix_rank agrees; kappa = s1/s3
+    a = _matrix_with_spectrum(50, 20, [5.0, 2.0, 0.5]).float()
+    s = F.singular_values(a)
+    s_min, rank, kappa = condition_number(s, (50, 20))
+    assert int(rank) == np.linalg.matrix_rank(a.numpy()) == 3
+    assert float(s_min) == pytest.approx(0.5, rel=1e-4)
+    assert float(kappa) == pytest.approx(10.0, rel=1e-4)
+    s0, r0, k0 = condition_number(F.singular_values(torch.zeros(4, 3)), (4, 3))
+    assert float(r0) == 0 and math.isinf(float(k0)) and float(s0) == 0
+
+
+def test_spectral_norm_power_iteration_matches_matrix_2_norm_and_warm_starts():
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(64, 32, generator=g)
+    ref = float(torch.linalg.matrix_norm(w.double(), ord=2))
+    sigma, u = F.spectral_norm(w, n_iter=200, generator=g)
+    assert float(sigma) == pytest.approx(ref, rel=1e-4)
+    # warm start: a slightly changed matrix needs only a couple of iterations
+    w2 = w + 1e-3 * torch.randn(64, 32, generator=g)
+    sigma2, _ = F.spectral_norm(w2, u, n_iter=2)
+    assert float(sigma2) == pytest.approx(float(torch.linalg.matrix_norm(w2.double(), ord=2)), rel=1e-3)
+
+
+def test_spectral_radius_known_eigenvalues():
+    # block-diagonal rotation-scalings: eigenvalues r_k * exp(+-i theta_k), plus a real one
+    blocks = [(0.7, 0.3), (1.3, 2.0), (0.2, 1.0)]
+    w = torch.zeros(7, 7, dtype=torch.float64)
+    for k, (r, th) in enumerate(blocks):
+        c, s = r * math.cos(th), r * math.sin(th)
+        w[2 * k : 2 * k + 2, 2 * k : 2 * k + 2] = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
+    w[6, 6] = -0.9
+    q = torch.linalg.qr(torch.randn(7, 7, generator=torch.Generator().manual_seed(5), dtype=torch.float64)).Q
+    m = q @ w @ q.T  # similar matrix, same eigenvalues, not normal-looking
+    assert float(F.spectral_radius(m)) == pytest.approx(1.3, rel=1e-9)
+    assert float(F.spectral_radius(m.float())) == pytest.approx(1.3, rel=1e-5)
+    with pytest.raises(ValueError, match="square"):
+        F.spectral_radius(torch.ones(3, 4))
+
+
+def test_activation_statistics_against_numpy():
+    g = torch.Generator().manual_seed(6)
+    x = torch.relu(torch.randn(32, 10, generator=g))
+    x[:, 3] = 0.0
+    x[:, 7] = 0.0
+    mean, std, dead, sat = F.activation_statistics(x, "relu").tolist()
+    xn = x.numpy()
+    assert mean == pytest.approx(xn.mean(), rel=1e-5)
+    assert std == pytest.approx(xn.std(ddof=1), rel=1e-5)
+    assert dead == pytest.approx(np.mean((xn <= 0).all(axis=0)))
+    assert math.isnan(sat)
+    t = torch.tanh(3 * torch.randn(64, 20, generator=g))
+    _, _, dead_t, sat_t = F.activation_statistics(t, "tanh").tolist()
+    assert sat_t == pytest.approx(np.mean(np.abs(t.numpy()) > 0.99)) and math.isnan(dead_t)
+    s = torch.sigmoid(4 * torch.randn(64, 20, generator=g))
+    sat_s = F.activation_statistics(s, "sigmoid")[3].item()
+    sn = s.numpy()
+    assert sat_s == pytest.approx(np.mean((sn > 0.99) | (sn < 0.01)))
+
+
+def test_as_matrix_flattens_conv_kernels():
+    assert as_matrix(torch.zeros(8, 3, 5, 5)).shape == (8, 75)
+    with pytest.raises(ValueError, match="shape"):
+        as_matrix(torch.zeros(4))

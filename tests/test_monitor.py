@@ -1,0 +1,408 @@
+"""Monitor: lifecycle, correctness of what it reports, and that it never changes training."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+import stabwatch as sw
+from stabwatch.collectors import GradientSpectrumCollector
+from tests.helpers import data, mlp, train
+
+
+def _hook_count(model: nn.Module) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()
+    )
+
+
+def _opt_hook_count(opt) -> int:
+    return len(opt._optimizer_step_pre_hooks) + len(opt._optimizer_step_post_hooks)
+
+
+@pytest.mark.parametrize("preset", ["cheap", "default", "full"])
+@pytest.mark.parametrize("optim", ["sgd", "adam"])
+def test_weights_bit_identical_with_and_without_monitor(preset, optim):
+    def make(seed=0):
+        model = mlp(seed, dropout=0.2)
+        opt = (
+            torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            if optim == "sgd"
+            else torch.optim.Adam(model.parameters(), lr=1e-2)
+        )
+        return model, opt
+
+    torch.manual_seed(123)
+    m0, o0 = make()
+    torch.manual_seed(123)
+    train(m0, o0, 25)
+    m1, o1 = make()
+    torch.manual_seed(123)
+    with sw.Monitor(m1, o1, preset=preset) as mon:
+        recs = train(m1, o1, 25, monitor=mon)
+    assert len(recs) == 25
+    for (n, a), b in zip(m0.state_dict().items(), m1.state_dict().values()):
+        assert torch.equal(a, b), f"{n} differs"
+    s0, s1 = o0.state_dict()["state"], o1.state_dict()["state"]
+    for k in s0:
+        for key in s0[k]:
+            assert torch.equal(torch.as_tensor(s0[k][key]), torch.as_tensor(s1[k][key]))
+
+
+def test_hooks_removed_on_normal_exit_and_on_exception():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = _hook_count(model)
+    with sw.Monitor(model, opt, preset="full") as mon:
+        assert _hook_count(model) > before and _opt_hook_count(opt) == 2
+        train(model, opt, 2, monitor=mon)
+    assert _hook_count(model) == before and _opt_hook_count(opt) == 0
+
+    class Boom(Exception):
+        pass
+
+    closed = []
+
+    class Tracking:
+        def write(self, r):
+            pass
+
+        def flush(self):
+            pass
+
+        def close(self):
+            closed.append(True)
+
+    with pytest.raises(Boom), sw.Monitor(model, opt, preset="full", sinks=[Tracking()]) as mon:
+        train(model, opt, 2, monitor=mon)
+        raise Boom
+    assert _hook_count(model) == before and _opt_hook_count(opt) == 0
+    assert closed == [True]
+
+
+def test_keyboard_interrupt_also_detaches():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(KeyboardInterrupt), sw.Monitor(model, opt) as mon:
+        train(model, opt, 1, monitor=mon)
+        raise KeyboardInterrupt
+    assert _hook_count(model) == 0 and _opt_hook_count(opt) == 0
+
+
+def test_reported_values_match_independent_computation():
+    model = mlp(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x, y = data()
+    with sw.Monitor(model, opt, preset="full") as mon:
+        for _ in range(3):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            relu_out = torch.relu(model[0](x)).detach()
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            opt.step()
+            rec = mon.step(loss=loss)
+    flat = torch.cat([g.reshape(-1) for g in grads.values()])
+    assert rec.loss == pytest.approx(float(loss.detach()))
+    assert rec.grad_norm == pytest.approx(float(torch.linalg.vector_norm(flat)), rel=1e-5)
+    assert rec.grad_source == "optimizer_pre_step"
+    for layer in ("0", "2", "4"):
+        g = torch.cat([grads[f"{layer}.weight"].reshape(-1), grads[f"{layer}.bias"]])
+        assert rec.layers[layer]["grad_norm"] == pytest.approx(float(g.norm()), rel=1e-5)
+        sv = torch.linalg.svdvals(grads[f"{layer}.weight"].double())
+        assert rec.layers[layer]["grad_max_sv"] == pytest.approx(float(sv[0]), rel=1e-4)
+        w = before[f"{layer}.weight"]
+        assert rec.layers[layer]["spectral_norm"] == pytest.approx(
+            float(torch.linalg.matrix_norm(model.get_parameter(f"{layer}.weight").double(), 2)), rel=1e-3
+        )
+        del w
+    delta = torch.cat([(p.detach() - before[n]).reshape(-1) for n, p in model.named_parameters()])
+    wnorm = torch.cat([b.reshape(-1) for b in before.values()]).norm()
+    assert rec.update_ratio == pytest.approx(float(delta.norm() / wnorm), rel=1e-5)
+    # exact small-matrix condition numbers: sigma_1 / smallest non-zero sigma (numpy's rank rule).
+    # The head's cross-entropy gradient has rank 2, not 3: softmax gradients sum to 0 over classes.
+    g4 = grads["4.weight"].double()
+    rank = int(np.linalg.matrix_rank(grads["4.weight"].numpy()))
+    sv = torch.linalg.svdvals(g4)
+    assert rank == 2 and rec.layers["4"]["grad_rank"] == rank
+    assert rec.layers["4"]["grad_condition"] == pytest.approx(float(sv[0] / sv[rank - 1]), rel=1e-3)
+    # activations: layer "1" is the ReLU
+    assert rec.layers["1"]["activation_mean"] == pytest.approx(float(relu_out.mean()), rel=1e-5)
+    keys = rec.to_dict()
+    assert {
+        "grad/norm",
+        "grad/norm/0",
+        "update/ratio",
+        "weight/spectral_norm/2",
+        "monitor/overhead_ms",
+    } <= set(keys)
+    assert rec.overhead_ms is not None and rec.overhead_ms > 0
+
+
+def test_spectral_radius_of_recurrent_weights_matches_eigvals():
+    torch.manual_seed(0)
+    rnn = nn.LSTM(6, 5)
+    model = nn.ModuleDict({"rnn": rnn, "head": nn.Linear(5, 2)})
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with sw.Monitor(model, opt, preset="full") as mon:
+        out, _ = rnn(torch.randn(4, 3, 6))
+        loss = model["head"](out).pow(2).mean()
+        loss.backward()
+        opt.step()
+        rec = mon.step(loss=loss)
+    w = rnn.weight_hh_l0.detach()
+    radii = []
+    for gi, gate in enumerate("ifgo"):
+        ref = float(torch.linalg.eigvals(w[gi * 5 : (gi + 1) * 5].double()).abs().max())
+        assert rec.layers[f"rnn.weight_hh_l0.{gate}"]["spectral_radius"] == pytest.approx(ref, rel=1e-5)
+        radii.append(ref)
+    assert rec.spectral_radius == pytest.approx(max(radii), rel=1e-5)
+
+
+def test_gradient_spectrum_randomized_path_for_large_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 300), nn.Tanh(), nn.Linear(300, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    col = GradientSpectrumCollector(every=1, exact_max_dim=64)
+    with sw.Monitor(model, opt, preset="cheap", collectors=[col]) as mon:
+        for _ in range(3):
+            opt.zero_grad()
+            loss = model(torch.randn(256, 300)).pow(2).mean()
+            loss.backward()
+            g = model[0].weight.grad.clone()
+            opt.step()
+            rec = mon.step(loss=loss)
+    exact = float(torch.linalg.svdvals(g.double())[0])
+    assert rec.layers["0"]["grad_max_sv"] == pytest.approx(exact, rel=1e-3)
+    assert "grad_condition" not in rec.layers["0"]  # not estimated for large matrices
+    assert rec.layers["2"]["grad_condition"] > 0  # 4 x 300: exact
+
+
+def test_nonfinite_activation_names_first_module_in_execution_order():
+    class Log(nn.Module):
+        def forward(self, x):
+            return torch.log(x)
+
+    torch.manual_seed(0)
+    # execution order: "enc" (Linear), "act" (Log -> NaN for negative inputs), "head"
+    model = nn.Sequential()
+    model.add_module("enc", nn.Linear(4, 4))
+    model.add_module("act", Log())
+    model.add_module("head", nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with sw.Monitor(model, opt, preset="cheap") as mon:
+        loss = model(torch.randn(8, 4)).mean()
+        loss.backward()
+        opt.step()
+        rec = mon.step(loss=loss)
+    assert rec.nonfinite is True and rec.nonfinite_source == "act"
+    assert any(a.reason == sw.AlertReason.NON_FINITE for a in rec.alerts)
+
+
+def test_nonfinite_gradient_names_where_backward_broke():
+    class SqrtAbs(nn.Module):  # d/dx sqrt(|x|) at 0 is inf -> NaN/inf gradients upstream
+        def forward(self, x):
+            return torch.sqrt(x.abs())
+
+    model = nn.Sequential()
+    model.add_module("enc", nn.Linear(3, 3))
+    model.add_module("mid", nn.Linear(3, 3))
+    model.add_module("sq", SqrtAbs())
+    model.add_module("head", nn.Linear(3, 1))
+    with torch.no_grad():
+        model.mid.weight.zero_()
+        model.mid.bias.zero_()  # mid outputs exactly 0 -> sqrt'(0) = inf
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with sw.Monitor(model, opt, preset="cheap") as mon:
+        loss = model(torch.randn(5, 3)).sum()
+        loss.backward()
+        opt.step()
+        rec = mon.step(loss=loss)
+    assert math.isfinite(rec.loss)
+    assert rec.nonfinite is True and rec.nonfinite_source == "mid"
+    assert not math.isfinite(rec.layers["mid"]["grad_norm"])
+    assert math.isfinite(rec.layers["head"]["grad_norm"])
+
+
+def test_nonfinite_loss_reported():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with sw.Monitor(model, opt, preset="cheap") as mon:
+        rec = mon.step(loss=float("inf"))
+    assert rec.nonfinite and rec.nonfinite_source == "loss" and math.isinf(rec.loss)
+
+
+def test_no_item_per_parameter_and_one_sync_per_record(monkeypatch):
+    from stabwatch.collectors import base
+
+    syncs = []
+    real_sync = base.Readout.sync
+
+    def counting_sync(self):
+        syncs.append(1)
+        return real_sync(self)
+
+    def no_item(self):
+        raise AssertionError("stabwatch called .item()")
+
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)  # Adam itself calls .item()
+    monkeypatch.setattr(base.Readout, "sync", counting_sync)
+    with sw.Monitor(model, opt, preset="full") as mon:
+        monkeypatch.setattr(torch.Tensor, "item", no_item)
+        recs = train(model, opt, 5, monitor=mon)
+        monkeypatch.undo()
+    assert len(recs) == 5 and len(syncs) == 5
+
+
+def test_log_every_and_schedules():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with sw.Monitor(model, opt, preset="default", log_every=3, every={"grad_sv": 6, "update": None}) as mon:
+        recs = train(model, opt, 13, monitor=mon)
+    assert [r.step for r in recs] == [0, 3, 6, 9, 12]
+    assert [r.grad_max_sv is not None for r in recs] == [True, False, True, False, True]
+    assert all(r.update_ratio is None for r in recs)
+    assert all(r.grad_norm is not None for r in recs)
+
+
+@pytest.mark.slow
+def test_bounded_records_and_flat_memory_over_10k_steps():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(8, 4)
+
+    def steps(mon, n):
+        for _ in range(n):
+            opt.zero_grad()
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            opt.step()
+            mon.step(loss=loss)
+
+    # tracing from the start, so records that replace untraced ones do not count as growth
+    tracemalloc.start()
+    with sw.Monitor(model, opt, preset="full", max_records=100, every={"grad_sv": 10}) as mon:
+        steps(mon, 2000)  # the record deque fills, caches settle
+        gc.collect()
+        base_mem = tracemalloc.get_traced_memory()[0]
+        steps(mon, 8000)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - base_mem
+    tracemalloc.stop()
+    assert len(mon.records) == 100 and mon.records[-1].step == 9999
+    assert grown < 64 * 1024, f"memory grew by {grown} bytes over 8000 steps"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"every": {"grad": -1}}, "grad"),
+        ({"every": {"gradz": 1}}, "allowed"),
+        ({"preset": "turbo"}, "preset"),
+        ({"log_every": 0}, "log_every"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
+def test_bad_configuration_names_the_field(kwargs, match):
+    model = mlp()
+    with pytest.raises(ValidationError, match=match):
+        sw.Monitor(model, **kwargs)
+
+
+def test_bad_model_and_optimizer_are_explained():
+    with pytest.raises(sw.StabwatchError, match="no trainable parameters"):
+        sw.Monitor(nn.ReLU())
+    other = nn.Linear(3, 3)
+    with pytest.raises(sw.StabwatchError, match="not the model's"):
+        sw.Monitor(mlp(), torch.optim.SGD(other.parameters(), lr=0.1))
+    with pytest.raises(sw.StabwatchError, match="write"):
+        sw.Monitor(mlp(), sinks=[object()])
+    with pytest.raises(sw.StabwatchError, match="outside"):
+        sw.Monitor(mlp()).step()
+
+
+def test_failing_metric_is_logged_once_and_training_goes_on(caplog):
+    class Broken(GradientSpectrumCollector):
+        family = "broken"
+
+        def collect(self, step, readout, loss, batch):
+            raise RuntimeError("svd exploded")
+
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with (
+        caplog.at_level(logging.WARNING, logger="stabwatch"),
+        sw.Monitor(model, opt, preset="cheap", collectors=[Broken(every=1)]) as mon,
+    ):
+        recs = train(model, opt, 5, monitor=mon)
+    assert len(recs) == 5 and all(r.grad_max_sv is None and r.grad_norm is not None for r in recs)
+    assert sum("svd exploded" in m for m in caplog.messages) == 1
+
+
+def test_failing_sink_never_kills_training(caplog):
+    class Down:
+        def write(self, r):
+            raise ConnectionError("tracker down")
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with caplog.at_level(logging.WARNING, logger="stabwatch"), sw.Monitor(model, opt, sinks=[Down()]) as mon:
+        recs = train(model, opt, 4, monitor=mon)
+    assert len(recs) == 4
+
+
+def test_without_optimizer_grads_are_read_at_step():
+    model = mlp()
+    x, y = data()
+    with sw.Monitor(model, preset="cheap") as mon:
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        rec = mon.step(loss=loss)
+    ref = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm()
+    assert rec.grad_source == "monitor_step" and rec.grad_norm == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_amp_grad_scaler_measures_unscaled_gradients():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x, y = data()
+    with sw.Monitor(model, opt, preset="cheap") as mon:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        unscaled = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm()
+        scaler.step(opt)
+        scaler.update()
+        rec = mon.step(loss=loss)
+    assert rec.grad_norm == pytest.approx(float(unscaled), rel=1e-5)
+
+
+def test_state_dict_round_trip():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with sw.Monitor(model, opt) as mon:
+        train(model, opt, 4, monitor=mon)
+        state = mon.state_dict()
+    with sw.Monitor(model, opt) as mon2:
+        mon2.load_state_dict(state)
+        recs = train(model, opt, 2, monitor=mon2)
+    assert [r.step for r in recs] == [4, 5]
