@@ -4,7 +4,9 @@ Wrap a training loop in `Monitor`; get one `StabilityMetrics` record per step in
 """
 
 from stabwatch import functional, sinks
-from stabwatch.errors import StabwatchError
+from stabwatch.collectors.shadow import Shadow, ShadowEstimate
+from stabwatch.compat import StabilityMonitor
+from stabwatch.errors import InstabilityError, StabwatchError
 from stabwatch.metrics import Alert, AlertReason, Severity, StabilityMetrics
 from stabwatch.monitor import Monitor
 
@@ -13,9 +15,13 @@ __version__ = "0.1.0"
 __all__ = [
     "Alert",
     "AlertReason",
+    "InstabilityError",
     "Monitor",
     "Severity",
+    "Shadow",
+    "ShadowEstimate",
     "StabilityMetrics",
+    "StabilityMonitor",
     "StabwatchError",
     "functional",
     "sinks",

@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from stabwatch.collectors import FAMILIES, PRESETS, Collector, MonitorContext, Readout
-from stabwatch.errors import StabwatchError
+from stabwatch.alerts.actions import instability_error
+from stabwatch.errors import InstabilityError, StabwatchError
 from stabwatch.metrics import Alert, StabilityMetrics
 
 __all__ = ["Monitor", "MonitorConfig"]
@@ -32,16 +33,21 @@ class MonitorConfig(BaseModel):
 
     Attributes:
         preset: ``"cheap"`` (gradient norms and non-finite checks each step), ``"default"`` (plus
-            update ratios every 10 steps, gradient/weight spectra every 100, activations every 50) or
-            ``"full"`` (every family every step).
+            update ratios every 10 steps, gradient/weight spectra every 100, activations every 50,
+            spiking-layer statistics every 10) or ``"full"`` (every family every step).
         every: per-family schedule overrides ``{family: period | callable | None}``; ``None`` or 0
-            turns a family off. Families: ``grad, nonfinite, update, grad_sv, spectral, activation``.
+            turns a family off. Families: ``grad, nonfinite, update, grad_sv, spectral, activation,
+            spiking``.
         log_every: emit a record every N steps (a non-finite value is always emitted at once).
         max_records: how many records `Monitor.records` keeps in memory (oldest dropped).
         per_layer: emit per-layer values.
         seed: seed of the monitor's own RNG (random probes); training's RNG is never touched.
         grad_sv_top_k / grad_sv_exact_max_dim: options of the gradient-spectrum family.
         spectral_radius: ``"recurrent"`` (RNN/LSTM/GRU hidden weights), ``"square"`` or ``"none"``.
+        spiking_adapters: `stabwatch.SpikingAdapter` s for custom spiking modules (tried before the
+            built-in snntorch / spikingjelly / norse ones).
+        spiking_dead_threshold / spiking_saturated_threshold: firing rates below / above which a
+            spiking neuron counts as dead / saturated (0.01 / 0.9).
     """
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
@@ -55,6 +61,9 @@ class MonitorConfig(BaseModel):
     grad_sv_top_k: int = Field(default=3, ge=1)
     grad_sv_exact_max_dim: int = Field(default=256, ge=1)
     spectral_radius: Literal["recurrent", "square", "none"] = "recurrent"
+    spiking_adapters: list[Any] = Field(default_factory=list)
+    spiking_dead_threshold: float = Field(default=0.01, ge=0.0)
+    spiking_saturated_threshold: float = Field(default=0.9, gt=0.0)
 
     @field_validator("every")
     @classmethod
@@ -105,8 +114,15 @@ class Monitor:
             are not available).
         sinks: where records go (`stabwatch.sinks`).
         preset / every / log_every / max_records / per_layer / seed: see `MonitorConfig`.
-        alerts: ``True`` for the default rule set, ``False``/``None`` for none, or a list of rules / an
-            alert engine.
+        alerts: ``True`` for the default rule set (`stabwatch.alerts.default_rules`), ``False``/``None``
+            for none, or a list of rules / an `stabwatch.alerts.AlertEngine`.
+        on_alert: a callable ``fn(alert)`` (or a list of them) called for every alert.
+        raise_on: ``"critical"`` (or ``True``) / ``"warning"``: raise `stabwatch.InstabilityError` from
+            `step` when an alert of that severity or worse fires (after the record reached the sinks);
+            ``None`` (default) never raises.
+        guard: ``True`` or a `stabwatch.alerts.StepGuard`: undo optimizer steps whose gradients are
+            non-finite or spiking (parameters and optimizer state restored bit for bit). Needs the
+            optimizer. Off by default.
         shadow: a `stabwatch.Shadow` replica estimating the Lyapunov exponent of training.
         collectors: extra `Collector` instances (custom metric families).
         **options: further `MonitorConfig` fields.
@@ -132,6 +148,9 @@ class Monitor:
         alerts: Any = True,
         shadow: Any = None,
         collectors: Iterable[Collector] = (),
+        on_alert: Any = None,
+        raise_on: Any = None,
+        guard: Any = False,
         **options: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -176,7 +195,11 @@ class Monitor:
             if not isinstance(shadow, Collector):
                 raise StabwatchError(f"Monitor: shadow must be a stabwatch.Shadow, got {shadow!r}")
             self._collectors.append(shadow)
-        self._engine = self._build_engine(alerts)
+        self._engine = self._build_engine(alerts, on_alert)
+        from stabwatch.alerts.actions import parse_raise_on
+
+        self._raise_on = parse_raise_on(raise_on)
+        self._guard = self._build_guard(guard)
         self.records: collections.deque[StabilityMetrics] = collections.deque(maxlen=self.config.max_records)
         self.alerts: collections.deque[Alert] = collections.deque(maxlen=max(1000, self.config.max_records))
         self._step = 0
@@ -184,7 +207,9 @@ class Monitor:
         self._closed = False
         self._handles: list[Any] = []
         self._hook_time = 0.0
-        self._sink_failed: set[int] = set()
+        from stabwatch.sinks._dispatch import Dispatcher
+
+        self._dispatch = Dispatcher(self.sinks)  # one background writer per sink; checks spill dirs
         self._ctx: MonitorContext | None = None
 
     # construction helpers -------------------------------------------------------------------------
@@ -202,23 +227,51 @@ class Monitor:
                 kwargs.update(top_k=cfg.grad_sv_top_k, exact_max_dim=cfg.grad_sv_exact_max_dim)
             if family == "spectral":
                 kwargs["radius"] = cfg.spectral_radius
+            if family == "spiking":
+                kwargs.update(
+                    adapters=cfg.spiking_adapters,
+                    dead_threshold=cfg.spiking_dead_threshold,
+                    saturated_threshold=cfg.spiking_saturated_threshold,
+                )
             built.append(cls(**kwargs))
         return built
 
-    def _build_engine(self, alerts: Any) -> Any:
-        if alerts is None or alerts is False:
-            return None
+    def _build_engine(self, alerts: Any, on_alert: Any = None) -> Any:
         from stabwatch.alerts import AlertEngine, default_rules
 
-        if alerts is True:
-            return AlertEngine(default_rules())
-        if isinstance(alerts, AlertEngine):
-            return alerts
-        if isinstance(alerts, (list, tuple)):
-            return AlertEngine(list(alerts))
-        raise StabwatchError(
-            f"Monitor: alerts must be True, False, a list of rules or an AlertEngine, got {alerts!r}"
-        )
+        if alerts is None or alerts is False:
+            engine = None
+        elif alerts is True:
+            engine = AlertEngine(default_rules(per_layer=self.config.per_layer))
+        elif isinstance(alerts, AlertEngine):
+            engine = alerts
+        elif isinstance(alerts, (list, tuple)):
+            engine = AlertEngine(list(alerts))
+        else:
+            raise StabwatchError(
+                f"Monitor: alerts must be True, False, a list of rules or an AlertEngine, got {alerts!r}"
+            )
+        if on_alert is not None:
+            from stabwatch.alerts.actions import AlertCallbacks
+
+            if engine is None:  # callbacks still see the skip-step guard's alerts
+                engine = AlertEngine([])
+            for cb in AlertCallbacks(on_alert).callbacks:
+                engine.callbacks.add(cb)
+        return engine
+
+    def _build_guard(self, guard: Any) -> Any:
+        if guard is None or guard is False:
+            return None
+        from stabwatch.alerts.actions import StepGuard
+
+        if self.optimizer is None:
+            raise StabwatchError("Monitor: guard=True needs the optimizer: Monitor(model, optimizer, guard=True)")
+        if guard is True:
+            return StepGuard()
+        if isinstance(guard, StepGuard):
+            return guard
+        raise StabwatchError(f"Monitor: guard must be True, False or a stabwatch.alerts.StepGuard, got {guard!r}")
 
     # lifecycle -------------------------------------------------------------------------------------
     def __enter__(self) -> Monitor:
@@ -241,10 +294,16 @@ class Monitor:
             if self.optimizer is not None:
                 self._handles.append(self.optimizer.register_step_pre_hook(self._pre_step))
                 self._handles.append(self.optimizer.register_step_post_hook(self._post_step))
+                if self._guard is not None:
+                    self._guard.attach(self.optimizer)
         except BaseException:
             self._detach()
             raise
         self._attached = True
+        from stabwatch.sinks._dispatch import describe_monitor
+
+        self._dispatch.set_params(describe_monitor(self))
+        self._dispatch.start()
         self._begin(self._step)
         return self
 
@@ -256,16 +315,14 @@ class Monitor:
         try:
             self._detach()
         finally:
-            for i, sink in enumerate(self.sinks):
-                try:
-                    sink.close()
-                except Exception as exc:  # noqa: BLE001
-                    log.warning("stabwatch: closing sink %d (%s) failed: %s", i, type(sink).__name__, exc)
+            self._dispatch.close()  # drains every sink's queue; what cannot be sent stays in a spill file
 
     def _detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._guard is not None:
+            self._guard.detach()
         for c in self._collectors:
             try:
                 c.detach()
@@ -282,10 +339,20 @@ class Monitor:
                     c.before_optimizer_step()
                 except Exception as exc:  # noqa: BLE001
                     c.fail(f"{c.family} (before optimizer step)", exc)
+        if self._guard is not None:
+            try:
+                self._guard.before_step(self._step)
+            except Exception as exc:  # noqa: BLE001 - the guard never kills training
+                log.warning("stabwatch: skip-step guard failed at step %d (%s: %s)", self._step, type(exc).__name__, exc)
         self._hook_time += time.perf_counter() - t0
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         t0 = time.perf_counter()
+        if self._guard is not None:  # undo a skipped step before any collector reads the update
+            try:
+                self._guard.after_step()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("stabwatch: skip-step guard failed to restore step %d (%s: %s)", self._step, type(exc).__name__, exc)
         for c in self._collectors:
             if c.active:
                 try:
@@ -361,15 +428,17 @@ class Monitor:
         if not emit:
             self._hook_time += time.perf_counter() - t0
             return None
+        fired: list[Alert] = self._guard.pop_alerts() if self._guard is not None else []
+        stop: InstabilityError | None = None
         if self._engine is not None:
             try:
-                fired = self._engine.evaluate(record)
+                fired = self._engine.evaluate(record, extra=fired)
+                stop = self._engine.stop_error  # a callback asked to stop: raised after the sinks
             except Exception as exc:  # noqa: BLE001
                 log.warning("stabwatch: alert evaluation failed at step %d: %s", step, exc)
-                fired = []
-            if fired:
-                record.alerts.extend(fired)
-                self.alerts.extend(fired)
+        if fired:
+            record.alerts.extend(fired)
+            self.alerts.extend(fired)
         hook_time = self._hook_time + sum(c.elapsed for c in self._collectors)
         self._hook_time = 0.0
         for c in self._collectors:
@@ -378,6 +447,10 @@ class Monitor:
         if self.config.max_records:
             self.records.append(record)
         self._emit(record)
+        error = stop or instability_error(fired, self._raise_on)
+        if error is not None:
+            self.flush()
+            raise error
         return record
 
     def _assemble(self, step: int, readout: Readout, values: list[float]) -> StabilityMetrics:
@@ -396,29 +469,16 @@ class Monitor:
         return StabilityMetrics(step=step, layers=layers, extra=extra, **fields)
 
     def _emit(self, record: StabilityMetrics) -> None:
-        for i, sink in enumerate(self.sinks):
-            try:
-                sink.write(record)
-            except Exception as exc:  # noqa: BLE001 - a failing sink never kills training
-                if i not in self._sink_failed:
-                    self._sink_failed.add(i)
-                    log.warning(
-                        "stabwatch: sink %s failed at step %d (%s: %s); training goes on. "
-                        "Further failures of this sink are not logged.",
-                        type(sink).__name__,
-                        record.step,
-                        type(exc).__name__,
-                        exc,
-                    )
+        self._dispatch.submit(record)  # a queue append: sinks are written by background threads
 
     # results ---------------------------------------------------------------------------------------
-    def flush(self) -> None:
-        """Flush every sink."""
-        for sink in self.sinks:
-            try:
-                sink.flush()
-            except Exception as exc:  # noqa: BLE001
-                log.warning("stabwatch: flushing %s failed: %s", type(sink).__name__, exc)
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every emitted record reached its sink and the sinks are flushed.
+
+        Returns ``False`` if a sink is still failing after `timeout` seconds (default: its
+        ``close_timeout``); its records are kept in its spill file and retried.
+        """
+        return self._dispatch.flush(timeout)
 
     def diagnose(self) -> str:
         """A readable summary of the run so far: trends per metric, alerts, likely causes, what to try."""
@@ -433,6 +493,7 @@ class Monitor:
             "generator": self._generator.get_state(),
             "collectors": {c.family: c.state_dict() for c in self._collectors},
             "alerts": self._engine.state_dict() if self._engine is not None else None,
+            "guard": self._guard.state_dict() if self._guard is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -444,6 +505,8 @@ class Monitor:
                 c.load_state_dict(state["collectors"][c.family])
         if self._engine is not None and state.get("alerts") is not None:
             self._engine.load_state_dict(state["alerts"])
+        if self._guard is not None and state.get("guard") is not None:
+            self._guard.load_state_dict(state["guard"])
         if self._attached:
             self._begin(self._step)
 

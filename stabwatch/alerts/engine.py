@@ -52,6 +52,9 @@ class AlertEngine:
         self.callbacks = AlertCallbacks(callbacks)
         self.log_alerts = bool(log_alerts)
         self._failed: set[str] = set()
+        #: an `InstabilityError` a callback raised during the last `evaluate` (the `Monitor` raises it
+        #: after the record has reached the sinks)
+        self.stop_error: InstabilityError | None = None
 
     # the rule set ---------------------------------------------------------------------------------
     def add(self, rule: Rule) -> AlertEngine:
@@ -89,7 +92,12 @@ class AlertEngine:
     # evaluation -----------------------------------------------------------------------------------
     def evaluate(self, record: StabilityMetrics, extra: Sequence[Alert] = ()) -> list[Alert]:
         """Run every rule on ``record``; log and call back the alerts (``extra`` ones, e.g. from the
-        skip-step guard, first). Returns them; the caller puts them in ``record.alerts``."""
+        skip-step guard, first). Returns them; the caller puts them in ``record.alerts``.
+
+        A callback that raises `InstabilityError` (to stop training on purpose) does not stop the
+        evaluation: the error is kept in `stop_error` for the caller to raise.
+        """
+        self.stop_error = None
         view = RecordView(record)
         fired: list[Alert] = list(extra)
         for rule in self._rules:
@@ -110,7 +118,7 @@ class AlertEngine:
         return fired
 
     def dispatch(self, alerts: Sequence[Alert]) -> None:
-        """Log the alerts and call the callbacks (a callback may raise `InstabilityError` on purpose)."""
+        """Log the alerts and call the callbacks (a callback's `InstabilityError` goes to `stop_error`)."""
         if not alerts:
             return
         if self.log_alerts:
@@ -118,14 +126,17 @@ class AlertEngine:
                 log_alert(alert)
         try:
             self.callbacks(alerts)
-        except InstabilityError:
-            raise
+        except InstabilityError as exc:
+            self.stop_error = exc
 
     def run(self, records: Iterable[StabilityMetrics]) -> list[Alert]:
-        """Evaluate a sequence of records (e.g. read back from JSONL) and return all alerts."""
+        """Evaluate a sequence of records (e.g. read back from JSONL) and return all alerts (a callback's
+        `InstabilityError` is raised after the record that caused it)."""
         out: list[Alert] = []
         for record in records:
             out.extend(self.evaluate(record))
+            if self.stop_error is not None:
+                raise self.stop_error
         return out
 
     # state ----------------------------------------------------------------------------------------

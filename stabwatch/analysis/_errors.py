@@ -8,6 +8,10 @@ written against that package keeps catching what it caught before.
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
 from stabwatch.errors import StabwatchError
 
 __all__ = ["AnalysisWarning"]
@@ -30,3 +34,16 @@ class _StateError(StabwatchError, RuntimeError):
 
 class _MissingExtraError(StabwatchError, ImportError):
     """An optional dependency (matplotlib) is not installed."""
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def warn(message: str) -> None:
+    """Issue an `AnalysisWarning` attributed to the first caller outside `stabwatch.analysis`."""
+    level = 1
+    frame = sys._getframe(0)
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == _PACKAGE_DIR:
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    warnings.warn(message, AnalysisWarning, stacklevel=level)

@@ -11,6 +11,7 @@ from stabwatch.collectors.base import Collector, MonitorContext, Readout
 from stabwatch.collectors.gradients import GradientCollector
 from stabwatch.collectors.nonfinite import NonFiniteCollector
 from stabwatch.collectors.spectrum import GradientSpectrumCollector
+from stabwatch.collectors.spiking import SpikingCollector
 from stabwatch.collectors.updates import UpdateCollector
 from stabwatch.collectors.weights import WeightSpectrumCollector
 
@@ -24,6 +25,7 @@ __all__ = [
     "MonitorContext",
     "NonFiniteCollector",
     "Readout",
+    "SpikingCollector",
     "UpdateCollector",
     "WeightSpectrumCollector",
 ]
@@ -36,11 +38,14 @@ FAMILIES: dict[str, type[Collector]] = {
     "grad_sv": GradientSpectrumCollector,
     "spectral": WeightSpectrumCollector,
     "activation": ActivationCollector,
+    "spiking": SpikingCollector,
 }
 
 #: preset -> {family: period or None (off)}. "full" computes every family at every step.
 PRESETS: dict[str, dict[str, int | None]] = {
-    "cheap": {"grad": 1, "nonfinite": 1, "update": 50, "grad_sv": None, "spectral": None, "activation": None},
-    "default": {"grad": 1, "nonfinite": 1, "update": 10, "grad_sv": 100, "spectral": 100, "activation": 50},
+    "cheap": {"grad": 1, "nonfinite": 1, "update": 50, "grad_sv": None, "spectral": None, "activation": None,
+              "spiking": None},
+    "default": {"grad": 1, "nonfinite": 1, "update": 10, "grad_sv": 100, "spectral": 100, "activation": 50,
+                "spiking": 10},
     "full": {family: 1 for family in FAMILIES},
 }

@@ -1,7 +1,11 @@
 """Non-finite detection that names the layer.
 
-Every forward call of a leaf module adds one on-device flag, ``not isfinite(sum(output))`` (the sum is
-taken in float64, so it can only be non-finite when an element is). At the record the flags are synced
+Every forward call of a leaf module that can *create* a non-finite value adds one on-device flag,
+``not isfinite(sum(output))`` (one reduction pass, summed in float32 for half-precision outputs; a
+finite float32 output could only sum to inf above ~3e38, i.e. at activations of ~1e30, which is
+reported as non-finite too). Modules that map finite inputs to finite outputs (ReLU family, Tanh,
+Sigmoid, Dropout, pooling, Flatten, Identity) are not hooked: a non-finite value cannot first appear
+there, so checking them would only cost time. At the record the flags are synced
 with everything else and the first module *in execution order* whose output went non-finite is named.
 If all activations were finite but a gradient is not, the module named is the first one in backward
 execution order (the last in forward order) whose gradient norm is non-finite: where the NaN entered
@@ -21,6 +25,35 @@ from torch import nn
 from stabwatch.collectors.base import Collector, MonitorContext, Readout
 
 __all__ = ["NonFiniteCollector", "first_tensor"]
+
+_FINITE_PRESERVING = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Hardtanh,
+    nn.Hardsigmoid,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Identity,
+)
 
 
 def first_tensor(out: Any) -> torch.Tensor | None:
@@ -50,7 +83,9 @@ class NonFiniteCollector(Collector):
         self._calls: list[int] = []
         self._order_done = False
         for i, (name, module) in enumerate(
-            (n, m) for n, m in ctx.model.named_modules() if not any(True for _ in m.children())
+            (n, m)
+            for n, m in ctx.model.named_modules()
+            if not any(True for _ in m.children()) and not isinstance(m, _FINITE_PRESERVING)
         ):
             self._names.append(name or "(root)")
             self.hook(module.register_forward_hook(self.guard(self._make_hook(i))))
@@ -63,7 +98,9 @@ class NonFiniteCollector(Collector):
             if t is None:
                 return
             with torch.no_grad():
-                self._flags.append(~torch.isfinite(t.detach().sum(dtype=torch.float64)))
+                d = t.detach()
+                total = d.sum(dtype=torch.float32) if d.dtype in (torch.float16, torch.bfloat16) else d.sum()
+                self._flags.append(~torch.isfinite(total))
             self._calls.append(index)
 
         return _hook
@@ -78,11 +115,7 @@ class NonFiniteCollector(Collector):
         if self._flags:
             devices = {f.device for f in self._flags}
             dev = next(iter(devices))
-            flags = (
-                torch.stack([f.to(dev) for f in self._flags])
-                if len(devices) > 1
-                else torch.stack(self._flags)
-            )
+            flags = torch.stack([f.to(dev) for f in self._flags]) if len(devices) > 1 else torch.stack(self._flags)
             readout.add_internal("nonfinite_flags", flags.to(torch.float64))
         if not self._order_done and self._calls and self.ctx is not None:
             seen: list[str] = []

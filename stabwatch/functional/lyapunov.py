@@ -179,13 +179,15 @@ def tangent_lyapunov(
     Example:
         >>> A = torch.tensor([[0.5, 0.2], [0.0, -1.5]], dtype=torch.float64)
         >>> est = tangent_lyapunov(lambda x: (A @ x,), [torch.ones(2, dtype=torch.float64)],
-        ...                        [torch.tensor([1.0, 1.0], dtype=torch.float64)], 50, transient=10)
+        ...                        [torch.tensor([1.0, 1.0], dtype=torch.float64)], 60, transient=30)
         >>> round(est.lyapunov, 10) == round(math.log(1.5), 10)
         True
     """
     if steps < 1 or renorm < 1 or not 0 <= transient < steps:
-        raise ValueError(f"tangent_lyapunov: need steps ≥ 1, renorm ≥ 1, 0 ≤ transient < steps; got "
-                         f"steps={steps}, renorm={renorm}, transient={transient}")
+        raise ValueError(
+            f"tangent_lyapunov: need steps ≥ 1, renorm ≥ 1, 0 ≤ transient < steps; got "
+            f"steps={steps}, renorm={renorm}, transient={transient}"
+        )
     s = tuple(t.detach() for t in state)
     v = tuple(t.detach() for t in direction)
     if len(v) != len(s):
@@ -205,8 +207,9 @@ def tangent_lyapunov(
         def _f(*xs: torch.Tensor, _extra: tuple[object, ...] = extra) -> tuple[torch.Tensor, ...]:
             return tuple(step(*xs, *_extra))
 
-        s, v = torch.func.jvp(_f, s, v)
-        s = tuple(x.detach() for x in s)
+        out = torch.func.jvp(_f, s, v)
+        s = tuple(x.detach() for x in out[0])
+        v = tuple(out[1])
         n = t + 1
         if (n - last_mark) % renorm == 0 or (not started and n == transient):
             norm = float(global_norm(v))

@@ -100,14 +100,14 @@ def spike_counts(spikes: torch.Tensor, time_dim: int | None = None) -> tuple[tor
 
 
 def firing_rates(spikes: torch.Tensor, time_dim: int | None = None) -> torch.Tensor:
-    r"""Firing rate :math:`r_j = \frac{1}{T B}\sum_{t,b} s_{t,b,j}` of every neuron of one spike tensor.
+    r"""Firing rate :math:`r_j = \frac{1}{T B}\sum_{t,b} s_{t,b,j}` of every neuron of one spike tensor (float64).
 
     Example:
         >>> firing_rates(torch.tensor([[1., 0., 1.], [1., 0., 0.]])).tolist()
         [1.0, 0.0, 0.5]
     """
     counts, n = spike_counts(spikes, time_dim)
-    return counts / max(n, 1)
+    return counts.double() / max(n, 1)
 
 
 def firing_statistics(
@@ -272,9 +272,7 @@ def layer_membrane_statistics(moments: torch.Tensor, counts: torch.Tensor) -> to
     return torch.stack([mean, var.sqrt(), gap], dim=-1)
 
 
-def membrane_statistics(
-    membrane: torch.Tensor, threshold: torch.Tensor | float | None = None
-) -> torch.Tensor:
+def membrane_statistics(membrane: torch.Tensor, threshold: torch.Tensor | float | None = None) -> torch.Tensor:
     """Mean, unbiased std and mean signed gap to threshold (``threshold - v``) of one membrane tensor.
 
     Returns:

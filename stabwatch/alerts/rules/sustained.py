@@ -39,8 +39,9 @@ class SustainedRule(Rule):
 
     Example:
         >>> rule = SustainedRule("lyapunov", above=0.0, patience=3, within=4)
-        >>> [a.step for s, v in enumerate([0.1, -0.1, 0.2, 0.1, -0.2, -0.3, -0.1]) if (a := rule.update(s, v))]
-        [3, 5]
+        >>> values = [0.1, -0.1, 0.2, 0.1, -0.2, -0.3, -0.1]
+        >>> [(a.step, a.reason.value) for s, v in enumerate(values) if (a := rule.update(s, v))]
+        [(3, 'threshold'), (4, 'recovered')]
     """
 
     default_reason = AlertReason.THRESHOLD

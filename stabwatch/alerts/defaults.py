@@ -1,0 +1,135 @@
+"""The default rule set (documented, with the reasoning behind each threshold, in docs/alerts.md)."""
+
+from __future__ import annotations
+
+from stabwatch.alerts.base import Rule
+from stabwatch.alerts.rules import NonFiniteRule, RatioRule, SpikeRule, SustainedRule, TrendRule
+from stabwatch.metrics import AlertReason as R
+from stabwatch.metrics import Severity as S
+
+__all__ = ["default_rules"]
+
+_LR = "lower the learning rate (try ÷10) or add warm-up"
+_CLIP = "clip gradients (torch.nn.utils.clip_grad_norm_ at ~2× the typical norm)"
+
+
+def default_rules(*, per_layer: bool = True) -> list[Rule]:
+    """A fresh instance of the default rules (each `Monitor` gets its own state).
+
+    Args:
+        per_layer: include the per-layer rules (one state per layer).
+
+    Example:
+        >>> [r.name for r in default_rules()][:4]
+        ['non_finite', 'grad_explode', 'grad_rising', 'grad_vanish']
+    """
+    rules: list[Rule] = [
+        NonFiniteRule(),
+        RatioRule(
+            "grad_norm", factor=10.0, window=50, min_history=10, name="grad_explode",
+            reason=R.EXPLODING_GRADIENT, severity=S.CRITICAL,
+            suggestion=f"{_LR}; {_CLIP}; Monitor(guard=True) skips single bad steps",
+        ),
+        TrendRule(
+            "grad_norm", window=100, factor=10.0, min_t=8.0, name="grad_rising",
+            reason=R.EXPLODING_GRADIENT, severity=S.WARNING,
+            suggestion=f"gradients are growing steadily: {_LR}; {_CLIP}",
+        ),
+        SustainedRule(
+            "grad_norm", below=1e-8, patience=20, name="grad_vanish",
+            reason=R.VANISHING_GRADIENT, severity=S.WARNING,
+            suggestion="check the loss is connected to the parameters; use He/Xavier init, residual "
+            "connections or normalisation; prefer ReLU-family activations over saturating ones",
+        ),
+        SpikeRule(
+            "loss", z=6.0, window=100, warmup=20, min_ratio=3.0, name="loss_spike",
+            reason=R.LOSS_SPIKE, severity=S.WARNING,
+            suggestion=f"{_LR}; {_CLIP}; look for a bad batch at this step",
+        ),
+        SustainedRule(
+            "lyapunov", above=0.0, patience=5, name="chaotic",
+            reason=R.CHAOTIC_TRAINING, severity=S.WARNING,
+            suggestion="nearby trajectories of training diverge: lower the learning rate, raise the "
+            "batch size or add weight decay",
+        ),
+        SustainedRule(
+            "update_ratio", above=0.1, patience=3, name="update_ratio_high",
+            reason=R.UPDATE_RATIO, severity=S.WARNING,
+            suggestion="each step changes the weights by >10% (practice: ~1e-3): lower the learning rate",
+        ),
+        SustainedRule(
+            "update_ratio", below=1e-6, patience=10, name="update_ratio_low",
+            reason=R.UPDATE_RATIO, severity=S.INFO,
+            suggestion="the weights barely move (practice: ~1e-3): raise the learning rate or check "
+            "the optimizer holds the parameters",
+        ),
+    ]
+    if per_layer:
+        rules += [
+            RatioRule(
+                "layers:grad_norm", factor=20.0, window=50, min_history=10, name="grad_explode_layer",
+                reason=R.EXPLODING_GRADIENT, severity=S.WARNING,
+                suggestion=f"{_LR}; {_CLIP}; check this layer's init scale and normalisation",
+            ),
+            SustainedRule(
+                "layers_rel:grad_norm", below=1e-3, patience=20, name="grad_vanish_layer",
+                reason=R.VANISHING_GRADIENT, severity=S.WARNING,
+                suggestion="this layer's gradient is >1000× smaller than the typical layer's: use "
+                "He/Xavier init, residual connections or normalisation; avoid saturating activations",
+            ),
+            SustainedRule(
+                "layers:grad_norm", below=1e-30, patience=20, name="no_gradient_layer",
+                reason=R.SILENT_LAYER, severity=S.WARNING,
+                suggestion="the layer receives exactly zero gradient: dead units upstream, a detached "
+                "path, or frozen inputs",
+            ),
+            SustainedRule(
+                "layers:spectral_radius", above=1.0, patience=2, name="spectral_radius",
+                reason=R.SPECTRAL_RADIUS, severity=S.WARNING,
+                suggestion="recurrent weights amplify the state (ρ > 1, Pascanu et al. 2013): regularise "
+                "recurrent weights (orthogonal init, spectral normalisation, weight decay), clip gradients",
+            ),
+            RatioRule(
+                "layers:grad_condition", factor=100.0, window=10, min_history=3, name="ill_conditioned",
+                reason=R.ILL_CONDITIONED, severity=S.WARNING,
+                suggestion="the gradient's condition number jumped: lower the learning rate, add "
+                "normalisation, or use an adaptive optimizer (Adam)",
+            ),
+            SustainedRule(
+                "layers:dead_frac", above=0.9, patience=2, name="dead_neurons",
+                reason=R.DEAD_NEURONS, severity=S.WARNING,
+                suggestion="most ReLU units output 0 for the whole batch: lower the learning rate, use "
+                "LeakyReLU/GELU, He init, or a small positive bias",
+            ),
+            SustainedRule(
+                "layers:saturated_frac", above=0.5, patience=2, name="saturated_neurons",
+                reason=R.SATURATED_NEURONS, severity=S.WARNING,
+                suggestion="tanh/sigmoid units sit in their flat tails (no gradient): normalise inputs, "
+                "use a smaller init scale (Xavier), lower the learning rate",
+            ),
+            RatioRule(
+                "layers:activation_std", factor=100.0, window=10, min_history=3, direction="down",
+                name="collapse", reason=R.COLLAPSE, severity=S.WARNING,
+                suggestion="this layer's outputs became nearly constant across the batch: lower the "
+                "learning rate, add normalisation, check for dead units upstream",
+            ),
+            SustainedRule(
+                "layers:dead_neuron_frac", above=0.95, patience=3, name="spiking_dead",
+                reason=R.DEAD_NEURONS, severity=S.WARNING,
+                suggestion="almost no neuron of this spiking layer fires: lower the threshold, raise the "
+                "input gain or weight init scale, check the surrogate-gradient slope",
+            ),
+            SustainedRule(
+                "layers:saturated_neuron_frac", above=0.5, patience=3, name="spiking_saturated",
+                reason=R.SATURATED_NEURONS, severity=S.WARNING,
+                suggestion="most neurons fire at every time step (no information in the timing): raise "
+                "the threshold or the leak, lower the weight scale, add a firing-rate regulariser",
+            ),
+            SustainedRule(
+                "layers:firing_rate_mean", below=1e-4, patience=3, name="silent_layer",
+                reason=R.SILENT_LAYER, severity=S.WARNING,
+                suggestion="the spiking layer is silent (no spikes, so no surrogate gradient flows): lower "
+                "the threshold or raise the input scale",
+            ),
+        ]
+    return rules

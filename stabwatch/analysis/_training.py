@@ -1,0 +1,580 @@
+"""Training the ``N`` replicas: vectorised, sequential, or through the user's own ``train_fn``.
+
+Three drivers, all epoch-major (every replica finishes epoch ``e`` before any starts ``e + 1``, so the
+recorder sees all replicas at the same time) and all feeding every replica the same batches and the
+same random noise unless asked otherwise:
+
+* `train_vectorized`: a `TrainStep` (loss as a pure function of ``(model, batch)``) run on all
+  replicas at once with ``torch.func.stack_module_state`` + ``functional_call`` + ``vmap``: one data
+  pass per epoch, one forward/backward/optimizer step per batch for the whole ensemble.
+* `train_sequential`: the same `TrainStep`, one replica after the other per batch (models ``vmap``
+  cannot batch, optimizers that are not element-wise).
+* `train_with_fn`: an arbitrary deep-lyapunov style ``train_fn(model, loader, n_epochs, **kw)``,
+  called **once** per replica with all epochs, so an optimizer it creates lives through the whole
+  run. Each call runs in its own thread, but only one runs at a time: at the end of every full pass
+  over the loader the replica hands control back, the analyzer records, and the next replica goes.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from stabwatch.analysis._errors import _ConfigError
+from stabwatch.analysis._replicas import (
+    LoaderGenerators,
+    derive_seed,
+    parameter_version,
+    seed_everything,
+    tracked_parameters,
+)
+from stabwatch.analysis._views import ModelsView, StackedView
+from stabwatch.errors import StabwatchError
+
+__all__ = ["TrainStep"]
+
+logger = logging.getLogger("stabwatch.analysis")
+
+#: Optimizers whose update of an element depends only on that element's own history (and on
+#: scalars such as the step count), so one optimizer over ``[N, ...]`` tensors equals ``N``
+#: independent optimizers.
+_ELEMENTWISE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+    torch.optim.Adadelta,
+    torch.optim.ASGD,
+    torch.optim.Rprop,
+)
+
+History = dict[str, list[float]]
+
+
+class EpochCallback(Protocol):
+    """Called after every epoch with the replicas and the number of epochs done."""
+
+    def __call__(self, view: ModelsView | StackedView, epoch: int) -> None: ...
+
+
+class Progress(Protocol):
+    """The subset of ``tqdm`` the drivers use."""
+
+    def update(self, n: float = 1) -> Any: ...
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    """A training step that is a plain function of ``(model, batch)``: the fast path.
+
+    Passing a `TrainStep` instead of a ``train_fn`` to `StabilityAnalyzer.analyze` lets the analyzer
+    own the loop: all replicas train in one vectorised pass per batch (``vmap`` over stacked
+    weights), with one data pass per epoch instead of ``N``.
+
+    Attributes:
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor`` (mean over the batch). It must not
+            call ``.item()`` or branch on tensor values, or the vectorised path falls back to the
+            sequential one (logged at INFO).
+        optimizer: builds the optimizer from a list of tensors, e.g.
+            ``functools.partial(torch.optim.Adam, lr=1e-3)``. Vectorised training needs an
+            element-wise optimizer (SGD, Adam, AdamW, RMSprop, Adagrad, ...); any other runs
+            sequentially, one optimizer per replica.
+        vectorize: ``None`` (auto), ``True`` (always; an error if the model cannot be batched) or
+            ``False`` (always sequential).
+
+    Example:
+        >>> import torch.nn.functional as F
+        >>> step = TrainStep(lambda m, b: F.mse_loss(m(b[0]), b[1]))
+    """
+
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor]
+    optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] = field(
+        default=functools.partial(torch.optim.SGD, lr=0.01)
+    )
+    vectorize: bool | None = None
+
+
+class _LossModule(nn.Module):
+    """``forward(batch) = loss_fn(model, batch)``, so ``functional_call`` can swap the weights."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self._loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self._loss_fn(self.model, batch)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a (nested) batch to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        moved = [to_device(v, device) for v in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
+    return batch
+
+
+def _stack_batches(batches: tuple[Any, ...]) -> Any:
+    first = batches[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(list(batches))
+    if isinstance(first, dict):
+        return {k: _stack_batches(tuple(b[k] for b in batches)) for k in first}
+    if isinstance(first, (list, tuple)):
+        parts = [_stack_batches(tuple(b[i] for b in batches)) for i in range(len(first))]
+        return type(first)(*parts) if hasattr(first, "_fields") else type(first)(parts)
+    return first
+
+
+def _loader_len(loader: Any) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+def _replica_iterators(loader: Any, n: int, seed: int, epoch: int) -> list[Iterator[Any]]:
+    """One iterator per replica, each shuffled from its own seed (``same_data_order=False``)."""
+    iterators = []
+    for i in range(n):
+        seed_everything(derive_seed(seed, epoch, i))
+        iterators.append(iter(loader))
+    seed_everything(derive_seed(seed, epoch, n))
+    return iterators
+
+
+def _check_loss(loss: Any, expected: tuple[int, ...]) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor) or tuple(loss.shape) != expected:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise StabwatchError(f"TrainStep.loss_fn must return a scalar tensor (mean loss of the batch), got {shape}")
+    return loss
+
+
+def _make_optimizer(step: TrainStep, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    optimizer = step.optimizer(params)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise _ConfigError(
+            "TrainStep.optimizer must build a torch.optim.Optimizer from a list of tensors, e.g. "
+            f"functools.partial(torch.optim.SGD, lr=0.1); got {type(optimizer).__name__}"
+        )
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise _ConfigError("LBFGS needs a closure: pass a train_fn instead of a TrainStep")
+    return optimizer
+
+
+def _finish_histories(sums: list[list[float]]) -> list[History]:
+    return [{"loss": list(s)} for s in sums]
+
+
+def train_vectorized(
+    step: TrainStep,
+    replicas: list[nn.Module],
+    loader: Iterable[Any],
+    n_epochs: int,
+    *,
+    device: torch.device,
+    same_order: bool,
+    seed: int,
+    on_epoch_end: EpochCallback,
+    progress: Progress,
+) -> list[History] | None:
+    """Train all replicas at once; None when the model or optimizer cannot be vectorised.
+
+    The replicas' parameters and buffers are re-pointed at rows of the stacked tensors, so the
+    replicas always show the current state and no copy is written back.
+    """
+    n = len(replicas)
+    tracked = [name for name, _ in tracked_parameters(replicas[0])]
+    try:
+        params, buffers = torch.func.stack_module_state(replicas)
+    except RuntimeError as exc:
+        logger.info("vectorised training not possible (%s): training replicas one by one", exc)
+        return None
+    trainable = {name: params[name] for name in tracked}
+    optimizer = _make_optimizer(step, list(trainable.values()))
+    if step.vectorize is None and not isinstance(optimizer, _ELEMENTWISE_OPTIMIZERS):
+        logger.info(
+            "%s is not known to be element-wise: training replicas one by one "
+            "(TrainStep(vectorize=True) to force the vectorised path)",
+            type(optimizer).__name__,
+        )
+        return None
+    wrapper = _LossModule(replicas[0], step.loss_fn)
+    p_in = {f"model.{k}": v for k, v in params.items()}
+    b_in = {f"model.{k}": v for k, v in buffers.items()}
+
+    def single(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        return torch.func.functional_call(wrapper, (p, b), (batch,))
+
+    batched = torch.func.vmap(
+        single,
+        in_dims=(0, 0, None if same_order else 0),
+        randomness="same" if same_order else "different",
+    )
+
+    # Probe one forward/backward before touching anything, so a model vmap cannot handle falls back
+    # to the sequential path with nothing changed.
+    saved_buffers = {k: v.clone() for k, v in buffers.items()}
+    try:
+        seed_everything(derive_seed(seed, 0))
+        if same_order:
+            probe = to_device(next(iter(loader)), device)
+        else:
+            probe = to_device(_stack_batches(tuple(next(it) for it in _replica_iterators(loader, n, seed, 0))), device)
+        _check_loss(batched(p_in, b_in, probe), (n,)).sum().backward()
+    except StabwatchError:
+        raise
+    except StopIteration:
+        raise StabwatchError("train_loader is empty") from None
+    except Exception as exc:
+        if step.vectorize:
+            raise StabwatchError(f"TrainStep(vectorize=True) but vmap failed on this model: {exc}") from exc
+        logger.info("vectorised training not possible (%s: %s): training replicas one by one", type(exc).__name__, exc)
+        return None
+    finally:
+        for k, v in buffers.items():
+            v.copy_(saved_buffers[k])
+        optimizer.zero_grad(set_to_none=True)
+
+    with torch.no_grad():
+        for i, replica in enumerate(replicas):
+            for name, p in replica.named_parameters():
+                p.data = params[name][i]
+            for name, b in replica.named_buffers():
+                b.data = buffers[name][i]
+
+    view = StackedView(trainable, buffers, optimizer)
+    n_batches = _loader_len(loader)
+    histories: list[list[float]] = [[] for _ in range(n)]
+    for epoch in range(n_epochs):
+        seed_everything(derive_seed(seed, epoch))
+        source: Iterable[Any] = (
+            loader if same_order else map(_stack_batches, zip(*_replica_iterators(loader, n, seed, epoch)))
+        )
+        total = torch.zeros(n, dtype=torch.float64)
+        count = 0
+        for batch in source:
+            optimizer.zero_grad(set_to_none=True)
+            losses = _check_loss(batched(p_in, b_in, to_device(batch, device)), (n,))
+            losses.sum().backward()
+            optimizer.step()
+            total += losses.detach().to("cpu", torch.float64)
+            count += 1
+            if n_batches:
+                progress.update(n / n_batches)
+        if not n_batches:
+            progress.update(n)
+        for i in range(n):
+            histories[i].append(float(total[i]) / max(count, 1))
+        on_epoch_end(view, epoch + 1)
+    return _finish_histories(histories)
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def train_sequential(
+    step: TrainStep,
+    replicas: list[nn.Module],
+    loader: Iterable[Any],
+    n_epochs: int,
+    *,
+    device: torch.device,
+    same_order: bool,
+    seed: int,
+    on_epoch_end: EpochCallback,
+    progress: Progress,
+) -> list[History]:
+    """Train replica after replica on every batch, each with its own optimizer.
+
+    With ``same_order`` every replica's step starts from the same RNG state, so dropout masks (and
+    any other noise) are identical across replicas, as in the vectorised path.
+    """
+    n = len(replicas)
+    optimizers = [_make_optimizer(step, [p for _, p in tracked_parameters(m)]) for m in replicas]
+    view = ModelsView(replicas, optimizers)
+    n_batches = _loader_len(loader)
+    histories: list[list[float]] = [[] for _ in range(n)]
+
+    def one_step(i: int, batch: Any) -> float:
+        optimizers[i].zero_grad(set_to_none=True)
+        loss = _check_loss(step.loss_fn(replicas[i], batch), ())
+        loss.backward()
+        optimizers[i].step()
+        return float(loss.detach())
+
+    for epoch in range(n_epochs):
+        seed_everything(derive_seed(seed, epoch))
+        total = np.zeros(n)
+        count = 0
+        if same_order:
+            for batch in loader:
+                batch = to_device(batch, device)
+                start = _rng_state(device)
+                for i in range(n):
+                    _set_rng_state(start, device)
+                    total[i] += one_step(i, batch)
+                count += 1
+                if n_batches:
+                    progress.update(n / n_batches)
+        else:
+            iterators = _replica_iterators(loader, n, seed, epoch)
+            states = []
+            for i in range(n):
+                seed_everything(derive_seed(seed, epoch, i, 1))
+                states.append(_rng_state(device))
+            for batches in zip(*iterators):
+                for i in range(n):
+                    _set_rng_state(states[i], device)
+                    total[i] += one_step(i, to_device(batches[i], device))
+                    states[i] = _rng_state(device)
+                count += 1
+                if n_batches:
+                    progress.update(n / n_batches)
+        if count == 0:
+            raise StabwatchError("train_loader is empty")
+        if not n_batches:
+            progress.update(n)
+        for i in range(n):
+            histories[i].append(float(total[i]) / count)
+        on_epoch_end(view, epoch + 1)
+    return _finish_histories(histories)
+
+
+# --------------------------------------------------------------------------------------------------
+# User train_fn, one thread per replica, strictly one running at a time.
+# --------------------------------------------------------------------------------------------------
+
+
+class _Abort(BaseException):
+    """Raised inside a replica thread to unwind it when the analysis stops early."""
+
+
+class _EpochLoader:
+    """Stands in for the user's loader; reports the end of every full pass that changed the model.
+
+    Iteration, ``len()`` and attribute access (``.dataset``, ``.batch_size``...) go to the wrapped
+    loader. A pass after which no parameter changed (an evaluation pass) is not an epoch.
+    """
+
+    def __init__(self, loader: Any, worker: _ReplicaWorker) -> None:
+        self._loader = loader
+        self._worker = worker
+
+    def __iter__(self) -> Iterator[Any]:
+        worker = self._worker
+        for batch in self._loader:
+            if worker.abort:
+                raise _Abort
+            yield batch
+        worker.end_of_pass()
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("_loader", "_worker"):
+            raise AttributeError(name)
+        return getattr(self._loader, name)
+
+
+class _ReplicaWorker:
+    """Runs ``train_fn`` for one replica in a thread that pauses at every epoch boundary."""
+
+    def __init__(
+        self,
+        index: int,
+        model: nn.Module,
+        train_fn: Callable[..., Any],
+        loader: Any,
+        n_epochs: int,
+        kwargs: dict[str, Any],
+    ) -> None:
+        self.index = index
+        self.model = model
+        self.train_fn = train_fn
+        self.loader = _EpochLoader(loader, self)
+        self.n_epochs = n_epochs
+        self.kwargs = kwargs
+        self.resume = threading.Event()
+        self.paused = threading.Event()
+        self.abort = False
+        self.finished = False
+        self.error: BaseException | None = None
+        self.results: list[Any] = []
+        self.passes = 0
+        self.extra_calls = 0
+        self._version = parameter_version([model])
+        self.thread = threading.Thread(target=self._run, name=f"stabwatch-replica-{index}", daemon=True)
+
+    def end_of_pass(self) -> None:
+        version = parameter_version([self.model])
+        if version == self._version:
+            return
+        self._version = version
+        self.passes += 1
+        self._hand_back()
+
+    def _hand_back(self) -> None:
+        self.paused.set()
+        self.resume.wait()
+        self.resume.clear()
+        if self.abort:
+            raise _Abort
+
+    def _run(self) -> None:
+        try:
+            self.resume.wait()
+            self.resume.clear()
+            if self.abort:
+                raise _Abort
+            remaining = self.n_epochs
+            while remaining > 0:
+                before = self.passes
+                self.results.append(self.train_fn(self.model, self.loader, remaining, **self.kwargs))
+                done = self.passes - before
+                if done == 0 or done >= remaining:
+                    break
+                remaining -= done
+                self.extra_calls += 1
+        except _Abort:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            self.error = exc
+        finally:
+            self.finished = True
+            self.paused.set()
+
+    def run_until_pause(self) -> None:
+        """Let this replica run until its next epoch boundary or its end (main thread)."""
+        self.resume.set()
+        self.paused.wait()
+        self.paused.clear()
+
+    def stop(self) -> None:
+        """Unwind a paused thread (main thread)."""
+        self.abort = True
+        self.resume.set()
+
+
+def _merge_results(results: list[Any]) -> History:
+    merged: History = {}
+    for result in results:
+        if not isinstance(result, dict):
+            continue
+        for key, value in result.items():
+            if isinstance(value, (list, tuple)):
+                values = [float(v) for v in value if isinstance(v, (int, float))]
+            elif isinstance(value, (int, float)):
+                values = [float(value)]
+            else:
+                continue
+            merged.setdefault(str(key), []).extend(values)
+    return merged
+
+
+def train_with_fn(
+    train_fn: Callable[..., Any],
+    replicas: list[nn.Module],
+    loader: Any,
+    n_epochs: int,
+    train_kwargs: dict[str, Any],
+    *,
+    same_order: bool,
+    seed: int,
+    on_epoch_end: EpochCallback,
+    progress: Progress,
+) -> tuple[list[History], list[str], int]:
+    """Run ``train_fn(model, loader, n_epochs, **kw)`` once per replica, epoch-major.
+
+    Round ``r`` lets each replica run its epoch ``r`` (until its loader pass ends), with the global
+    RNGs seeded from ``(seed, r)`` and the loader's own generators rewound to where they were for
+    replica 0, so every replica gets the same shuffling and noise. After the round the analyzer
+    records. A ``train_fn`` that trains fewer passes than asked (e.g. one that ignores its
+    ``n_epochs`` argument) is called again for the remaining epochs.
+
+    Returns:
+        ``(histories, notes, epochs)``: per-replica merged results of ``train_fn``, warnings about
+        how ``train_fn`` used the loader, and the number of epochs (rounds) run.
+    """
+    workers = [_ReplicaWorker(i, m, train_fn, loader, n_epochs, train_kwargs) for i, m in enumerate(replicas)]
+    generators = LoaderGenerators(loader)
+    view = ModelsView(replicas)
+    notes: list[str] = []
+    epoch = 0
+    try:
+        for w in workers:
+            w.thread.start()
+        while True:
+            advanced = False
+            first_in_round = True
+            for w in workers:
+                if w.finished:
+                    continue
+                if same_order:
+                    seed_everything(derive_seed(seed, epoch))
+                    if first_in_round:
+                        generators.snapshot()
+                    else:
+                        generators.restore()
+                else:
+                    seed_everything(derive_seed(seed, epoch, w.index))
+                first_in_round = False
+                w.run_until_pause()
+                if w.error is not None:
+                    raise w.error
+                if not w.finished:
+                    advanced = True
+                    progress.update(1)
+            if not advanced:
+                break
+            epoch += 1
+            on_epoch_end(view, epoch)
+    finally:
+        for w in workers:
+            if not w.finished:
+                w.stop()
+        for w in workers:
+            w.thread.join(timeout=10.0)
+
+    passes = [w.passes for w in workers]
+    if max(passes) == 0:
+        notes.append(
+            "train_fn never finished a pass over train_loader (did it iterate the loader it was "
+            "given?): only the initial and final states were recorded"
+        )
+    elif min(passes) != max(passes):
+        notes.append(f"replicas trained different numbers of epochs {passes}: checkpoints are misaligned")
+    elif passes[0] != n_epochs:
+        notes.append(f"train_fn made {passes[0]} passes over train_loader for n_epochs={n_epochs}")
+    if any(w.extra_calls for w in workers):
+        notes.append(
+            f"train_fn returned before n_epochs={n_epochs} passes and was called again for the rest; "
+            "an optimizer created inside train_fn was re-created at each call"
+        )
+    logger.debug("train_fn driver: %d epochs, passes per replica %s", epoch, passes)
+    return [_merge_results(w.results) for w in workers], notes, epoch

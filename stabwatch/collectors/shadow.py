@@ -1,0 +1,756 @@
+"""The shadow replica: the largest Lyapunov exponent of the training dynamics, measured online.
+
+A copy of the model *and* its optimizer state (momentum, Adam moments, step counts) is perturbed by a
+random direction of relative size ε and trained in lockstep with the real model: the same batch, the
+same dropout masks (the real step's RNG state is replayed), the same hyperparameters (learning-rate
+schedules are followed), the same AMP loss scale. Training is a map s_{t+1} = F_t(s_t) on the state
+s = (θ, optimizer state); the shadow measures how it stretches a small difference δ = s̃ − s.
+
+Benettin renormalisation: every ``renorm`` steps the log growth of the parameter divergence is added to a
+float64 sum and the whole difference (parameters and optimizer state) is scaled back to ``ε·‖θ_t‖``:
+
+    λ_local = log(‖δθ_end‖ / ‖δθ_start‖) / renorm,       λ = Σ log growth / steps.
+
+λ > 0: small differences amplify (training is chaotic at this learning rate); λ < 0: they die out. For
+full-batch gradient descent on least squares, θ ↦ (I − ηH)θ + ηb, so λ = log max_i |1 − η·h_i|.
+
+The real model's training is unchanged bit for bit on CPU: the replica has its own tensors and optimizer,
+the monitor's hooks are not copied into it, and the global RNG is restored after each shadow step.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+import functools
+import inspect
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from stabwatch.collectors.base import Collector, MonitorContext, Readout
+from stabwatch.errors import StabwatchError
+from stabwatch.functional.lyapunov import (
+    difference_norms,
+    global_norm,
+    min_relative_eps,
+    random_direction,
+    rescale_difference_,
+)
+
+__all__ = ["Shadow", "ShadowEstimate"]
+
+log = logging.getLogger("stabwatch")
+
+#: Module attributes holding hooks; stabwatch's own hooks are left out of the replica.
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+#: Optimizer-state entries that are non-negative by construction (second moments, accumulators). After a
+#: rescale with factor > 1 the shadow's copy could dip below zero; it is clamped at 0.
+_NONNEGATIVE_STATE = frozenset(
+    {"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta", "exp_inf", "max_exp_avg_sqs"}
+)
+
+#: offset of the shadow's generator seed from the monitor's seed
+_SEED_OFFSET = 0x5AD0
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+StepFn = Callable[[nn.Module, torch.optim.Optimizer, Any], Any]
+
+
+class ShadowEstimate(NamedTuple):
+    """One finished window.
+
+    Attributes:
+        start: the step whose forward pass the shadow first took (it was spawned just before it).
+        stop: the last step the shadow took.
+        lyapunov: the window's estimate, nats per optimizer step.
+        steps: how many steps the estimate averages over (window − transient).
+    """
+
+    start: int
+    stop: int
+    lyapunov: float
+    steps: int
+
+
+def _is_stabwatch(fn: Any) -> bool:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    module = getattr(fn, "__module__", None) or ""
+    return module == "stabwatch" or module.startswith("stabwatch.")
+
+
+@contextlib.contextmanager
+def _stabwatch_hooks_hidden(model: nn.Module) -> Iterator[None]:
+    """Hide stabwatch's hooks while ``model`` is copied (user hooks, e.g. spectral norm, are kept).
+
+    The hook dicts are swapped for filtered copies and the original objects put back afterwards, so
+    hook order and the monitor's handles are untouched.
+    """
+    saved: list[tuple[nn.Module, str, Any]] = []
+    try:
+        for module in model.modules():
+            for attr in _HOOK_DICTS:
+                hooks = module.__dict__.get(attr)
+                if hooks and any(_is_stabwatch(fn) for fn in hooks.values()):
+                    saved.append((module, attr, hooks))
+                    module.__dict__[attr] = collections.OrderedDict(
+                        (k, fn) for k, fn in hooks.items() if not _is_stabwatch(fn)
+                    )
+        yield
+    finally:
+        for module, attr, hooks in reversed(saved):
+            module.__dict__[attr] = hooks
+
+
+def _owners(model: nn.Module, params: list[torch.Tensor]) -> tuple[list[str], list[int]]:
+    """Module paths owning ``params`` (in first-seen order) and each parameter's index into them."""
+    owner_of: dict[int, str] = {}
+    for mod_name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            owner_of.setdefault(id(p), mod_name or "(root)")
+    layers: list[str] = []
+    index: dict[str, int] = {}
+    owner_idx: list[int] = []
+    for p in params:
+        owner = owner_of.get(id(p), "(root)")
+        if owner not in index:
+            index[owner] = len(layers)
+            layers.append(owner)
+        owner_idx.append(index[owner])
+    return layers, owner_idx
+
+
+@dataclass
+class _Replica:
+    """The shadow model, kept between windows when ``offload=True``."""
+
+    model: nn.Module
+    #: (real, shadow) module pairs, to follow train/eval switches
+    modules: list[tuple[nn.Module, nn.Module]]
+    #: (real, shadow) for every parameter and buffer, to refresh a kept replica
+    tensors: list[tuple[torch.Tensor, torch.Tensor]]
+    #: id(real parameter) -> shadow parameter
+    param_map: dict[int, nn.Parameter]
+
+
+@dataclass
+class _Window:
+    """A shadow in flight: its replica, optimizer and the renormalisation bookkeeping."""
+
+    start: int
+    replica: _Replica
+    optimizer: torch.optim.Optimizer
+    real_params: list[torch.Tensor]
+    shadow_params: list[torch.Tensor]
+    layers: list[str]  # owners of the parameters, for per-layer divergence
+    owner_idx: torch.Tensor
+    log_sum: torch.Tensor  # float64, summed log growth after the transient
+    d_start: torch.Tensor  # float64, ‖δθ‖ at the last renormalisation (or transient end)
+    started: bool
+    n: int = 0  # map steps taken
+    n_start: int = 0  # step count when averaging started
+    last_mark: int = 0  # step count of the last renormalisation
+    rng_handle: Any = None
+    stop: int = -1
+
+
+class Shadow(Collector):
+    """A perturbed replica trained in lockstep: the online Lyapunov exponent of training.
+
+    Every ``every`` steps a shadow is spawned from the current model and optimizer state, perturbed by a
+    Gaussian direction δ with ``‖δ‖ = eps·‖θ‖`` (one global norm over all parameters the optimizer
+    updates, drawn from a ``torch.Generator`` seeded with the monitor's seed — never the global RNG, and
+    not the monitor's generator itself, so other collectors' random probes do not change), and advanced
+    with the real batches for ``window`` steps. ``continuous=True`` keeps one shadow for the whole run.
+    Every ``renorm`` steps the difference is measured, its log growth summed in float64, and the whole
+    difference (parameters and floating optimizer state shaped like them) rescaled to ``eps·‖θ_t‖``:
+
+        λ_local = log(‖δθ_t‖ / ‖δθ_{t−m}‖) / m,      λ = Σ_{after transient} log growth / (n − transient).
+
+    Keys (emitted at every step a shadow advanced; empty otherwise):
+
+    * ``shadow/divergence`` (``shadow_divergence``): ``‖θ̃_t − θ_t‖ / ‖θ_t‖`` before renormalisation;
+    * ``shadow/lyapunov`` (``lyapunov``): the running estimate of the window, nats per step (after the
+      transient);
+    * ``shadow/lyapunov_local`` (``lyapunov_local``): the exponent of the interval that just ended (at
+      renormalisation steps);
+    * ``shadow/divergence/<module>`` (``layers[module]["shadow_divergence"]``, with ``per_layer=True``):
+      ``‖θ̃_l − θ_l‖ / ‖θ‖`` for the parameters module ``l`` owns (their squares sum to the global one's).
+
+    Finished windows are kept in `estimates` (`ShadowEstimate`).
+
+    Cost: while a window is open, one extra forward + backward + optimizer step per step and one copy of
+    the model and optimizer state; the duty cycle is ``window / every``. Spawning deep-copies the model
+    (``offload=True`` keeps the copy's structure on the CPU between windows and refreshes its tensors).
+    No host sync per step except with a ``scaler`` (the shadow checks its own unscaled gradients).
+
+    Args:
+        loss_fn: ``loss_fn(model, batch) -> loss`` computing the training loss of ``model`` on ``batch``
+            (the value passed to ``Monitor.step(batch=...)``). It must use its ``model`` argument.
+        every: spawn a shadow every this many steps (or a ``step -> bool`` schedule).
+        window: steps each shadow is trained for (≤ ``every``).
+        eps: relative size of the perturbation and of the renormalised difference, ‖δ‖/‖θ‖. Must be at
+            least ``100 × machine epsilon`` of the parameters' dtype (1.2e-5 for float32); 1e-4…1e-3 is
+            safe in float32.
+        renorm: renormalise every this many steps; ``None`` never (the raw divergence over the window).
+        transient: steps at the start of each window left out of ``lyapunov`` while δ aligns with the
+            most expanding direction.
+        continuous: one shadow for the whole run (re-spawned at the next ``every`` step if it had to be
+            dropped).
+        per_layer: also emit the per-module divergence.
+        offload: keep the replica on the CPU between windows instead of freeing it.
+        scaler: the ``torch.amp.GradScaler`` of the training loop: the shadow's loss is scaled by the same
+            scale the real step used, its gradients unscaled the same way.
+        step_fn: instead of ``loss_fn``, ``step_fn(model, optimizer, batch)`` performing one full training
+            step on the replica (for clipping, closures, several backward passes).
+        saturation: warn (once) when the divergence exceeds this fraction of ‖θ‖.
+
+    Raises:
+        StabwatchError: on settings that cannot work (see the message), also at ``Monitor`` start: no
+            optimizer, no parameters, an ``eps`` below what the parameters' dtype resolves.
+
+    Example:
+        >>> import torch, stabwatch as sw
+        >>> torch.manual_seed(0) and None
+        >>> model = torch.nn.Linear(3, 1, bias=False)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> x = torch.randn(32, 3); y = x.sum(1, keepdim=True)
+        >>> mse = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])
+        >>> shadow = sw.Shadow(loss_fn=mse, every=10, window=10)
+        >>> with sw.Monitor(model, opt, shadow=shadow, preset="cheap", alerts=False) as mon:
+        ...     for _ in range(10):
+        ...         opt.zero_grad(); loss = mse(model, (x, y)); loss.backward(); opt.step()
+        ...         rec = mon.step(loss=loss, batch=(x, y))
+        >>> rec.lyapunov < 0  # gradient descent on a convex quadratic contracts
+        True
+    """
+
+    family = "shadow"
+    always_collect = True  # a window advances at every step, emitted or not
+
+    def __init__(
+        self,
+        loss_fn: LossFn | None = None,
+        *,
+        every: Any = 200,
+        window: int = 20,
+        eps: float = 1e-3,
+        renorm: int | None = 1,
+        transient: int = 0,
+        continuous: bool = False,
+        per_layer: bool = False,
+        offload: bool = False,
+        scaler: Any = None,
+        step_fn: StepFn | None = None,
+        saturation: float = 0.1,
+    ) -> None:
+        if (loss_fn is None) == (step_fn is None):
+            raise StabwatchError(
+                "Shadow: pass exactly one of loss_fn(model, batch) -> loss or step_fn(model, optimizer, "
+                f"batch); got loss_fn={loss_fn!r}, step_fn={step_fn!r}"
+            )
+        for name, fn in (("loss_fn", loss_fn), ("step_fn", step_fn)):
+            if fn is not None and not callable(fn):
+                raise StabwatchError(f"Shadow: {name} must be callable, got {type(fn).__name__}")
+        if every is None or every == 0:
+            raise StabwatchError(
+                "Shadow: every must be a positive int or a step -> bool schedule, got "
+                f"{every!r} (to turn the shadow off, do not pass one to Monitor)"
+            )
+        super().__init__(every)
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise StabwatchError(f"Shadow: window must be an int ≥ 1, got {window!r}")
+        if isinstance(every, int) and not continuous and window > every:
+            raise StabwatchError(
+                f"Shadow: window ({window}) must be ≤ every ({every}), windows cannot overlap; use "
+                "continuous=True for one shadow over the whole run"
+            )
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < eps < 1.0:
+            raise StabwatchError(f"Shadow: eps is relative to ‖θ‖ and must be in (0, 1), got {eps!r}")
+        if renorm is not None and (isinstance(renorm, bool) or not isinstance(renorm, int) or renorm < 1):
+            raise StabwatchError(f"Shadow: renorm must be None (never) or an int ≥ 1, got {renorm!r}")
+        if isinstance(transient, bool) or not isinstance(transient, int) or transient < 0:
+            raise StabwatchError(f"Shadow: transient must be an int ≥ 0, got {transient!r}")
+        if not continuous and transient >= window:
+            raise StabwatchError(f"Shadow: transient ({transient}) must be < window ({window}), or no step is averaged")
+        if not isinstance(saturation, (int, float)) or not saturation > 0:
+            raise StabwatchError(f"Shadow: saturation must be > 0, got {saturation!r}")
+        if scaler is not None and not hasattr(scaler, "_scale"):
+            raise StabwatchError(f"Shadow: scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        self.loss_fn = loss_fn
+        self.step_fn = step_fn
+        self.window = window
+        self.eps = float(eps)
+        self.renorm = renorm
+        self.transient = transient
+        self.continuous = continuous
+        self.per_layer = per_layer
+        self.offload = offload
+        self.scaler = scaler
+        self.saturation = float(saturation)
+        #: finished windows, oldest first
+        self.estimates: list[ShadowEstimate] = []
+        self._window: _Window | None = None
+        self._cached: _Replica | None = None
+        self._generator: torch.Generator | None = None
+        self._reset_run_state()
+
+    def _reset_run_state(self) -> None:
+        self._rng_state: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+        self._real_steps = 0
+        self._scale: torch.Tensor | None = None
+        self._closed_now: tuple[int, int, int] | None = None
+        self._warned: set[str] = set()
+        self._spawned = False
+        self._windows_opened = 0
+
+    # ------------------------------------------------------------------------------------- lifecycle
+    def setup(self, ctx: MonitorContext) -> None:
+        if ctx.optimizer is None:
+            raise StabwatchError(
+                "Shadow: the monitor has no optimizer; the shadow replays the optimizer's steps, pass it "
+                "as Monitor(model, optimizer, shadow=...)"
+            )
+        params = [p for g in ctx.optimizer.param_groups for p in g["params"] if p.requires_grad]
+        if not params or sum(p.numel() for p in params) == 0:
+            raise StabwatchError(
+                f"Shadow: {type(ctx.model).__name__} has no trainable parameters in the optimizer; there is no "
+                "training state to perturb"
+            )
+        not_float = sorted({str(p.dtype) for p in params if not p.is_floating_point()})
+        if not_float:
+            raise StabwatchError(f"Shadow: parameters must be floating point, got dtypes {not_float}")
+        coarse = max({p.dtype for p in params}, key=lambda d: torch.finfo(d).eps)
+        floor = min_relative_eps(coarse)
+        if self.eps < floor:
+            raise StabwatchError(
+                f"Shadow: eps={self.eps:g} is below what {coarse} parameters resolve (relative ε ≥ "
+                f"100·machine-eps = {floor:.2g}): each element would move by about {self.eps:g}·rms(θ) "
+                f"while rounding moves it by {torch.finfo(coarse).eps:.2g}·|θ_i|, and the shadow collapses "
+                "onto the real model; use eps in 1e-4…1e-3 for float32"
+            )
+        self._cuda_devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+        if self._cuda_devices:
+            if torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32:
+                log.warning(
+                    "stabwatch: Shadow on CUDA with TF32 matmuls/convolutions enabled: TF32 rounds inputs "
+                    "to ~1e-3 relative, as large as the shadow's perturbation; set "
+                    "torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False"
+                )
+            if not torch.are_deterministic_algorithms_enabled():
+                log.info(
+                    "stabwatch: Shadow on CUDA without deterministic algorithms; non-deterministic kernels "
+                    "add round-off noise between the real model and the shadow"
+                )
+        # the monitor's seed, its own stream: drawing perturbations leaves the other collectors' random
+        # probes (and training's global RNG) exactly as they are without the shadow
+        self._generator = torch.Generator().manual_seed((ctx.generator.initial_seed() + _SEED_OFFSET) % 2**63)
+        self._reset_run_state()
+
+    def teardown(self) -> None:
+        self._close(keep=False)
+        self._cached = None
+
+    # ------------------------------------------------------------------------------ optimizer hooks
+    def before_optimizer_step(self) -> None:
+        if self._window is None or self.scaler is None:
+            return
+        scale = getattr(self.scaler, "_scale", None)
+        self._scale = scale.detach().clone() if isinstance(scale, torch.Tensor) else None
+
+    def after_optimizer_step(self) -> None:
+        if self._window is not None:
+            self._real_steps += 1
+
+    def _capture_rng(self, module: nn.Module, args: Any) -> None:
+        if self._window is None or self._rng_state is not None:
+            return
+        cuda = [torch.cuda.get_rng_state(d) for d in self._cuda_devices]
+        self._rng_state = (torch.get_rng_state(), cuda)
+
+    # ----------------------------------------------------------------------------------- the window
+    def begin_step(self, step: int) -> None:
+        self._rng_state = None
+        self._real_steps = 0
+        self._scale = None
+        self._closed_now = None
+        if self._window is not None or self.ctx is None:
+            return
+        due = self.scheduled(step) or (self.continuous and not self._spawned)
+        if due:
+            self._spawned = True
+            self._open(step)
+
+    def _replica(self, model: nn.Module) -> _Replica:
+        cached, self._cached = self._cached, None
+        if cached is not None:
+            with torch.no_grad():
+                for real, sh in cached.tensors:
+                    if sh.device == real.device and sh.dtype == real.dtype and sh.shape == real.shape:
+                        sh.copy_(real)
+                    else:
+                        sh.data = real.detach().clone()
+            return cached
+        with _stabwatch_hooks_hidden(model):
+            shadow = copy.deepcopy(model)
+        real_mods, shadow_mods = list(model.modules()), list(shadow.modules())
+        if len(real_mods) != len(shadow_mods):
+            raise StabwatchError(
+                f"Shadow: copying {type(model).__name__} gave {len(shadow_mods)} modules instead of "
+                f"{len(real_mods)}; the model cannot be replicated with copy.deepcopy"
+            )
+        param_map: dict[int, nn.Parameter] = {}
+        tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
+        seen: set[int] = set()
+        for mr, ms in zip(real_mods, shadow_mods):
+            for name, p in mr._parameters.items():
+                if p is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    sp = ms._parameters[name]
+                    assert sp is not None
+                    param_map[id(p)] = sp
+                    tensors.append((p, sp))
+            for name, b in mr._buffers.items():
+                sb = ms._buffers.get(name)
+                if b is not None and sb is not None and id(b) not in seen:
+                    seen.add(id(b))
+                    tensors.append((b, sb))
+        for p in shadow.parameters():
+            p.grad = None
+        return _Replica(shadow, list(zip(real_mods, shadow_mods)), tensors, param_map)
+
+    def _make_optimizer(self, real: torch.optim.Optimizer, replica: _Replica) -> torch.optim.Optimizer:
+        groups = []
+        for g in real.param_groups:
+            group = {k: v for k, v in g.items() if k != "params"}
+            group["params"] = [replica.param_map[id(p)] for p in g["params"]]
+            groups.append(group)
+        # the constructor's keyword arguments (some defaults, e.g. AdamW's decoupled_weight_decay, are
+        # not); every hyperparameter also rides in the groups and in the loaded state dict
+        accepted = inspect.signature(type(real).__init__).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+            kwargs = dict(real.defaults)
+        else:
+            kwargs = {k: v for k, v in real.defaults.items() if k in accepted}
+        try:
+            opt = type(real)(groups, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise StabwatchError(
+                f"Shadow: could not build a second {type(real).__name__} for the replica "
+                f"({type(real).__name__}(param_groups, **defaults) raised: {exc})"
+            ) from exc
+        state = real.state_dict()
+        cloned = {
+            idx: {k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in s.items()}
+            for idx, s in state["state"].items()
+        }
+        opt.load_state_dict({"state": cloned, "param_groups": state["param_groups"]})
+        return opt
+
+    def _open(self, step: int) -> None:
+        ctx = self.ctx
+        assert ctx is not None and ctx.optimizer is not None
+        with torch.no_grad():
+            replica = self._replica(ctx.model)
+            opt = self._make_optimizer(ctx.optimizer, replica)
+            # the training state: parameters the optimizer updates (a frozen one would be a neutral
+            # direction that never shrinks)
+            real_params = [p for g in ctx.optimizer.param_groups for p in g["params"] if p.requires_grad]
+            shadow_params: list[torch.Tensor] = [replica.param_map[id(p)] for p in real_params]
+            theta = global_norm(real_params)
+            theta_host = float(theta)  # one sync per window
+            if not (math.isfinite(theta_host) and theta_host > 0):
+                self._cached = replica if self.offload else None
+                self.fail(
+                    "shadow spawn",
+                    StabwatchError(
+                        f"‖θ‖ = {theta_host} at step {step}; a relative perturbation needs a "
+                        "finite, non-zero parameter norm"
+                    ),
+                )
+                return
+            assert self._generator is not None
+            delta = random_direction(real_params, self._generator, self.eps * theta_host)
+            for sp, dp in zip(shadow_params, delta):
+                sp.add_(dp)
+            d0 = difference_norms(shadow_params, real_params).square().sum().sqrt()
+        dev = d0.device
+        layers, owner_idx = _owners(ctx.model, real_params)
+        window = _Window(
+            start=step,
+            replica=replica,
+            optimizer=opt,
+            real_params=real_params,
+            shadow_params=shadow_params,
+            layers=layers,
+            owner_idx=torch.tensor(owner_idx, device=dev),
+            log_sum=torch.zeros((), dtype=torch.float64, device=dev),
+            d_start=d0,
+            started=self.transient == 0,
+        )
+        window.rng_handle = ctx.model.register_forward_pre_hook(self.guard(self._capture_rng), prepend=True)
+        self._window = window
+        self._windows_opened += 1
+
+    def _close(self, keep: bool = True) -> None:
+        w, self._window = self._window, None
+        if w is None:
+            return
+        if w.rng_handle is not None:
+            w.rng_handle.remove()
+        w.optimizer.state.clear()
+        if keep and self.offload:
+            with torch.no_grad():
+                for _, sh in w.replica.tensors:
+                    if sh.device.type != "cpu":
+                        sh.data = sh.data.to("cpu")
+                for p in w.replica.model.parameters():
+                    p.grad = None
+            self._cached = w.replica
+
+    def _drop(self, why: str) -> None:
+        """Close the window after a failure; the next scheduled step spawns a new one."""
+        self._close()
+        self.fail("shadow", StabwatchError(why))
+
+    # --------------------------------------------------------------------------------- shadow step
+    def _advance(self, w: _Window, batch: Any) -> None:
+        ctx = self.ctx
+        assert ctx is not None and ctx.optimizer is not None
+        for g_shadow, g_real in zip(w.optimizer.param_groups, ctx.optimizer.param_groups):
+            for k, v in g_real.items():
+                if k != "params":
+                    g_shadow[k] = v
+        for mr, ms in w.replica.modules:
+            ms.training = mr.training
+        devices = [torch.device("cuda", d) for d in self._cuda_devices]
+        with torch.random.fork_rng(devices=devices, enabled=True), torch.enable_grad():
+            if self._rng_state is not None:
+                cpu, cuda = self._rng_state
+                torch.set_rng_state(cpu)
+                for d, s in zip(self._cuda_devices, cuda):
+                    torch.cuda.set_rng_state(s, d)
+            elif "rng" not in self._warned:
+                self._warned.add("rng")
+                log.warning(
+                    "stabwatch: Shadow saw no forward pass of the model's root module this step; random "
+                    "layers (dropout) of the shadow draw different numbers than the real model"
+                )
+            if self.step_fn is not None:
+                self.step_fn(w.replica.model, w.optimizer, batch)
+                w.optimizer.zero_grad(set_to_none=True)  # hold one copy of model and state, not grads
+                return
+            assert self.loss_fn is not None
+            w.optimizer.zero_grad(set_to_none=True)
+            loss = self.loss_fn(w.replica.model, batch)
+            if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+                raise StabwatchError(
+                    "Shadow: loss_fn(model, batch) must return a differentiable loss tensor of the model "
+                    f"it is given; got {type(loss).__name__}"
+                )
+            scale = self._scale
+            (loss * scale.to(loss.dtype) if scale is not None else loss).backward()
+            grads = [p.grad for p in w.shadow_params if p.grad is not None]
+            if not grads:
+                raise StabwatchError(
+                    "Shadow: loss_fn produced no gradient for the replica; it must compute the loss with "
+                    "its `model` argument, not the real model"
+                )
+            if scale is not None:
+                found = torch.zeros(1, device=scale.device)
+                inv = scale.double().reciprocal().float()
+                by_device: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+                for g in grads:
+                    by_device.setdefault((g.device, g.dtype), []).append(g)
+                for (device, _), gs in by_device.items():
+                    f = found.to(device)
+                    torch._amp_foreach_non_finite_check_and_unscale_(gs, f, inv.to(device))
+                    found += f.to(found.device)
+                if float(found) != 0.0:
+                    raise StabwatchError(
+                        "Shadow: the replica's scaled gradients overflowed while the real step's did "
+                        "not; the shadow no longer follows the same map (eps or window too large)"
+                    )
+            w.optimizer.step()
+            w.optimizer.zero_grad(set_to_none=True)
+
+    def _state_pairs(self, w: _Window) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Floating optimizer-state tensors shaped like their parameter: (shadow, real, non-negative)."""
+        ctx = self.ctx
+        assert ctx is not None and ctx.optimizer is not None
+        sh_list: list[torch.Tensor] = []
+        re_list: list[torch.Tensor] = []
+        nonneg: list[torch.Tensor] = []
+        for rp, sp in zip(w.real_params, w.shadow_params):
+            rs = ctx.optimizer.state.get(rp)
+            ss = w.optimizer.state.get(sp)
+            if not rs or not ss:
+                continue
+            for key, rv in rs.items():
+                sv = ss.get(key)
+                if (
+                    isinstance(rv, torch.Tensor)
+                    and isinstance(sv, torch.Tensor)
+                    and rv.is_floating_point()
+                    and rv.shape == rp.shape
+                    and sv.shape == rv.shape
+                ):
+                    sh_list.append(sv)
+                    re_list.append(rv)
+                    if key in _NONNEGATIVE_STATE:
+                        nonneg.append(sv)
+        return sh_list, re_list, nonneg
+
+    def collect(self, step: int, readout: Readout, loss: torch.Tensor | None, batch: Any) -> None:
+        w = self._window
+        if w is None:
+            return
+        if self._real_steps == 0:
+            return  # the real optimizer did not step (e.g. AMP skipped it): the map is the identity
+        if self._real_steps > 1:
+            self._drop(
+                f"the optimizer stepped {self._real_steps} times in step {step}; the shadow replays "
+                "one optimizer step per Monitor.step"
+            )
+            return
+        if batch is None:
+            self._drop(
+                f"Monitor.step(batch=...) got no batch at step {step} while a shadow window is open; the "
+                "shadow trains on the same batch as the real model — pass the batch to mon.step"
+            )
+            return
+        try:
+            self._advance(w, batch)
+        except Exception:
+            self._close()
+            raise
+        with torch.no_grad():
+            w.n += 1
+            w.stop = step
+            per_tensor = difference_norms(w.shadow_params, w.real_params)
+            d = per_tensor.square().sum().sqrt()
+            theta = global_norm(w.real_params)
+            readout.add("shadow_divergence", d / theta)
+            if self.per_layer:
+                sq = torch.zeros(len(w.layers), dtype=torch.float64, device=per_tensor.device)
+                sq.index_add_(0, w.owner_idx, per_tensor.square())
+                readout.add_layers("shadow_divergence", w.layers, sq.sqrt() / theta)
+            growth = torch.log(d) - torch.log(w.d_start)
+            since = w.n - w.last_mark
+            if w.started:
+                readout.add("lyapunov", (w.log_sum + growth) / (w.n - w.n_start))
+            renorm_now = self.renorm is not None and since >= self.renorm
+            transient_end = not w.started and w.n >= self.transient
+            if renorm_now:
+                readout.add("lyapunov_local", growth / since)
+                if w.started:
+                    w.log_sum = w.log_sum + growth
+                sh_state, re_state, nonneg = self._state_pairs(w)
+                rescale_difference_(w.shadow_params + sh_state, w.real_params + re_state, self.eps * theta / d)
+                if nonneg:
+                    torch._foreach_clamp_min_(nonneg, 0.0)
+                w.d_start = difference_norms(w.shadow_params, w.real_params).square().sum().sqrt()
+                w.last_mark = w.n
+            if transient_end:
+                w.started = True
+                w.n_start = w.n
+                w.log_sum = torch.zeros_like(w.log_sum)
+                if not renorm_now:
+                    w.d_start = d
+                    w.last_mark = w.n
+            if not self.continuous and w.n >= self.window:
+                self._closed_now = (w.start, step, w.n - w.n_start)
+                self._close()
+
+    def finish(self, step: int, readout: Readout, record: Any) -> None:
+        div = getattr(record, "shadow_divergence", None)
+        if div is not None and self._window is not None:
+            if not math.isfinite(div):
+                self._drop(f"the shadow's divergence is {div} at step {step}; the window is dropped")
+            elif div == 0.0:
+                self._drop(
+                    f"the shadow collapsed onto the real model at step {step} (divergence 0): eps="
+                    f"{self.eps:g} is lost in rounding; raise eps"
+                )
+            elif div >= self.saturation and "saturation" not in self._warned:
+                self._warned.add("saturation")
+                log.warning(
+                    "stabwatch: Shadow divergence %.3g ≥ %.3g of ‖θ‖ at step %d: the difference is no "
+                    "longer small and the exponent is underestimated; lower eps (%.3g) or renorm (%s)%s",
+                    div,
+                    self.saturation,
+                    step,
+                    self.eps,
+                    self.renorm,
+                    "" if self.renorm is not None else " — renorm=None lets it grow over the whole window",
+                )
+        if self._closed_now is not None:
+            start, stop, steps = self._closed_now
+            self._closed_now = None
+            value = getattr(record, "lyapunov", None)
+            if value is not None:
+                self.estimates.append(ShadowEstimate(start, stop, float(value), steps))
+
+    # ---------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Finished estimates (an open window is not saved: it restarts at the next scheduled step)."""
+        state: dict[str, Any] = {
+            "estimates": [tuple(e) for e in self.estimates],
+            "windows_opened": self._windows_opened,
+        }
+        if self._generator is not None:
+            state["generator"] = self._generator.get_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._close(keep=False)
+        self.estimates = [ShadowEstimate(*e) for e in state.get("estimates", [])]
+        self._windows_opened = int(state.get("windows_opened", 0))
+        if self._generator is not None and state.get("generator") is not None:
+            self._generator.set_state(state["generator"])
+        self._spawned = False
+
+    def lyapunov_vector(self) -> dict[str, torch.Tensor] | None:
+        """The shadow's parameter difference ``δθ / ‖δθ‖`` (unit global norm), by parameter name.
+
+        After the transient it approximates the most expanding direction of the training map (the top
+        Lyapunov vector): large entries show which parameters carry the instability. ``None`` while no
+        window is open. Returns detached copies.
+        """
+        w, ctx = self._window, self.ctx
+        if w is None or ctx is None:
+            return None
+        names = {id(p): name for name, p in ctx.model.named_parameters()}
+        with torch.no_grad():
+            diffs = torch._foreach_sub(w.shadow_params, w.real_params)
+            norm = global_norm(diffs)
+            return {
+                names.get(id(rp), f"param{i}"): (d / norm.to(d.dtype)).clone()
+                for i, (rp, d) in enumerate(zip(w.real_params, diffs))
+            }
+
+    @property
+    def open(self) -> bool:
+        """Whether a shadow is in flight."""
+        return self._window is not None
+
+    def __repr__(self) -> str:
+        mode = "continuous" if self.continuous else f"window={self.window}"
+        return f"Shadow({mode}, eps={self.eps:g}, renorm={self.renorm}, transient={self.transient})"

@@ -1,0 +1,136 @@
+"""stabwatch.functional.lyapunov: the shadow's pure math against torch.linalg / numpy references."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from stabwatch.functional.lyapunov import (
+    difference_norms,
+    global_norm,
+    min_relative_eps,
+    random_direction,
+    rescale_difference_,
+    tangent_lyapunov,
+)
+
+
+def _tensors(seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(4, 3, generator=g),
+        torch.randn(7, generator=g, dtype=torch.float64),
+        torch.randn(2, 2, 2, generator=g),
+    ]
+
+
+def test_min_relative_eps_is_hundred_machine_eps():
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        assert min_relative_eps(dtype) == pytest.approx(100 * torch.finfo(dtype).eps, rel=1e-12)
+    assert 1e-5 < min_relative_eps(torch.float32) < 1e-4  # measured: float32 needs ε ≥ 1e-5
+
+
+def test_global_norm_matches_concatenated_norm_with_mixed_dtypes():
+    ts = _tensors()
+    ref = torch.linalg.vector_norm(torch.cat([t.double().reshape(-1) for t in ts]))
+    got = global_norm(ts)
+    assert got.dtype == torch.float64
+    assert float(got) == pytest.approx(float(ref), rel=1e-6)
+    assert float(global_norm([])) == 0.0
+
+
+def test_difference_norms_per_tensor():
+    a, b = _tensors(0), _tensors(1)
+    got = difference_norms(a, b)
+    ref = torch.tensor([float(torch.linalg.vector_norm((x - y).double())) for x, y in zip(a, b)])
+    torch.testing.assert_close(got, ref.double(), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="2 real"):
+        difference_norms(a, b[:2])
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_rescale_difference_in_place(as_tensor):
+    shadow, real = _tensors(0), _tensors(1)
+    expected = [r.double() + 0.37 * (s.double() - r.double()) for s, r in zip(shadow, real)]
+    c = torch.tensor(0.37, dtype=torch.float64) if as_tensor else 0.37
+    ids = [id(s) for s in shadow]
+    rescale_difference_(shadow, real, c)
+    assert [id(s) for s in shadow] == ids  # in place
+    for s, e in zip(shadow, expected):
+        torch.testing.assert_close(s.double(), e, rtol=1e-6, atol=1e-6)
+    # the rescaled difference has the requested size
+    ratio = difference_norms(shadow, real) / difference_norms(_tensors(0), real)
+    torch.testing.assert_close(ratio, torch.full_like(ratio, 0.37), rtol=1e-5, atol=0)
+
+
+def test_random_direction_norm_shapes_and_own_generator():
+    like = _tensors()
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    d1 = random_direction(like, torch.Generator().manual_seed(3), norm=2.5)
+    assert torch.equal(torch.get_rng_state(), before)  # the global RNG did not move
+    d2 = random_direction(like, torch.Generator().manual_seed(3), norm=torch.tensor(2.5))
+    for a, b, t in zip(d1, d2, like):
+        assert a.shape == t.shape and a.dtype == t.dtype and torch.equal(a, b)
+    assert float(global_norm(d1)) == pytest.approx(2.5, rel=1e-6)
+    d3 = random_direction(like, torch.Generator().manual_seed(4), norm=2.5)
+    assert not torch.equal(d1[0], d3[0])
+
+
+def _nonnormal(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    while True:
+        a = rng.standard_normal((n, n)) / math.sqrt(n)
+        ev = np.linalg.eigvals(a)
+        top = np.sort(np.abs(ev))[::-1]
+        # a real, well-separated top eigenvalue makes the finite-time estimate converge geometrically
+        if abs(ev[np.argmax(np.abs(ev))].imag) < 1e-12 and top[1] / top[0] < 0.8:
+            return a
+
+
+@pytest.mark.parametrize("renorm", [1, 5])
+def test_tangent_lyapunov_linear_map_equals_log_spectral_radius(renorm):
+    a = _nonnormal(6, seed=renorm)
+    ref = math.log(max(abs(np.linalg.eigvals(a))))
+    A = torch.tensor(a)
+    v0 = [torch.ones(6, dtype=torch.float64)]
+    est = tangent_lyapunov(
+        lambda x: (A @ x,), [torch.zeros(6, dtype=torch.float64)], v0, 200, transient=60, renorm=renorm
+    )
+    assert est.steps == 140
+    assert est.lyapunov == pytest.approx(ref, abs=1e-9)
+    assert est.log_growth == pytest.approx(ref * 140, abs=1e-7)
+    assert len(est.local) == (200 // renorm if 60 % renorm == 0 else 200 // renorm + 1)
+
+
+def test_tangent_lyapunov_cycle_of_maps_equals_product():
+    rng = np.random.default_rng(2)  # a seed whose cycle product has a real, separated top eigenvalue
+    mats = [np.eye(4) + 0.4 * rng.standard_normal((4, 4)) for _ in range(3)]
+    prod = mats[2] @ mats[1] @ mats[0]
+    ev = np.linalg.eigvals(prod)
+    assert abs(ev[np.argmax(np.abs(ev))].imag) < 1e-12
+    ref = math.log(max(abs(ev))) / 3
+    ts = [torch.tensor(m) for m in mats]
+    est = tangent_lyapunov(
+        lambda x, m: (m @ x,),
+        [torch.zeros(4, dtype=torch.float64)],
+        [torch.tensor([1.0, -0.5, 0.25, 2.0], dtype=torch.float64)],
+        300,
+        transient=150,
+        step_args=lambda t: (ts[t % 3],),
+    )
+    assert est.lyapunov == pytest.approx(ref, abs=1e-9)
+
+
+def test_tangent_lyapunov_rejects_bad_arguments():
+    A = torch.eye(2, dtype=torch.float64)
+    s, v = [torch.zeros(2, dtype=torch.float64)], [torch.ones(2, dtype=torch.float64)]
+    with pytest.raises(ValueError, match="transient"):
+        tangent_lyapunov(lambda x: (A @ x,), s, v, 10, transient=10)
+    with pytest.raises(ValueError, match="zero"):
+        tangent_lyapunov(lambda x: (A @ x,), s, [torch.zeros(2, dtype=torch.float64)], 10)
+    with pytest.raises(ValueError, match="direction tensors"):
+        tangent_lyapunov(lambda x: (A @ x,), s, v + v, 10)
