@@ -9,6 +9,7 @@ its ratio to the bare loop measured in the same run (configs interleaved, median
 * ``stabwatch:default-no-spiking`` — the same without the spiking family (its marginal cost is the
   difference);
 * ``stabwatch:default-no-nonfinite`` — the default preset without the per-module non-finite checks;
+* ``stabwatch:nothing`` — every family off: the cost of `Monitor.step` itself (a record per step);
 * ``stabwatch:only-spiking@10`` / ``@1`` — the spiking family alone at its default period / every step;
 * ``stabwatch:full`` — every family every step;
 * ``peer:hand-written`` — what SNN code does today: keep each step's spikes and membranes in lists,
@@ -21,6 +22,7 @@ Run: ``python benchmarks/bench_snn.py`` (``--quick`` for a smoke run; ``--cpu-ti
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -32,62 +34,27 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 from _common import interleaved
+from snn_training import SNN, T, load_digits_spikes, rate_code
 
 import stabwatch as sw
 from stabwatch.collectors import FAMILIES, PRESETS
 
-T = 25
 BATCH = 128
 #: the clock the timings use: wall time by default, process CPU time with ``--cpu-time``
 CLOCK: list[Callable[[], float]] = [time.perf_counter]
 
 
-class SNN(nn.Module):
-    """Two snntorch ``Leaky`` layers unrolled over ``T`` steps; records spikes when ``record`` is set."""
-
-    def __init__(self, hidden: int = 256) -> None:
-        super().__init__()
-        import snntorch as snn
-        from snntorch import surrogate
-
-        grad = surrogate.fast_sigmoid(slope=25)
-        self.fc1 = nn.Linear(64, hidden)
-        self.lif1 = snn.Leaky(beta=0.9, spike_grad=grad)
-        self.fc2 = nn.Linear(hidden, 10)
-        self.lif2 = snn.Leaky(beta=0.9, spike_grad=grad)
-        self.record = False
-        self.spikes: list[torch.Tensor] = []
-        self.membrane: list[torch.Tensor] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, B, 64]
-        mem1, mem2 = self.lif1.init_leaky(), self.lif2.init_leaky()
-        out = []
-        self.spikes, self.membrane = [], []
-        for t in range(x.shape[0]):
-            spk1, mem1 = self.lif1(self.fc1(x[t]), mem1)
-            spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
-            out.append(spk2)
-            if self.record:
-                self.spikes.append(spk1)
-                self.membrane.append(mem1)
-        return torch.stack(out)
-
-
 def data() -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    x_np, y_np = load_digits(return_X_y=True)
-    x = torch.tensor(x_np[:BATCH], dtype=torch.float32) / 16.0
-    g = torch.Generator().manual_seed(0)
-    spikes = (torch.rand(T, *x.shape, generator=g) < x).float()  # rate coding
-    return spikes, torch.tensor(y_np[:BATCH], dtype=torch.long)
+    x, y, _, _ = load_digits_spikes()
+    return rate_code(x[:BATCH], torch.Generator().manual_seed(0)), y[:BATCH]
 
 
 def _hand_written(model: SNN) -> Callable[[], None]:
     def extra() -> None:
-        spikes = torch.stack(model.spikes, dim=1)  # [B, T, H], as the reference expects
-        mem = torch.stack(model.membrane)
+        spikes = torch.stack(model.spk_rec, dim=1)  # [B, T, H], as the hand-written monitors expect
+        mem = torch.stack(model.mem_rec)
         with torch.no_grad():
             rates = spikes.float().mean(dim=1).mean(dim=0)
             _ = (rates.mean().item(), rates.std().item(), (rates < 0.01).float().mean().item())
@@ -103,14 +70,16 @@ def _hand_written(model: SNN) -> Callable[[], None]:
 
 def _runner(kind: str, steps: int) -> Callable[[int], float]:
     torch.manual_seed(0)
-    model = SNN()
+    model = SNN(hidden=256)
     x, y = data()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     mon: Any = None
     extra: Callable[[], None] | None = None
     if kind.startswith("stabwatch:"):
         spec = kind.split(":", 1)[1]
-        if spec.startswith("only-spiking@"):
+        if spec == "nothing":
+            mon = sw.Monitor(model, opt, preset="cheap", every={f: None for f in FAMILIES}, alerts=False)
+        elif spec.startswith("only-spiking@"):
             every: dict[str, Any] = {f: None for f in FAMILIES}
             every["spiking"] = int(spec.split("@")[1])
             mon = sw.Monitor(model, opt, preset="cheap", every=every, alerts=False)
@@ -163,6 +132,7 @@ def main() -> None:
         CLOCK[0] = time.process_time
         torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=UserWarning)
+    logging.getLogger("stabwatch").setLevel(logging.ERROR)  # the default preset's alerts are not the point here
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, SNN T={T} batch={BATCH}, "
         f"steps={args.steps} repeats={args.repeats}, clock {'process CPU' if args.cpu_time else 'wall'}; "
@@ -173,6 +143,7 @@ def main() -> None:
         "stabwatch:default",
         "stabwatch:default-no-spiking",
         "stabwatch:default-no-nonfinite",
+        "stabwatch:nothing",
         "stabwatch:only-spiking@10",
         "stabwatch:only-spiking@1",
         "stabwatch:full",
@@ -184,7 +155,10 @@ def main() -> None:
     print(f"\nSNN (snntorch Leaky x2, T={T}): bare step {bare * 1e3:.2f} ms")
     for k in kinds:
         print(f"  {k:<34} {med[k] * 1e3:8.2f} ms   {med[k] / bare:6.3f}x")
-    print(f"\n  spiking family, marginal in the default preset: {(med[kinds[1]] - med[kinds[2]]) / bare:+.3%}")
+    print(f"\n  spiking family, marginal in the default preset: {(med[kinds[1]] - med[kinds[2]]) / bare:+.2%}")
+    nothing = med["stabwatch:nothing"]
+    for k in ("stabwatch:only-spiking@10", "stabwatch:only-spiking@1"):
+        print(f"  {k[10:]}, above the monitor's own per-step cost: {(med[k] - nothing) / bare:+.2%}")
 
 
 if __name__ == "__main__":

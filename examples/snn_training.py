@@ -48,15 +48,23 @@ class SNN(nn.Module):
         if bad_init:
             with torch.no_grad():
                 self.fc1.bias.fill_(-6.0)
+        #: keep the hidden layer's spikes and membrane per step (what SNN code without stabwatch does)
+        self.record = False
+        self.spk_rec: list[torch.Tensor] = []
+        self.mem_rec: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: spikes ``[T, B, 64]``; returns output spikes ``[T, B, 10]``."""
         mem1, mem2 = self.lif1.init_leaky(), self.lif2.init_leaky()
         out = []
+        self.spk_rec, self.mem_rec = [], []
         for t in range(x.shape[0]):
             spk1, mem1 = self.lif1(self.fc1(x[t]), mem1)
             spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
             out.append(spk2)
+            if self.record:
+                self.spk_rec.append(spk1)
+                self.mem_rec.append(mem1)
         return torch.stack(out)
 
 

@@ -44,7 +44,7 @@ class MonitorConfig(BaseModel):
         seed: seed of the monitor's own RNG (random probes); training's RNG is never touched.
         grad_sv_top_k / grad_sv_exact_max_dim: options of the gradient-spectrum family.
         spectral_radius: ``"recurrent"`` (RNN/LSTM/GRU hidden weights), ``"square"`` or ``"none"``.
-        spiking_adapters: `stabwatch.SpikingAdapter` s for custom spiking modules (tried before the
+        spiking_adapters: `stabwatch.collectors.spiking.SpikingAdapter` s for custom spiking modules (tried before the
             built-in snntorch / spikingjelly / norse ones).
         spiking_dead_threshold / spiking_saturated_threshold: firing rates below / above which a
             spiking neuron counts as dead / saturated (0.01 / 0.9).

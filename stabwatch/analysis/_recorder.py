@@ -15,21 +15,22 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable
 from typing import Protocol
 
 import numpy as np
+import scipy.fft
 import torch
 from numpy.typing import NDArray
 
 from stabwatch.analysis._replicas import derive_seed
-from stabwatch.analysis._stats import pair_indices
 
 __all__: list[str] = []
 
 logger = logging.getLogger("stabwatch.analysis")
 
-#: Elements of float64 scratch per chunk (32 MiB).
-_SCRATCH_ELEMENTS = 2**22
+#: Elements of float64 scratch per chunk and array (16 MiB).
+_SCRATCH_ELEMENTS = 2**21
 
 
 class ReplicaView(Protocol):
@@ -38,27 +39,33 @@ class ReplicaView(Protocol):
     @property
     def n_replicas(self) -> int:
         """``N``."""
+        ...
 
-    def columns(self, j: int) -> torch.Tensor:
-        """Tensor ``j`` of every replica, flattened, detached: ``[N, numel_j]``."""
+    def columns(self, j: int, start: int, stop: int) -> torch.Tensor:
+        """Elements ``start:stop`` of tensor ``j`` (flattened) of every replica, detached: ``[N, stop-start]``."""
+        ...
 
     def grad_norms(self) -> NDArray[np.float64]:
         """Global L2 gradient norm of each replica (NaN where no gradient exists)."""
+        ...
 
     def renormalize(self, alphas: NDArray[np.float64]) -> None:
         """Set ``s_i <- s_0 + alpha_i (s_i - s_0)`` for every piece of training state ``s``."""
+        ...
 
 
 class SubsampledFourierProjection:
     r"""A fast Johnson-Lindenstrauss map ``R^P -> R^k`` (subsampled randomized Fourier transform).
 
-    .. math:: y = \sqrt{P/k}\; S\, F\, D\, x
+    .. math:: y = \sqrt{L/k}\; S\, F\, D\, x
 
-    ``D`` flips the sign of each coordinate at random, ``F`` is the orthonormal real Fourier basis
-    (cosines and sines, from one ``rfft``), ``S`` keeps ``k`` of its ``P`` rows chosen uniformly
+    ``D`` flips the sign of each coordinate at random, ``x`` is zero-padded to a length ``L >= P``
+    with small prime factors (fast FFT), ``F`` is the orthonormal real Fourier basis of ``R^L``
+    (cosines and sines, from one ``rfft``) and ``S`` keeps ``k`` of its ``L`` rows, chosen uniformly
     without replacement. ``E|y|^2 = |x|^2``, and on the ``r``-dimensional span of a trajectory cloud
-    the map distorts squared lengths by a factor ``1 +- O(sqrt(r log r / k))``. Cost ``O(P log P)``
-    per vector, state ``P`` bytes of signs and ``k`` indices. With ``k >= P`` it is an exact isometry.
+    the map distorts squared lengths by a factor ``1 +- O(sqrt(r log r / k))``. Cost ``O(L log L)``
+    per vector; state: ``P`` bytes of signs and ``k`` indices. With ``k >= P`` no padding or sampling
+    is done and the map is an exact isometry.
 
     Args:
         dim: ``P``.
@@ -69,28 +76,42 @@ class SubsampledFourierProjection:
     def __init__(self, dim: int, k: int, seed: int) -> None:
         self.dim = int(dim)
         self.k = min(int(k), self.dim)
+        self.length = self.dim if self.k == self.dim else int(scipy.fft.next_fast_len(self.dim, real=True))
         gen = torch.Generator().manual_seed(derive_seed(seed, 7))
-        if self.k == self.dim:
-            rows = torch.arange(self.dim)
+        if self.k == self.length:
+            rows = torch.arange(self.length)
         else:
-            rows = torch.sort(torch.randperm(self.dim, generator=gen)[: self.k]).values
-        signs = torch.randint(0, 2, (self.dim,), generator=gen, dtype=torch.int8)
-        self._flip = signs.bool()
-        m = (self.dim - 1) // 2
+            rows = torch.sort(_sample_without_replacement(self.length, self.k, gen)).values
+        self._signs = torch.randint(0, 2, (self.dim,), generator=gen, dtype=torch.int8).mul_(2).sub_(1)
+        m = (self.length - 1) // 2
         paired = (rows >= 1) & (rows <= 2 * m)
-        self._freq = torch.where(rows == 0, 0, torch.where(paired, (rows + 1) // 2, self.dim // 2))
+        self._freq = torch.where(rows == 0, 0, torch.where(paired, (rows + 1) // 2, self.length // 2))
         self._imag = paired & (rows % 2 == 0)
         one = torch.ones(self.k, dtype=torch.float64)
         weight = torch.where(paired, one * math.sqrt(2.0), one)
-        self._weight = weight / math.sqrt(self.dim) * math.sqrt(self.dim / self.k)
+        self._weight = weight / math.sqrt(self.length) * math.sqrt(self.length / self.k)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Project one vector (float64, length ``P``); returns ``k`` float64 values."""
-        u = torch.where(self._flip, -x, x)
-        spectrum = torch.fft.rfft(u)
+        """Project one vector (length ``P``, any float dtype); returns ``k`` float64 values."""
+        u = torch.empty(x.shape, dtype=torch.float64)
+        u.copy_(x)
+        u.mul_(self._signs)
+        spectrum = torch.fft.rfft(u, n=self.length)
+        del u
         picked = spectrum[self._freq]
         values = torch.where(self._imag, picked.imag, picked.real)
         return values * self._weight
+
+
+def _sample_without_replacement(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """``k`` distinct integers from ``range(n)`` with ``O(k)`` memory (rejection of repeats)."""
+    chosen: set[int] = set()
+    while len(chosen) < k:
+        draw = torch.randint(0, n, (2 * (k - len(chosen)),), generator=gen).tolist()
+        for v in draw:
+            if len(chosen) < k:
+                chosen.add(int(v))
+    return torch.tensor(sorted(chosen), dtype=torch.int64)
 
 
 class TrajectoryRecorder:
@@ -103,6 +124,8 @@ class TrajectoryRecorder:
         max_exact_bytes: budget for keeping whole positions (exact PCA).
         seed: seed of the projection.
         store_dtype: dtype of the kept positions (float32, or float64 for float64 models).
+        expected_checkpoints: how many checkpoints will come, when known: positions are projected
+            from the start if they would not all fit in ``max_exact_bytes``.
     """
 
     def __init__(
@@ -114,6 +137,7 @@ class TrajectoryRecorder:
         max_exact_bytes: int,
         seed: int,
         store_dtype: torch.dtype,
+        expected_checkpoints: int | None = None,
     ) -> None:
         self.numels = list(numels)
         self.n_params = int(sum(self.numels))
@@ -131,10 +155,13 @@ class TrajectoryRecorder:
         self._exact: list[torch.Tensor] = []
         self._sketch: list[NDArray[np.float64]] = []
         self._projection: SubsampledFourierProjection | None = None
-        self.mode = "exact" if self._max_exact_bytes > 0 else "sketch"
-        self._iu, self._ju = pair_indices(self.n)
-        per_chunk = max(len(self._iu), self.n, 1)
-        self._chunk = max(4096, _SCRATCH_ELEMENTS // per_chunk)
+        itemsize = torch.empty((), dtype=store_dtype).element_size()
+        self._bytes_per_checkpoint = self.n * self.n_params * itemsize
+        fits = self._max_exact_bytes >= 2 * self._bytes_per_checkpoint
+        if expected_checkpoints is not None:
+            fits = fits and self._max_exact_bytes >= expected_checkpoints * self._bytes_per_checkpoint
+        self.mode = "exact" if fits else "sketch"
+        self._chunk = max(4096, _SCRATCH_ELEMENTS // max(self.n, 1))
 
     @property
     def n_checkpoints(self) -> int:
@@ -152,35 +179,37 @@ class TrajectoryRecorder:
     def record(self, view: ReplicaView, time: float, track_gradients: bool = False) -> None:
         r"""Measure the replicas now.
 
-        Distances are accumulated in float64 from the parameters' exact values:
-        ``d_ij^2 = sum_chunks sum (x_i - x_j)^2``; no Gram-matrix shortcut, so nothing cancels.
+        Everything is accumulated in float64 from the parameters' exact values, chunk by chunk. Pair
+        distances come from the deviations from replica 0, ``y_i = x_i - x_0`` (exact), as
+        ``d_ij^2 = G_ii + G_jj - 2 G_ij`` with ``G = sum_chunks Y Y^T``: ``d_0i^2 = G_ii`` exactly,
+        and no large weight magnitude enters the products, so nothing cancels.
         """
         first = self._prev is None
         if self._prev is None:
             self._prev = [torch.empty(self.n, p, dtype=self._store_dtype) for p in self.numels]
-        iu = torch.as_tensor(self._iu)
-        ju = torch.as_tensor(self._ju)
-        pair = torch.zeros(len(self._iu), dtype=torch.float64)
+        gram = torch.zeros(self.n, self.n, dtype=torch.float64)
         norms = torch.zeros(self.n, dtype=torch.float64)
         steps = torch.zeros(self.n, dtype=torch.float64)
         with torch.no_grad():
             for j, numel in enumerate(self.numels):
-                cols = view.columns(j)
                 prev = self._prev[j]
                 for a in range(0, numel, self._chunk):
                     b = min(numel, a + self._chunk)
-                    x = cols[:, a:b].to(device="cpu", dtype=torch.float64)
-                    diff = x[iu] - x[ju]
-                    pair += (diff * diff).sum(dim=1)
-                    norms += (x * x).sum(dim=1)
+                    x = view.columns(j, a, b).to(device="cpu", dtype=torch.float64)
+                    y = x - x[:1]
+                    gram += y @ y.T
+                    norms += torch.einsum("ij,ij->i", x, x)
                     if not first:
-                        d = x - prev[:, a:b].to(torch.float64)
-                        steps += (d * d).sum(dim=1)
+                        d = x - prev[:, a:b]
+                        steps += torch.einsum("ij,ij->i", d, d)
                     prev[:, a:b].copy_(x)
-        full = np.zeros((self.n, self.n))
-        full[self._iu, self._ju] = pair.numpy()
-        full[self._ju, self._iu] = pair.numpy()
-        self.pair_sq.append(full)
+        g = gram.numpy()
+        diag = np.diag(g).copy()
+        pair = np.clip(diag[:, None] + diag[None, :] - 2.0 * g, 0.0, None)
+        pair[0, :] = diag
+        pair[:, 0] = diag
+        np.fill_diagonal(pair, 0.0)
+        self.pair_sq.append(pair)
         self.norm_sq.append(norms.numpy())
         if not first:
             self.step_sq.append(steps.numpy())
@@ -194,35 +223,38 @@ class TrajectoryRecorder:
         assert self._prev is not None
         with torch.no_grad():
             for j, prev in enumerate(self._prev):
-                prev.copy_(view.columns(j).to(device="cpu"))
+                for a in range(0, self.numels[j], self._chunk):
+                    b = min(self.numels[j], a + self._chunk)
+                    prev[:, a:b].copy_(view.columns(j, a, b).to(device="cpu"))
 
     def _keep_positions(self) -> None:
         assert self._prev is not None
         if self.mode == "exact":
-            itemsize = torch.empty((), dtype=self._store_dtype).element_size()
-            needed = (len(self._exact) + 1) * self.n * self.n_params * itemsize
+            needed = (len(self._exact) + 1) * self._bytes_per_checkpoint
             if needed <= self._max_exact_bytes:
-                self._exact.append(torch.cat([p.clone() for p in self._prev], dim=1))
+                self._exact.append(torch.cat(self._prev, dim=1))
                 return
-            logger.info(
-                "keeping whole trajectories would need %.1f MiB > max_exact_bytes=%.1f MiB: "
-                "switching to a %d-dimensional random projection",
-                needed / 2**20,
-                self._max_exact_bytes / 2**20,
-                min(self._projection_dim, self.n_params),
-            )
-            self.mode = "sketch"
-            for snapshot in self._exact:
-                self._sketch.append(self._project_rows([snapshot[i] for i in range(self.n)]))
-            self._exact = []
-        rows = [torch.cat([p[i] for p in self._prev]) for i in range(self.n)]
-        self._sketch.append(self._project_rows(rows))
+            self._switch_to_projection(needed)
+        self._sketch.append(self._project_rows(torch.cat([p[i] for p in self._prev]) for i in range(self.n)))
 
-    def _project_rows(self, rows: list[torch.Tensor]) -> NDArray[np.float64]:
+    def _switch_to_projection(self, needed: float) -> None:
+        logger.info(
+            "keeping whole trajectories would need %.1f MiB > max_exact_bytes=%.1f MiB: "
+            "using a %d-dimensional random projection for PCA",
+            needed / 2**20,
+            self._max_exact_bytes / 2**20,
+            min(self._projection_dim, self.n_params),
+        )
+        self.mode = "sketch"
+        for snapshot in self._exact:
+            self._sketch.append(self._project_rows(snapshot[i] for i in range(self.n)))
+        self._exact = []
+
+    def _project_rows(self, rows: Iterable[torch.Tensor]) -> NDArray[np.float64]:
+        """Project replica positions one at a time (only one ``P``-vector in float64 at once)."""
         if self._projection is None:
             self._projection = SubsampledFourierProjection(self.n_params, self._projection_dim, self._seed)
-        out = [self._projection(row.to(torch.float64)).numpy() for row in rows]
-        return np.stack(out)
+        return np.stack([self._projection(row).numpy() for row in rows])
 
     def gram(self) -> NDArray[np.float64]:
         r"""Gram matrix ``G[a, b] = <x_a, x_b>`` of all ``n = T*N`` recorded points (t-major order).

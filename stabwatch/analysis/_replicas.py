@@ -75,13 +75,14 @@ def make_replicas(
             with torch.no_grad():
                 for _, p in tracked_parameters(replica):
                     noise_dtype = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
-                    xi = torch.randn(p.shape, generator=gen, dtype=noise_dtype)
-                    noise = xi * scale * noise_sigma(p)
-                    total += float(noise.double().square().sum())
+                    noise = torch.randn(p.shape, generator=gen, dtype=noise_dtype)
+                    noise.mul_(scale).mul_(noise_sigma(p))  # same rounding as randn * scale * std
+                    total += float(torch.linalg.vector_norm(noise)) ** 2
                     if p.dtype == noise_dtype:
                         p.add_(noise.to(p.device))
                     else:
                         p.copy_((p.to(noise_dtype) + noise.to(p.device)).to(p.dtype))
+                    del noise
         intended.append(math.sqrt(total))
         replicas.append(replica.to(device))
     return replicas, intended

@@ -215,6 +215,13 @@ def train_vectorized(
             type(optimizer).__name__,
         )
         return None
+    # Re-point the replicas at rows of the stacked tensors: one copy of the weights, always current.
+    with torch.no_grad():
+        for i, replica in enumerate(replicas):
+            for name, p in replica.named_parameters():
+                p.data = params[name][i]
+            for name, b in replica.named_buffers():
+                b.data = buffers[name][i]
     wrapper = _LossModule(replicas[0], step.loss_fn)
     p_in = {f"model.{k}": v for k, v in params.items()}
     b_in = {f"model.{k}": v for k, v in buffers.items()}
@@ -228,36 +235,34 @@ def train_vectorized(
         randomness="same" if same_order else "different",
     )
 
-    # Probe one forward/backward before touching anything, so a model vmap cannot handle falls back
-    # to the sequential path with nothing changed.
+    # Probe one forward/backward before training, so that a model vmap cannot handle falls back to
+    # the sequential path with nothing changed (buffers and the loader's generators are restored).
     saved_buffers = {k: v.clone() for k, v in buffers.items()}
+    generators = LoaderGenerators(loader)
+    generators.snapshot()
     try:
         seed_everything(derive_seed(seed, 0))
         if same_order:
             probe = to_device(next(iter(loader)), device)
         else:
-            probe = to_device(_stack_batches(tuple(next(it) for it in _replica_iterators(loader, n, seed, 0))), device)
+            firsts = tuple(next(it) for it in _replica_iterators(loader, n, seed, 0))
+            probe = to_device(_stack_batches(firsts), device)
         _check_loss(batched(p_in, b_in, probe), (n,)).sum().backward()
     except StabwatchError:
         raise
     except StopIteration:
         raise StabwatchError("train_loader is empty") from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure of vmap means: train sequentially
         if step.vectorize:
             raise StabwatchError(f"TrainStep(vectorize=True) but vmap failed on this model: {exc}") from exc
         logger.info("vectorised training not possible (%s: %s): training replicas one by one", type(exc).__name__, exc)
         return None
     finally:
-        for k, v in buffers.items():
-            v.copy_(saved_buffers[k])
+        with torch.no_grad():
+            for k, v in buffers.items():
+                v.copy_(saved_buffers[k])
         optimizer.zero_grad(set_to_none=True)
-
-    with torch.no_grad():
-        for i, replica in enumerate(replicas):
-            for name, p in replica.named_parameters():
-                p.data = params[name][i]
-            for name, b in replica.named_buffers():
-                b.data = buffers[name][i]
+        generators.restore()
 
     view = StackedView(trainable, buffers, optimizer)
     n_batches = _loader_len(loader)

@@ -60,9 +60,9 @@ class ModelsView:
         """``N``."""
         return len(self.models)
 
-    def columns(self, j: int) -> torch.Tensor:
-        """Tensor ``j`` of every replica, ``[N, numel]``."""
-        return torch.stack([params[j].detach().reshape(-1) for params in self._params])
+    def columns(self, j: int, start: int, stop: int) -> torch.Tensor:
+        """Elements ``start:stop`` of tensor ``j`` of every replica, ``[N, stop - start]``."""
+        return torch.stack([params[j].detach().reshape(-1)[start:stop] for params in self._params])
 
     def grad_norms(self) -> NDArray[np.float64]:
         """Global gradient norm of each replica (NaN when no parameter has a gradient)."""
@@ -115,9 +115,9 @@ class StackedView:
         """``N``."""
         return self._n
 
-    def columns(self, j: int) -> torch.Tensor:
-        """Tensor ``j`` of every replica, ``[N, numel]``."""
-        return self._tensors[j].detach().reshape(self._n, -1)
+    def columns(self, j: int, start: int, stop: int) -> torch.Tensor:
+        """Elements ``start:stop`` of tensor ``j`` of every replica, ``[N, stop - start]``."""
+        return self._tensors[j].detach().reshape(self._n, -1)[:, start:stop]
 
     def grad_norms(self) -> NDArray[np.float64]:
         """Global gradient norm of each replica (NaN when no gradient exists)."""

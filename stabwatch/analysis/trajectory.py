@@ -220,7 +220,7 @@ class StabilityAnalyzer:
             self._diagnostics.append(message)
         warn(message)
 
-    def _begin(self) -> None:
+    def _begin(self, expected_checkpoints: int | None = None) -> None:
         """Make the replicas and record the initial checkpoint."""
         self._clear()
         cfg = self._config
@@ -239,6 +239,7 @@ class StabilityAnalyzer:
             max_exact_bytes=cfg.max_exact_bytes,
             seed=cfg.seed,
             store_dtype=store,
+            expected_checkpoints=expected_checkpoints,
         )
         self._models = models
         self._view = ModelsView(models)
@@ -341,8 +342,9 @@ class StabilityAnalyzer:
             if epoch % interval == 0:
                 self._record(view, float(epoch))
 
+        expected = 1 + n_epochs // interval + (1 if n_epochs % interval else 0)
         with isolated_rng(self._torch_device):
-            self._begin()
+            self._begin(expected)
             models = self._models
             progress = tqdm(
                 total=n * n_epochs, disable=not cfg.verbose, desc="stability analysis", unit="replica-epoch"

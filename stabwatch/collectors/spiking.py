@@ -24,11 +24,13 @@ Any other module is covered with a small adapter, per monitor (``Monitor(...,
 spiking_adapters=[...])``) or for the process (`register_adapter`).
 
 What is accumulated: on a scheduled step, each forward call of a spiking module in training mode adds,
-on the device, its spike count per neuron (summed over time steps and batch) and its membrane moments
-(``sum v``, ``sum v^2``, ``sum threshold``) to per-layer running sums; nothing is moved to the host
-until the record, which reads everything once. A per-step call ``[B, ...]`` counts ``B`` samples, a
-time-major call ``[T, B, ...]`` counts ``T * B`` (see `stabwatch.functional.spiking` for the formulas).
-Calls in eval mode (``module.training`` false) are ignored unless ``training_only=False``.
+on the device, its spikes (a time-major call summed over time first) and its membrane ``v`` and ``v^2``
+elementwise into per-layer float32 running sums, and counts the threshold's elements; at the record the
+sums are reduced to spike counts per neuron and membrane moments (``sum v``, ``sum v^2``,
+``sum threshold``) and reach the host in the record's one copy. A per-step call ``[B, ...]`` counts
+``B`` samples, a time-major call ``[T, B, ...]`` counts ``T * B`` (see `stabwatch.functional.spiking`
+for the formulas). Calls in eval mode (``module.training`` false) are ignored unless
+``training_only=False``.
 
 Which membrane is read: the one the library exposes after the call. snntorch: ``mem`` before the
 reset with the default ``reset_delay=True`` (after it otherwise). spikingjelly: ``v`` after the

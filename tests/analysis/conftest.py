@@ -6,9 +6,9 @@ import warnings
 
 import numpy as np
 import pytest
-from analysis_helpers import LeastSquares
 
 from stabwatch.analysis import AnalysisWarning
+from tests.analysis.analysis_helpers import LeastSquares
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from analysis_helpers import make_train_fn, mlp, mse_step, regression_loader
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -26,6 +25,7 @@ from stabwatch.analysis import (
     TrajectoryMetrics,
 )
 from stabwatch.errors import StabwatchError
+from tests.analysis.analysis_helpers import make_train_fn, mlp, mse_step, regression_loader
 
 
 def _weights(models) -> np.ndarray:

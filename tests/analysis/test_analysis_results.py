@@ -10,10 +10,10 @@ from dataclasses import fields
 
 import numpy as np
 import pytest
-from analysis_helpers import mlp, mse_step, regression_loader
 
 from stabwatch.analysis import AnalysisResults, StabilityAnalyzer
 from stabwatch.errors import StabwatchError
+from tests.analysis.analysis_helpers import mlp, mse_step, regression_loader
 
 pytest.importorskip("matplotlib")
 

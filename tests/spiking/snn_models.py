@@ -61,11 +61,17 @@ def reference(rec: Recorder, dead: float = 0.01, sat: float = 0.9) -> dict[str |
         out[layer] = _firing(rates, dead, sat)
     for layer, items in rec.membrane.items():
         vs = [v.double().numpy().reshape(-1) for v, _ in items]
-        gaps = [
-            (np.broadcast_to(np.asarray(th.double().numpy() if isinstance(th, torch.Tensor) else th), v.shape)
-             - v.double().numpy()).reshape(-1)
-            for v, th in items
-        ] if all(th is not None for _, th in items) else None
+        gaps = (
+            [
+                (
+                    np.broadcast_to(np.asarray(th.double().numpy() if isinstance(th, torch.Tensor) else th), v.shape)
+                    - v.double().numpy()
+                ).reshape(-1)
+                for v, th in items
+            ]
+            if all(th is not None for _, th in items)
+            else None
+        )
         v = np.concatenate(vs)
         all_v.append(v)
         out[layer].update(membrane_mean=v.mean(), membrane_std=v.std(ddof=1))

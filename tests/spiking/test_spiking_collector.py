@@ -16,8 +16,8 @@ from stabwatch.collectors.spiking import ADAPTERS, SpikingAdapter, SpikingCollec
 from stabwatch.metrics import AlertReason
 from tests.spiking.snn_models import (
     FIRING,
-    T,
     Recorder,
+    T,
     TwoLayerSNN,
     assert_matches,
     batch,
@@ -267,15 +267,14 @@ def test_a_failing_adapter_never_stops_training(caplog):
     model = nn.Sequential(nn.Linear(4, 4), Boom())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     adapter = SpikingAdapter(Boom, spikes=broken)
-    with caplog.at_level(logging.WARNING, logger="stabwatch"):
-        with _monitor(model, opt, spiking_adapters=[adapter]) as mon:
-            for _ in range(3):
-                opt.zero_grad()
-                loss = model[0](torch.randn(2, 4)).sum()
-                model(torch.randn(2, 4))
-                loss.backward()
-                opt.step()
-                rec = mon.step(loss=loss)
+    with caplog.at_level(logging.WARNING, logger="stabwatch"), _monitor(model, opt, spiking_adapters=[adapter]) as mon:
+        for _ in range(3):
+            opt.zero_grad()
+            loss = model[0](torch.randn(2, 4)).sum()
+            model(torch.randn(2, 4))
+            loss.backward()
+            opt.step()
+            rec = mon.step(loss=loss)
     assert rec.grad_norm is not None and rec.firing_rate_mean is None
     warnings = [r for r in caplog.records if "spiking hook failed" in r.getMessage()]
     assert len(warnings) == 1 and "adapter bug" in warnings[0].getMessage()

@@ -1,0 +1,202 @@
+"""`stabwatch.StabilityMonitor` and the module functions of stabwatch.compat, against the formulas of
+the hand-written SNN monitors (re-implemented here in numpy) and scripted runs for the rule answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import stabwatch as sw
+from stabwatch import StabilityMonitor
+from stabwatch.compat import analyze_weight_spectrum, compute_spectral_radius
+from stabwatch.metrics import AlertReason
+
+
+def _spikes(shape, p, seed=0):
+    return (torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < p).float()
+
+
+def _ref_firing(spikes: np.ndarray, dead=0.01, sat=0.9):
+    """The hand-written monitors' formula: (B, T, H) -> mean over T then B; (T, H) -> mean over T."""
+    s = spikes.astype(np.float64)
+    if s.ndim == 3:
+        rates = s.mean(axis=1)
+    elif s.ndim == 2:
+        rates = s.mean(axis=0, keepdims=True)
+    else:
+        rates = s[None]
+    r = rates.mean(axis=0)
+    return r.mean(), r.std(ddof=1), np.mean(r < dead), np.mean(r > sat)
+
+
+@pytest.mark.parametrize("shape", [(6, 10, 30), (10, 30), (30,)])
+def test_firing_stats_match_the_hand_written_formula(shape):
+    s = _spikes(shape, 0.3, seed=len(shape))
+    mon = StabilityMonitor()
+    np.testing.assert_allclose(mon.compute_firing_stats(s), _ref_firing(s.numpy()), rtol=1e-9, atol=1e-12)
+    # thresholds that no rate k / (B * T) equals (at a tie the two summation orders may round apart)
+    mon = StabilityMonitor(dead_threshold=0.213, saturated_threshold=0.411)
+    np.testing.assert_allclose(mon.compute_firing_stats(s), _ref_firing(s.numpy(), 0.213, 0.411), rtol=1e-9, atol=1e-12)
+
+
+def test_four_dim_spikes_are_batch_time_features():
+    s = _spikes((4, 7, 3, 5), 0.5, seed=1)
+    rates = s.double().mean(dim=(0, 1)).reshape(-1).numpy()
+    got = StabilityMonitor().compute_firing_stats(s)
+    np.testing.assert_allclose(got, [rates.mean(), rates.std(ddof=1), np.mean(rates < 0.01), np.mean(rates > 0.9)])
+
+
+def test_membrane_and_gradient_norm():
+    v = torch.randn(5, 7, 11, generator=torch.Generator().manual_seed(2)) * 0.3 - 0.4
+    mean, std = StabilityMonitor().compute_membrane_stats(v)
+    assert mean == pytest.approx(v.double().mean().item(), rel=1e-6)
+    assert std == pytest.approx(v.double().std().item(), rel=1e-6)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    assert StabilityMonitor().compute_gradient_norm(model) == 0.0  # no gradients yet
+    model(torch.randn(4, 5)).pow(2).sum().backward()
+    ref = sum(float(np.sum(p.grad.double().numpy() ** 2)) for p in model.parameters()) ** 0.5
+    assert StabilityMonitor().compute_gradient_norm(model) == pytest.approx(ref, rel=1e-6)
+
+
+def test_gradient_singular_values_against_numpy():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 6))
+    (model(torch.randn(3, 12)) - torch.randn(3, 6)).pow(2).sum().backward()  # batch 3: rank <= 3 gradients
+    mon = StabilityMonitor()
+    out = mon.compute_gradient_singular_values(model, top_k=4)
+    assert set(out) == {"0.weight", "2.weight"}  # 2-D parameters only
+    conds = []
+    for name, (top, cond) in out.items():
+        g = dict(model.named_parameters())[name].grad.double().numpy()
+        s = np.linalg.svd(g, compute_uv=False)
+        tol = s[0] * max(g.shape) * np.finfo(np.float32).eps
+        nonzero = s[s > tol]
+        r = len(nonzero)
+        assert 1 <= r <= 3 and len(top) == 4
+        np.testing.assert_allclose(top[:r], s[:r], rtol=1e-5)
+        assert np.all(top[r:] < tol)  # the rest is float32 round-off
+        assert cond == pytest.approx(s[0] / nonzero[-1], rel=1e-4)
+        conds.append(cond)
+    max_sv, min_sv, avg_cond = mon.get_aggregate_gradient_sv(model)
+    all_s = {n: np.linalg.svd(dict(model.named_parameters())[n].grad.double().numpy(), compute_uv=False) for n in out}
+    assert max_sv == pytest.approx(max(s[0] for s in all_s.values()), rel=1e-5)
+    assert avg_cond == pytest.approx(np.mean(conds), rel=1e-6)
+    assert min_sv > 0
+    assert StabilityMonitor().get_aggregate_gradient_sv(nn.Linear(2, 2)) == (0.0, 0.0, 1.0)
+
+
+def test_compute_returns_a_record_with_every_field():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(6, 10), nn.Linear(10, 4))
+    model(torch.randn(5, 6)).sum().backward()
+    spikes = _spikes((5, 8, 10), 0.25, seed=3)
+    mem = torch.randn(5, 8, 10, generator=torch.Generator().manual_seed(4))
+    mon = StabilityMonitor()
+    m = mon.compute(model, lyapunov=torch.tensor(0.05), spikes=spikes, membrane=mem, compute_sv=True)
+    assert isinstance(m, sw.StabilityMetrics) and m.step == 0
+    assert m.lyapunov == pytest.approx(0.05)
+    np.testing.assert_allclose(
+        [m.firing_rate_mean, m.firing_rate_std, m.dead_neuron_frac, m.saturated_neuron_frac],
+        _ref_firing(spikes.numpy()),
+        rtol=1e-9,
+    )
+    assert m.membrane_mean == pytest.approx(mem.double().mean().item(), rel=1e-5)
+    assert m.membrane_std == pytest.approx(mem.double().std().item(), rel=1e-5)
+    assert m.grad_norm == pytest.approx(mon.compute_gradient_norm(model))
+    assert (m.grad_max_sv, m.grad_min_sv) == pytest.approx(mon.get_aggregate_gradient_sv(model)[:2])
+    assert m.layers["network"]["dead_neuron_frac"] == m.dead_neuron_frac
+    assert set(m.layers["0"]) == {"grad_max_sv", "grad_min_sv", "grad_condition"}
+    assert "fr=" in str(m) and mon.lyap_history == [pytest.approx(0.05)] and len(mon.fr_history) == 1
+    m2 = mon.compute(model)
+    assert m2.step == 1 and m2.firing_rate_mean is None and m2.grad_max_sv is None
+
+
+def test_compute_per_layer_dicts_pool_all_neurons():
+    a, b = _spikes((4, 6, 10), 0.1, seed=5), _spikes((4, 6, 30), 0.6, seed=6)
+    va, vb = torch.randn(40), torch.randn(90) + 1.0
+    m = StabilityMonitor().compute(nn.Linear(2, 2), spikes={"l1": a, "l2": b}, membrane={"l1": va, "l2": vb})
+    for name, s in (("l1", a), ("l2", b)):
+        np.testing.assert_allclose(
+            [m.layers[name][f] for f in ("firing_rate_mean", "firing_rate_std", "dead_neuron_frac")],
+            _ref_firing(s.numpy())[:3],
+            rtol=1e-9,
+        )
+    rates = np.concatenate([a.double().mean(dim=(0, 1)).numpy(), b.double().mean(dim=(0, 1)).numpy()])
+    assert m.firing_rate_mean == pytest.approx(rates.mean()) and m.firing_rate_std == pytest.approx(rates.std(ddof=1))
+    allv = torch.cat([va, vb]).double()
+    assert m.membrane_mean == pytest.approx(allv.mean().item(), rel=1e-6)
+    assert m.membrane_std == pytest.approx(allv.std().item(), rel=1e-6)
+    assert m.layers["l2"]["membrane_mean"] == pytest.approx(vb.double().mean().item(), rel=1e-6)
+
+
+def _run(mon, n, grad_scale=lambda i: 1.0, spikes=None, lyap=None):
+    model = nn.Linear(4, 4)
+    for i in range(n):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 0.1 * grad_scale(i))
+        mon.compute(model, spikes=spikes(i) if spikes else None, lyapunov=lyap(i) if lyap else None)
+    return mon
+
+
+def test_trends_healthy_run():
+    mon = _run(StabilityMonitor(), 12, spikes=lambda i: _spikes((4, 10, 20), 0.3, seed=i), lyap=lambda i: -0.1)
+    assert mon.get_trends() == {"lyapunov": "→ STABLE", "gradients": "✓ STABLE", "firing": "✓ HEALTHY"}
+    assert _run(StabilityMonitor(), 9).get_trends() == {}  # the hand-written monitors wait for 10 values
+
+
+def test_trends_dead_network_and_diagnosis_name_the_layer():
+    mon = _run(StabilityMonitor(), 12, spikes=lambda i: torch.zeros(4, 10, 20))
+    assert mon.get_trends()["firing"] == "⚠️ DEAD NETWORK"
+    reasons = {a.reason for a in mon.alerts}
+    assert AlertReason.DEAD_NEURONS in reasons and AlertReason.SILENT_LAYER in reasons
+    text = mon.diagnose()
+    assert text.startswith("=== Stability Diagnosis ===") and "firing: ⚠️ DEAD NETWORK" in text
+    assert "[network]" in text and "try:" in text
+
+
+def test_trends_saturated_exploding_and_lyapunov():
+    mon = _run(StabilityMonitor(), 12, spikes=lambda i: torch.ones(4, 10, 20))
+    assert mon.get_trends()["firing"] == "⚠️ SATURATED"
+
+    mon = _run(StabilityMonitor(), 14, grad_scale=lambda i: 1.0 if i < 12 else 1000.0)
+    assert mon.get_trends()["gradients"] == "⚠️ EXPLODING"
+    assert any(a.reason == AlertReason.EXPLODING_GRADIENT for a in mon.alerts)
+
+    mon = _run(StabilityMonitor(), 30, grad_scale=lambda i: 1e-9)
+    assert mon.get_trends()["gradients"] == "⚠️ VANISHING"
+
+    mon = _run(StabilityMonitor(), 25, lyap=lambda i: -1.0 + 0.05 * i)  # rising through 0
+    assert mon.get_trends()["lyapunov"] == "⚠️ INCREASING (becoming unstable)"
+    mon = _run(StabilityMonitor(), 25, lyap=lambda i: 0.5 - 0.05 * i)
+    assert mon.get_trends()["lyapunov"] == "✓ DECREASING (stabilizing)"
+    mon = _run(StabilityMonitor(), 12, lyap=lambda i: 0.3 + 0.01 * (-1) ** i)
+    assert mon.get_trends()["lyapunov"] == "⚠️ CHAOTIC (positive for several records)"
+
+
+def test_history_is_bounded_and_options_validated():
+    mon = _run(StabilityMonitor(history_size=5), 12, lyap=lambda i: float(i))
+    assert mon.lyap_history == [7.0, 8.0, 9.0, 10.0, 11.0] and len(mon.records) == 5 and len(mon.grad_history) == 5
+    with pytest.raises(sw.StabwatchError, match="dead_threshold < saturated_threshold"):
+        StabilityMonitor(dead_threshold=0.9, saturated_threshold=0.1)
+    with pytest.raises(sw.StabwatchError, match="history_size must be a positive int"):
+        StabilityMonitor(history_size=0)
+    with pytest.raises(sw.StabwatchError, match="spikes must be a tensor or a non-empty"):
+        StabilityMonitor().compute(nn.Linear(2, 2), spikes=[torch.zeros(3)])  # type: ignore[arg-type]
+
+
+def test_spectral_radius_functions_against_numpy():
+    w = torch.randn(16, 16, generator=torch.Generator().manual_seed(7))
+    assert compute_spectral_radius(w) == pytest.approx(np.max(np.abs(np.linalg.eigvals(w.double().numpy()))), rel=1e-12)
+    with pytest.raises(sw.StabwatchError, match=r"square 2-D matrix, got shape \(3, 4\)"):
+        compute_spectral_radius(torch.zeros(3, 4))
+    torch.manual_seed(3)
+    model = nn.ModuleDict({"rnn": nn.RNN(5, 7), "fc": nn.Linear(7, 7), "out": nn.Linear(7, 2)})
+    got = analyze_weight_spectrum(model)
+    assert set(got) == {"rnn.weight_hh_l0", "fc.weight"}
+    for name, rho in got.items():
+        ref = np.max(np.abs(np.linalg.eigvals(dict(model.named_parameters())[name].double().detach().numpy())))
+        assert rho == pytest.approx(ref, rel=1e-10)
