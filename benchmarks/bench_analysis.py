@@ -204,10 +204,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.worker:
-        if args.worker == "time":
-            out = _worker_time(args.tool)
-        else:
-            out = _worker_memory(args.tool)
+        out = _worker_time(args.tool) if args.worker == "time" else _worker_memory(args.tool)
         print(RESULT + json.dumps(out), flush=True)
         return
 

@@ -42,6 +42,9 @@ class MonitorConfig(BaseModel):
         max_records: how many records `Monitor.records` keeps in memory (oldest dropped).
         per_layer: emit per-layer values.
         seed: seed of the monitor's own RNG (random probes); training's RNG is never touched.
+        nonfinite_mode: ``"lazy"`` (activations are reduced only on a step whose loss or gradients came
+            out non-finite) or ``"eager"`` (every output reduced in its hook; catches NaNs that never
+            reach the loss). See `stabwatch.collectors.nonfinite`.
         grad_sv_top_k / grad_sv_exact_max_dim: options of the gradient-spectrum family.
         spectral_radius: ``"recurrent"`` (RNN/LSTM/GRU hidden weights), ``"square"`` or ``"none"``.
         spiking_adapters: `stabwatch.collectors.spiking.SpikingAdapter` s for custom spiking modules (tried before the
@@ -58,6 +61,7 @@ class MonitorConfig(BaseModel):
     max_records: int = Field(default=1000, ge=0)
     per_layer: bool = True
     seed: int = 0
+    nonfinite_mode: Literal["lazy", "eager"] = "lazy"
     grad_sv_top_k: int = Field(default=3, ge=1)
     grad_sv_exact_max_dim: int = Field(default=256, ge=1)
     spectral_radius: Literal["recurrent", "square", "none"] = "recurrent"
@@ -227,6 +231,8 @@ class Monitor:
                 kwargs.update(top_k=cfg.grad_sv_top_k, exact_max_dim=cfg.grad_sv_exact_max_dim)
             if family == "spectral":
                 kwargs["radius"] = cfg.spectral_radius
+            if family == "nonfinite":
+                kwargs["mode"] = cfg.nonfinite_mode
             if family == "spiking":
                 kwargs.update(
                     adapters=cfg.spiking_adapters,

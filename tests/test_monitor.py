@@ -406,3 +406,53 @@ def test_state_dict_round_trip():
         mon2.load_state_dict(state)
         recs = train(model, opt, 2, monitor=mon2)
     assert [r.step for r in recs] == [4, 5]
+
+
+@pytest.mark.parametrize("mode", ["lazy", "eager"])
+def test_nonfinite_modes_name_the_same_module(mode):
+    class Log(nn.Module):
+        def forward(self, x):
+            return torch.log(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("enc", nn.Linear(4, 4))
+    model.add_module("act", Log())
+    model.add_module("head", nn.Linear(4, 1))
+    with torch.no_grad():
+        model.enc.weight.copy_(torch.eye(4))
+        model.enc.bias.zero_()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with sw.Monitor(model, opt, preset="cheap", nonfinite_mode=mode) as mon:
+        loss = model(torch.randn(8, 4).abs() + 1).mean()  # healthy step first
+        loss.backward()
+        opt.step()
+        ok = mon.step(loss=loss)
+        opt.zero_grad()
+        loss = model(torch.randn(8, 4) - 5).mean()
+        loss.backward()
+        opt.step()
+        bad = mon.step(loss=loss)
+    assert ok.nonfinite is False and ok.nonfinite_source is None
+    assert bad.nonfinite is True and bad.nonfinite_source == "act"
+
+
+def test_eager_mode_catches_a_nan_that_never_reaches_the_loss():
+    class MaskedLog(nn.Module):  # NaN in the output, but the masked branch keeps the loss finite
+        def forward(self, x):
+            y = torch.log(x)
+            return y
+
+    model = nn.Sequential()
+    model.add_module("enc", nn.Linear(2, 2))
+    model.add_module("log", MaskedLog())
+    x = -torch.ones(3, 2) * 100
+    for mode, expected in (("lazy", False), ("eager", True)):
+        with sw.Monitor(model, preset="cheap", nonfinite_mode=mode) as mon:
+            with torch.no_grad():
+                out = model.log(x)
+            assert torch.isnan(out).any()
+            model(x.abs())  # a finite training forward
+            model.log(x).detach()  # a NaN output that does not reach the loss
+            rec = mon.step(loss=1.0)
+        assert rec.nonfinite is expected

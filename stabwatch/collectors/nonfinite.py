@@ -1,12 +1,15 @@
 """Non-finite detection that names the layer.
 
-Every forward call of a leaf module that can *create* a non-finite value adds one on-device flag,
+The outputs of the leaf modules that can *create* a non-finite value are checked with
 ``not isfinite(sum(output))`` (one reduction pass, summed in float32 for half-precision outputs; a
 finite float32 output could only sum to inf above ~3e38, i.e. at activations of ~1e30, which is
-reported as non-finite too). Modules that map finite inputs to finite outputs (ReLU family, Tanh,
+reported as non-finite too). By default this is *lazy*: a hook only keeps a reference to the output,
+and the reductions run only on a step whose loss or gradient norm came out non-finite (healthy steps
+pay a list append per call). ``mode="eager"`` reduces every output in its hook instead. Modules
+that map finite inputs to finite outputs (ReLU family, Tanh,
 Sigmoid, Dropout, pooling, Flatten, Identity) are not hooked: a non-finite value cannot first appear
-there, so checking them would only cost time. At the record the flags are synced
-with everything else and the first module *in execution order* whose output went non-finite is named.
+there, so checking them would only cost time. The first module *in execution order* whose output
+went non-finite is named.
 If all activations were finite but a gradient is not, the module named is the first one in backward
 execution order (the last in forward order) whose gradient norm is non-finite: where the NaN entered
 the backward pass. Otherwise a non-finite loss is reported as ``"loss"``.
@@ -74,14 +77,38 @@ def first_tensor(out: Any) -> torch.Tensor | None:
 
 
 class NonFiniteCollector(Collector):
+    """Detect NaN/Inf in loss, gradients and activations, and name where it appeared first.
+
+    Args:
+        mode: ``"lazy"`` (default) keeps a reference to each checked module output of the step (no
+            computation in the hook) and reduces them only when the loss or a gradient came out
+            non-finite — a second, small device->host copy on that failing step only. ``"eager"``
+            reduces every output in its hook (one ``sum`` per call) and also catches a non-finite
+            activation whose effect never reached the loss or the gradients.
+        max_held: in lazy mode, how many outputs one step may hold; calls beyond it (a long
+            unrolled loop, evaluation batches between two steps) are reduced eagerly instead.
+
+    Outputs are only held from forward passes run with autograd enabled (training passes); an
+    evaluation loop under ``torch.no_grad()`` between two steps is not checked.
+    """
+
     family = "nonfinite"
     always_collect = True
 
+    def __init__(self, every: Any = 1, mode: str = "lazy", max_held: int = 4096) -> None:
+        super().__init__(every)
+        if mode not in ("lazy", "eager"):
+            from stabwatch.errors import StabwatchError
+
+            raise StabwatchError(f"nonfinite mode: expected 'lazy' or 'eager', got {mode!r}")
+        self.mode = mode
+        self.max_held = max_held
+
     def setup(self, ctx: MonitorContext) -> None:
         self._names: list[str] = []
-        self._flags: list[torch.Tensor] = []
-        self._calls: list[int] = []
+        self._reset()
         self._order_done = False
+        self._last: tuple[list[int], list[torch.Tensor | None]] = ([], [])
         for i, (name, module) in enumerate(
             (n, m)
             for n, m in ctx.model.named_modules()
@@ -90,50 +117,68 @@ class NonFiniteCollector(Collector):
             self._names.append(name or "(root)")
             self.hook(module.register_forward_hook(self.guard(self._make_hook(i))))
 
+    def _reset(self) -> None:
+        self._calls: list[int] = []
+        self._held: list[torch.Tensor | None] = []  # lazy: the output; None where a flag was taken
+        self._flags: list[torch.Tensor] = []  # eager flags (one per call with a None in _held)
+        self._flag_calls: list[int] = []
+
     def _make_hook(self, index: int) -> Any:
         def _hook(module: nn.Module, args: Any, out: Any) -> None:
-            if not self.active:
+            if not self.active or (self.mode == "lazy" and not torch.is_grad_enabled()):
                 return
             t = first_tensor(out)
             if t is None:
                 return
-            with torch.no_grad():
-                d = t.detach()
-                total = d.sum(dtype=torch.float32) if d.dtype in (torch.float16, torch.bfloat16) else d.sum()
-                self._flags.append(~torch.isfinite(total))
             self._calls.append(index)
+            if self.mode == "lazy" and len(self._held) < self.max_held:
+                self._held.append(t.detach())
+                return
+            self._held.append(None)
+            self._flags.append(_nonfinite_flag(t))
+            self._flag_calls.append(index)
 
         return _hook
 
     def teardown(self) -> None:
-        self._flags, self._calls = [], []
+        self._reset()
+        self._last = ([], [])
 
     def begin_step(self, step: int) -> None:
-        self._flags, self._calls = [], []
+        self._reset()
 
     def collect(self, step: int, readout: Readout, loss: torch.Tensor | None, batch: Any) -> None:
         if self._flags:
-            devices = {f.device for f in self._flags}
-            dev = next(iter(devices))
-            flags = torch.stack([f.to(dev) for f in self._flags]) if len(devices) > 1 else torch.stack(self._flags)
-            readout.add_internal("nonfinite_flags", flags.to(torch.float64))
+            dev = self._flags[0].device
+            readout.add_internal("nonfinite_flags", torch.stack([f.to(dev) for f in self._flags]).double())
         if not self._order_done and self._calls and self.ctx is not None:
-            seen: list[str] = []
-            for i in self._calls:
-                if self._names[i] not in seen:
-                    seen.append(self._names[i])
-            self.ctx.module_order[:] = seen
+            self.ctx.module_order[:] = list(dict.fromkeys(self._names[i] for i in self._calls))
             self._order_done = True
-        self._last_calls = self._calls
-        self._flags, self._calls = [], []
+        self._last = (self._calls, self._held)
+        self._last_flag_calls = self._flag_calls
+        self._reset()
+
+    def _first_bad_output(self, readout: Readout, suspicious: bool) -> str | None:
+        calls, held = self._last
+        eager = dict(zip(range(len(self._last_flag_calls)), readout.internal("nonfinite_flags")))
+        lazy_idx = [i for i, h in enumerate(held) if h is not None]
+        lazy_flags: dict[int, float] = {}
+        if suspicious and lazy_idx:  # the rare failing step: reduce the held outputs now
+            flags = torch.stack([_nonfinite_flag(held[i]).cpu() for i in lazy_idx])  # type: ignore[arg-type]
+            lazy_flags = dict(zip(lazy_idx, flags.tolist()))
+        k = 0
+        for pos, (call, h) in enumerate(zip(calls, held)):
+            bad = lazy_flags.get(pos, 0.0) if h is not None else eager.get(k, 0.0)
+            if h is None:
+                k += 1
+            if bad:
+                return self._names[call]
+        return None
 
     def finish(self, step: int, readout: Readout, record: Any) -> None:
-        flags = readout.internal("nonfinite_flags")
-        source: str | None = None
-        for i, flag in zip(self._last_calls, flags, strict=False):
-            if flag:
-                source = self._names[i]
-                break
+        grad_bad = record.grad_norm is not None and not math.isfinite(record.grad_norm)
+        loss_bad = record.loss is not None and not math.isfinite(record.loss)
+        source = self._first_bad_output(readout, suspicious=grad_bad or loss_bad)
         if source is None:
             bad = [
                 layer
@@ -144,10 +189,17 @@ class NonFiniteCollector(Collector):
                 order = self.ctx.module_order if self.ctx is not None else []
                 rank = {name: i for i, name in enumerate(order)}
                 source = max(bad, key=lambda layer: rank.get(layer, -1))
-        if source is None and record.grad_norm is not None and not math.isfinite(record.grad_norm):
+        if source is None and grad_bad:
             source = "gradients"
-        if source is None and record.loss is not None and not math.isfinite(record.loss):
+        if source is None and loss_bad:
             source = "loss"
         record.nonfinite = source is not None
         record.nonfinite_source = source
-        self._last_calls = []
+        self._last = ([], [])
+
+
+def _nonfinite_flag(t: torch.Tensor) -> torch.Tensor:
+    """``not isfinite(sum(t))`` on the device: one reduction, float32 accumulation for half types."""
+    d = t.detach()
+    total = d.sum(dtype=torch.float32) if d.dtype in (torch.float16, torch.bfloat16) else d.sum()
+    return ~torch.isfinite(total)
