@@ -21,6 +21,11 @@ check: lint types test
 bench:
 	$(PY) benchmarks/bench_overhead.py
 	$(PY) benchmarks/bench_svd.py
+	$(PY) benchmarks/bench_snn.py
+	$(PY) benchmarks/bench_shadow.py
+	$(PY) benchmarks/bench_sinks.py
+	$(PY) benchmarks/bench_alerts.py
+	$(PY) benchmarks/bench_analysis.py
 
 demo:
 	stabwatch demo

@@ -10,9 +10,11 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
 "$PY" -m pip install -q -e ".[dev]"
-# spikingjelly / norse: --no-deps (they declare torchvision), plus what they really import.
-"$PY" -m pip install -q --no-deps "spikingjelly==2.0.0" "norse==1.1.0" 2>/dev/null \
-  || "$PY" -m pip install -q --no-deps spikingjelly norse 2>/dev/null \
+# spikingjelly / norse: --no-deps (they declare torchvision, which has no CPU build here), plus what
+# they really import: spikingjelly -> loguru; norse -> nir, nirtorch; nir -> h5py. norse 1.1.0 is an
+# sdist built with setuptools_scm.
+"$PY" -m pip install -q setuptools_scm loguru h5py
+"$PY" -m pip install -q --no-deps --no-build-isolation "spikingjelly==2.0.0" "norse==1.1.0" nir nirtorch \
   || echo "setup: spikingjelly/norse not installed; their tests will be skipped" >&2
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 __all__ = ["main"]
 
 #: (module, ) providing ``add_parser(subparsers)``; each sets ``func(args) -> int`` on its parser.
-_SUBCOMMANDS: tuple[str, ...] = ("stabwatch.demo",)
+_SUBCOMMANDS: tuple[str, ...] = ("stabwatch.demo", "stabwatch.replay", "stabwatch.report")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

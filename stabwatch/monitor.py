@@ -16,8 +16,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from stabwatch.collectors import FAMILIES, PRESETS, Collector, MonitorContext, Readout
 from stabwatch.alerts.actions import instability_error
+from stabwatch.collectors import FAMILIES, PRESETS, Collector, MonitorContext, Readout
 from stabwatch.errors import InstabilityError, StabwatchError
 from stabwatch.metrics import Alert, StabilityMetrics
 
@@ -349,7 +349,9 @@ class Monitor:
             try:
                 self._guard.before_step(self._step)
             except Exception as exc:  # noqa: BLE001 - the guard never kills training
-                log.warning("stabwatch: skip-step guard failed at step %d (%s: %s)", self._step, type(exc).__name__, exc)
+                log.warning(
+                    "stabwatch: skip-step guard failed at step %d (%s: %s)", self._step, type(exc).__name__, exc
+                )
         self._hook_time += time.perf_counter() - t0
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -358,7 +360,9 @@ class Monitor:
             try:
                 self._guard.after_step()
             except Exception as exc:  # noqa: BLE001
-                log.warning("stabwatch: skip-step guard failed to restore step %d (%s: %s)", self._step, type(exc).__name__, exc)
+                log.warning(
+                    "stabwatch: skip-step guard failed to restore step %d (%s: %s)", self._step, type(exc).__name__, exc
+                )
         for c in self._collectors:
             if c.active:
                 try:

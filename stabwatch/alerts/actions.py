@@ -99,9 +99,7 @@ def parse_raise_on(value: Any) -> Severity | None:
     except ValueError:
         sev = None
     if sev is None or sev is Severity.INFO:
-        raise StabwatchError(
-            f"raise_on: expected None, True, 'warning' or 'critical', got {value!r}"
-        )
+        raise StabwatchError(f"raise_on: expected None, True, 'warning' or 'critical', got {value!r}")
     return sev
 
 
@@ -307,9 +305,7 @@ class StepGuard:
                 metric="grad_norm",
                 value=norm,
                 message=f"optimizer step skipped: {why}; parameters and optimizer state restored",
-                suggestion=(
-                    "frequent skips mean the run is unstable: lower the learning rate or clip gradients"
-                ),
+                suggestion=("frequent skips mean the run is unstable: lower the learning rate or clip gradients"),
             )
         )
 

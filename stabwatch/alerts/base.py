@@ -32,7 +32,7 @@ from __future__ import annotations
 import bisect
 import collections
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, NamedTuple
 
 from stabwatch.errors import StabwatchError
@@ -67,12 +67,20 @@ class Verdict(NamedTuple):
         triggered: the condition holds.
         value: the value that was judged.
         detail: the numbers, phrased to follow the metric name ("3.2e+04 is 11x its 50-step median
-            2.9e+03"); used for the alert (when triggered) or the recovery message (when not).
+            2.9e+03"); used for the alert (when triggered) or the recovery message (when not). A
+            zero-argument callable is accepted, so the text is only built when an alert needs it.
+        urgent: the condition is so far past its threshold that the rule's ``patience`` is waived.
     """
 
     triggered: bool
     value: float
-    detail: str
+    detail: str | Callable[[], str]
+    urgent: bool = False
+
+    @property
+    def text(self) -> str:
+        """`detail` as a string."""
+        return self.detail if isinstance(self.detail, str) else self.detail()
 
 
 class RecordView:
@@ -126,8 +134,16 @@ class Binding:
                 self.field = _KEY_TO_FIELD[head]
                 self.layer = "/".join(parts[2:]) or None
             return
-        self.kind = "field"
-        self.field = self._check_field(spec, spec)
+        if spec in METRIC_FIELDS:
+            self.kind = "field"
+            self.field = spec
+        else:  # a free label: fine for a rule fed by hand, refused by the engine (`validate`)
+            self.kind = "label"
+
+    def validate(self) -> None:
+        """Raise unless the engine can feed this binding from records."""
+        if self.kind == "label":
+            self._check_field(self.spec, self.spec)
 
     @staticmethod
     def _check_field(name: str, spec: str) -> str:
@@ -153,6 +169,8 @@ class Binding:
         """``[(layer or None, value or None)]`` for one record."""
         record = view.record
         field = self.field
+        if self.kind == "label":
+            return []
         if self.kind == "field":
             return [(None, getattr(record, field))]  # type: ignore[arg-type]
         if self.kind == "layers":
@@ -192,6 +210,11 @@ class _Stream:
         self.calm = 0
         self.last_alert: int | None = None
         self.since: int | None = None
+
+
+def describe_span(n: int, first: int, last: int) -> str:
+    """``"50-step"`` when a window covers consecutive steps, else ``"20-value (steps a-b)"``."""
+    return f"{n}-step" if last - first + 1 == n else f"{n}-value (steps {first}-{last})"
 
 
 class _Window:
@@ -234,13 +257,12 @@ class _Window:
         mid = n // 2
         return dev[mid] if n % 2 else 0.5 * (dev[mid - 1] + dev[mid])
 
+    def span(self) -> tuple[int, int, int]:
+        """``(n, first step, last step)``, for `describe_span`."""
+        return len(self.values), self.steps[0], self.steps[-1]
+
     def describe(self) -> str:
-        """``"50-step"`` when the window covers consecutive steps, else ``"last-20-value (steps a-b)"``."""
-        n = len(self.values)
-        first, last = self.steps[0], self.steps[-1]
-        if last - first + 1 == n:
-            return f"{n}-step"
-        return f"{n}-value (steps {first}-{last})"
+        return describe_span(*self.span())
 
     def state(self) -> dict[str, Any]:
         return {"values": list(self.values), "steps": list(self.steps)}
@@ -292,12 +314,14 @@ class Rule:
 
     Args:
         metric: what the rule watches (a field, ``"layers:<field>"``, ``"layers_rel:<field>"`` or a flat
-            key); a rule used stand-alone through `update` may pass any label.
+            key); a rule fed by hand through `update` may use any label (`AlertEngine` refuses a
+            label that is not a record field, naming the allowed ones).
         name: the rule's name in alerts and in the engine's state (defaults to the class's default).
         severity: ``"info"``, ``"warning"`` or ``"critical"``.
         reason: the `AlertReason` put on alerts (defaults to the rule type's).
         suggestion: what to try, copied into every alert.
-        patience: consecutive observations the condition must hold before the first alert.
+        patience: consecutive observations the condition must hold before the first alert (waived for
+            an *urgent* verdict, e.g. a ratio past `RatioRule`'s ``instant_factor``).
         cooldown: minimum number of steps between two alerts of the same stream.
         clear_after: consecutive calm observations that end an episode.
         report_recovery: emit a ``recovered`` info alert when an episode ends.
@@ -400,7 +424,8 @@ class Rule:
             s.calm = 0
             if s.active:
                 return None
-            if s.streak >= self.patience and (s.last_alert is None or step - s.last_alert >= self.cooldown):
+            ready = s.streak >= self.patience or verdict.urgent
+            if ready and (s.last_alert is None or step - s.last_alert >= self.cooldown):
                 s.active = True
                 s.last_alert = step
                 s.since = step
@@ -445,7 +470,8 @@ class Rule:
         return " ".join(part for part in (self.subject(layer), detail) if part)
 
     def _make_alert(self, step: int, layer: str | None, verdict: Verdict) -> Alert:
-        held = f" (held for {self.patience} observations)" if self.patience > 1 else ""
+        streak = self._stream(layer).streak
+        held = f" (held for {streak} observations)" if streak > 1 else ""
         return Alert(
             rule=self.name,
             reason=self.reason,
@@ -454,7 +480,7 @@ class Rule:
             metric=self.label,
             layer=layer,
             value=verdict.value,
-            message=self._message(layer, verdict.detail) + held,
+            message=self._message(layer, verdict.text) + held,
             suggestion=self.suggestion,
         )
 
@@ -468,7 +494,7 @@ class Rule:
             metric=self.label,
             layer=layer,
             value=verdict.value,
-            message=f"recovered: {self._message(layer, verdict.detail)}{began}",
+            message=f"recovered: {self._message(layer, verdict.text)}{began}",
         )
 
     # --- state ------------------------------------------------------------------------------------------
@@ -501,9 +527,7 @@ class Rule:
         """Restore what `state_dict` returned."""
         kind = state.get("type")
         if kind is not None and kind != type(self).__name__:
-            raise StabwatchError(
-                f"rule {self.name!r}: state is for a {kind}, this rule is a {type(self).__name__}"
-            )
+            raise StabwatchError(f"rule {self.name!r}: state is for a {kind}, this rule is a {type(self).__name__}")
         self._streams = {}
         for item in state["streams"]:
             s = _Stream(self._load_state(item["det"]))

@@ -60,10 +60,11 @@ class AlertEngine:
     def add(self, rule: Rule) -> AlertEngine:
         """Add a rule (its name must be new)."""
         if not isinstance(rule, Rule):
-            raise StabwatchError(
-                f"AlertEngine: expected a stabwatch.alerts Rule, got {type(rule).__name__} ({rule!r})"
-            )
+            raise StabwatchError(f"AlertEngine: expected a stabwatch.alerts Rule, got {type(rule).__name__} ({rule!r})")
         check_unique_names([*self._rules, rule])
+        for r in [rule, *getattr(rule, "children", [])]:
+            if r.binding is not None:
+                r.binding.validate()
         self._rules.append(rule)
         return self
 

@@ -252,7 +252,7 @@ def train_vectorized(
         raise
     except StopIteration:
         raise StabwatchError("train_loader is empty") from None
-    except Exception as exc:  # noqa: BLE001 - any failure of vmap means: train sequentially
+    except Exception as exc:  # any failure of vmap means: train sequentially
         if step.vectorize:
             raise StabwatchError(f"TrainStep(vectorize=True) but vmap failed on this model: {exc}") from exc
         logger.info("vectorised training not possible (%s: %s): training replicas one by one", type(exc).__name__, exc)

@@ -68,7 +68,7 @@ class ModelsView:
         """Global gradient norm of each replica (NaN when no parameter has a gradient)."""
         out = np.full(self.n_replicas, np.nan)
         for i, params in enumerate(self._params):
-            squares = [p.grad.detach().double().square().sum() for p in params if p.grad is not None]
+            squares = [p.grad.detach().to("cpu").double().square().sum() for p in params if p.grad is not None]
             if squares:
                 out[i] = float(torch.stack(squares).sum().sqrt())
         return out
@@ -126,7 +126,7 @@ class StackedView:
         for t in self._tensors:
             if t.grad is not None:
                 seen = True
-                total += t.grad.detach().reshape(self._n, -1).double().square().sum(dim=1).cpu()
+                total += t.grad.detach().reshape(self._n, -1).to("cpu").double().square().sum(dim=1)
         if not seen:
             return np.full(self._n, np.nan)
         return np.sqrt(total.numpy())

@@ -128,9 +128,7 @@ class _SinkWorker:
         self.params = params
         spill_root = resolve_spill_dir(getattr(sink, "spill_dir", None) or spill_dir)
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        self.spill_path = (
-            spill_root / f"{self.name}-{os.getpid()}-{stamp}-{id(self) % 10_000:04d}-{index}.jsonl"
-        )
+        self.spill_path = spill_root / f"{self.name}-{os.getpid()}-{stamp}-{id(self) % 10_000:04d}-{index}.jsonl"
         self.queue_size = max(1, int(queue_size))
         self.batch_size = max(1, int(batch_size))
         self.close_timeout = float(getattr(sink, "close_timeout", close_timeout))
@@ -440,9 +438,7 @@ class _SinkWorker:
                 self._inflight = None
                 if self._failing:
                     self._failing = False
-                    log.warning(
-                        "stabwatch: %s is delivering again; spilled records are being re-sent", self.name
-                    )
+                    log.warning("stabwatch: %s is delivering again; spilled records are being re-sent", self.name)
                 if self._spilling and self._spill_read == self._spill_count:
                     self._deactivate_spill()
                 self._cond.notify_all()
@@ -576,7 +572,7 @@ class Dispatcher:
         spill_dir: str | os.PathLike[str] | None = None,
         queue_size: int = 1000,
         batch_size: int = 64,
-        close_timeout: float = 30.0,
+        close_timeout: float = 10.0,
         backoff_min: float = 0.5,
         backoff_max: float = 30.0,
     ) -> None:
@@ -598,7 +594,13 @@ class Dispatcher:
         self._closed = False
         if self.workers:
             ref = weakref.ref(self)
-            self._atexit = lambda: (d := ref()) is not None and d.close()
+
+            def _close_at_exit() -> None:
+                d = ref()
+                if d is not None:
+                    d.close()
+
+            self._atexit = _close_at_exit
             atexit.register(self._atexit)
 
     def set_params(self, params: dict[str, str]) -> None:

@@ -97,10 +97,7 @@ class LayerKeyPolicy:
         self.max_layers = max_layers
 
     def __repr__(self) -> str:
-        return (
-            f"LayerKeyPolicy({self.mode!r}, k={self.k}, quantiles={self.quantiles}, "
-            f"max_layers={self.max_layers})"
-        )
+        return f"LayerKeyPolicy({self.mode!r}, k={self.k}, quantiles={self.quantiles}, max_layers={self.max_layers})"
 
     def select(self, record: StabilityMetrics) -> dict[str, float]:
         """The ``{key: value}`` a sink sends for `record`: global keys plus the selected layer keys."""

@@ -53,16 +53,20 @@ def _import_mlflow() -> Any:
     try:
         import mlflow
     except ImportError as exc:
-        raise StabwatchError(
-            "MlflowSink needs the mlflow package: pip install 'stabwatch[mlflow]'"
-        ) from exc
+        raise StabwatchError("MlflowSink needs the mlflow package: pip install 'stabwatch[mlflow]'") from exc
     return mlflow
 
 
 def _fast_rest_store(uri: str, timeout: float) -> Any:
     """A RestStore whose requests have a timeout and no HTTP-level retry (see the module docstring)."""
     from mlflow.store.tracking.rest_store import RestStore
-    from mlflow.tracking._tracking_service.utils import _get_default_host_creds
+
+    try:
+        from mlflow.utils.credentials import get_default_host_creds
+    except ImportError:  # MLflow 2.x
+        from mlflow.tracking._tracking_service.utils import (  # type: ignore[no-redef,attr-defined]
+            _get_default_host_creds as get_default_host_creds,
+        )
     from mlflow.utils.proto_json_utils import parse_dict
     from mlflow.utils.rest_utils import http_request, verify_rest_response
 
@@ -90,7 +94,7 @@ def _fast_rest_store(uri: str, timeout: float) -> Any:
             parse_dict(js_dict=json.loads(response.text or "{}"), message=proto)
             return proto
 
-    return _Store(lambda: _get_default_host_creds(uri))
+    return _Store(lambda: get_default_host_creds(uri))
 
 
 def _replay_uri(tracking_uri: str, run_id: str) -> str:
@@ -164,13 +168,13 @@ class MlflowSink:
         self.tracking_uri = uri
         scheme = urlparse(uri).scheme
         self._http = scheme in ("http", "https")
+        if scheme == "sqlite":
+            self._check_sqlite_path(uri)
         try:
             self.client = MlflowClient(uri)
             if self._http:
                 self._store = _fast_rest_store(uri, self.request_timeout)
             else:
-                if scheme == "sqlite":
-                    self._check_sqlite_path(uri)
                 self._store = self.client._tracking_client.store
         except StabwatchError:
             raise
@@ -215,11 +219,16 @@ class MlflowSink:
     # construction helpers ------------------------------------------------------------------------
     @staticmethod
     def _check_sqlite_path(uri: str) -> None:
-        path = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
-        if path is not None and str(path) and not os.access(path.parent, os.W_OK):
+        if not uri.startswith("sqlite:///") or uri == "sqlite:///:memory:":
+            return
+        path = Path(uri[len("sqlite:///") :]).absolute()
+        probe = path.parent
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        if not probe.is_dir() or not os.access(probe, os.W_OK):
             raise StabwatchError(
-                f"MlflowSink: the folder of the sqlite database {str(path)!r} does not exist or is not "
-                "writable; create it or choose another tracking_uri"
+                f"MlflowSink: cannot create the sqlite database {str(path)!r}: {str(probe)!r} is not a "
+                "writable folder; choose another tracking_uri"
             )
 
     def _create_run(self, experiment: str | None, run_name: str | None, tags: dict[str, str]) -> str:
@@ -273,8 +282,7 @@ class MlflowSink:
             raise StabwatchError("MlflowSink is closed")
         if self._params:
             self._send_params()
-        metrics, tags = self._entities(records)
-        entities: list[tuple[str, Any]] = [("m", m) for m in metrics] + [("t", t) for t in tags]
+        entities = self._entities(records)
         pos = min(self._head_done, len(entities))
         if self._unknown is not None:
             seq_value, size = self._unknown
@@ -331,7 +339,7 @@ class MlflowSink:
             self._save_locally(alerts)
             return
         try:
-            self.client.log_dict(self.run_id, alerts, "stabwatch/alerts.json")
+            self.client.log_dict(self.run_id, alerts, "stabwatch/alerts.json")  # type: ignore[arg-type]
             if self.log_figures and self._history:
                 fig = self._figure()
                 if fig is not None:
@@ -382,25 +390,31 @@ class MlflowSink:
                 raise
         self._params = []
 
-    def _entities(self, records: Sequence[StabilityMetrics]) -> tuple[list[Any], list[Any]]:
+    def _entities(self, records: Sequence[StabilityMetrics]) -> list[tuple[str, Any]]:
+        """The batch as a flat list of ("m", Metric) / ("t", RunTag), record by record.
+
+        Each record's entities depend only on the record and on what earlier batches delivered, so a
+        retried batch that starts with the same records has the same prefix (what `_head_done` counts).
+        """
         from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)
-        metrics: list[Any] = []
-        tags: dict[str, str] = {}
+        out: list[tuple[str, Any]] = []
         count = self._alert_count
         for record in records:
             for key, value in self.layer_keys.select(record).items():
                 if record.step in self._skip.get(key, ()):
                     continue
-                metrics.append(Metric(key, value, now, record.step))
+                out.append(("m", Metric(key, value, now, record.step)))
+            tags: dict[str, str] = {}
             for alert in record.alerts:
                 count += 1
                 text = str(alert)[:_MAX_TAG_VALUE]
                 tags[metric_key(f"stabwatch.alert.{alert.rule}")] = text
                 tags["stabwatch.alert.last"] = text
                 tags["stabwatch.alerts.count"] = str(count)
-        return metrics, [RunTag(k, v) for k, v in tags.items()]
+            out.extend(("t", RunTag(k, v)) for k, v in tags.items())
+        return out
 
     def _remember(self, records: Sequence[StabilityMetrics]) -> None:
         for record in records:

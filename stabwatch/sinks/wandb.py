@@ -78,9 +78,7 @@ class WandbSink:
     ) -> None:
         wandb = _import_wandb()
         if mode not in _MODES:
-            raise StabwatchError(
-                f"WandbSink mode: expected one of {', '.join(str(m) for m in _MODES)}; got {mode!r}"
-            )
+            raise StabwatchError(f"WandbSink mode: expected one of {', '.join(str(m) for m in _MODES)}; got {mode!r}")
         if "dir" in init_kwargs and init_kwargs["dir"] is not None:
             folder = str(init_kwargs["dir"])
             try:

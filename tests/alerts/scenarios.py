@@ -26,13 +26,22 @@ FAULTS = ("lr", "scale", "nan")
 MODELS = ("mlp", "rnn")
 
 #: the alert reasons that count as detecting each fault
+#: (a larger learning rate shows first in the update-to-weight ratio; scaled weights blow a tanh RNN
+#: up, but push the converged MLP's tanh layer into saturation, where its gradient vanishes)
 EXPECTED = {
-    "lr": {sw.AlertReason.EXPLODING_GRADIENT, sw.AlertReason.LOSS_SPIKE, sw.AlertReason.NON_FINITE},
+    "lr": {
+        sw.AlertReason.UPDATE_RATIO,
+        sw.AlertReason.EXPLODING_GRADIENT,
+        sw.AlertReason.LOSS_SPIKE,
+        sw.AlertReason.NON_FINITE,
+    },
     "scale": {
         sw.AlertReason.EXPLODING_GRADIENT,
         sw.AlertReason.LOSS_SPIKE,
         sw.AlertReason.NON_FINITE,
         sw.AlertReason.SPECTRAL_RADIUS,
+        sw.AlertReason.VANISHING_GRADIENT,
+        sw.AlertReason.SATURATED_NEURONS,
     },
     "nan": {sw.AlertReason.NON_FINITE},
 }

@@ -281,6 +281,21 @@ def test_shuffled_loader_gives_the_same_numbers_as_a_fixed_order_when_replicas_s
     assert separate.convergence_ratio > 10 * shared.convergence_ratio
 
 
+def test_all_three_paths_agree_on_a_shuffled_loader_with_its_own_generator(quiet):
+    """The vectorised probe step must not advance the loader's generator (it used to shift the order)."""
+
+    def loader():
+        data = TensorDataset(torch.randn(48, 6, generator=torch.Generator().manual_seed(1)), torch.randn(48, 3))
+        return DataLoader(data, batch_size=12, shuffle=True, generator=torch.Generator().manual_seed(5))
+
+    kw = {"n_trajectories": 3, "verbose": False}
+    vec = StabilityAnalyzer(mlp(), **kw).analyze(mse_step(), loader(), 3)
+    seq = StabilityAnalyzer(mlp(), **kw).analyze(mse_step(vectorize=False), loader(), 3)
+    fn = StabilityAnalyzer(mlp(), **kw).analyze(make_train_fn(), loader(), 3)
+    np.testing.assert_allclose(vec.spread_evolution, fn.spread_evolution, rtol=1e-5)
+    np.testing.assert_allclose(seq.spread_evolution, fn.spread_evolution, rtol=1e-6)
+
+
 @pytest.mark.parametrize("use_step", [True, False])
 def test_the_callers_global_rng_is_left_untouched(use_step, quiet):
     model, loader = mlp(), regression_loader(shuffle=True)  # mlp() seeds torch itself

@@ -52,7 +52,7 @@ class _Combination(Rule):
 
     @staticmethod
     def _describe(child: Rule, layer: str | None, v: Verdict) -> str:
-        return child._message(layer, v.detail)
+        return child._message(layer, v.text)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -120,5 +120,5 @@ class AnyOf(_Combination):
         firing = [(c, layer, v) for c, per in present for layer, v in per if v.triggered]
         if firing:
             return Verdict(True, firing[0][2].value, " and ".join(self._describe(c, ly, v) for c, ly, v in firing))
-        c, per = present[0]
-        return Verdict(False, per[0][1].value, "; ".join(self._describe(c, per[0][0], per[0][1]) for c, per in present))
+        calm = "; ".join(self._describe(c, per[0][0], per[0][1]) for c, per in present)
+        return Verdict(False, present[0][1][0][1].value, calm)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from stabwatch.alerts.base import Rule, Verdict, _positive_float, _positive_int, _Window, fmt
+from stabwatch.alerts.base import Rule, Verdict, _positive_float, _positive_int, _Window, describe_span, fmt
 from stabwatch.errors import StabwatchError
 from stabwatch.metrics import AlertReason
 
@@ -37,6 +37,8 @@ class RatioRule(Rule):
         window: trailing-window length in observations.
         min_history: values needed before the first judgement (the warm-up).
         direction: ``"up"`` or ``"down"``.
+        instant_factor: a ratio that alerts at once even when ``patience > 1`` (e.g. ``factor=10,
+            patience=2, instant_factor=50``: 10× on two consecutive values, or 50× once).
         **kwargs: `Rule` options.
 
     Example:
@@ -57,6 +59,7 @@ class RatioRule(Rule):
         window: int = 50,
         min_history: int = 10,
         direction: Literal["up", "down"] = "up",
+        instant_factor: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(metric, **kwargs)
@@ -66,12 +69,15 @@ class RatioRule(Rule):
         self.window = _positive_int(window, "RatioRule.window", minimum=1)
         self.min_history = _positive_int(min_history, "RatioRule.min_history", minimum=1)
         if self.min_history > self.window:
-            raise StabwatchError(
-                f"RatioRule.min_history ({min_history}) must be <= window ({window})"
-            )
+            raise StabwatchError(f"RatioRule.min_history ({min_history}) must be <= window ({window})")
         if direction not in ("up", "down"):
             raise StabwatchError(f"RatioRule.direction: expected 'up' or 'down', got {direction!r}")
         self.direction = direction
+        self.instant_factor = (
+            None if instant_factor is None else _positive_float(instant_factor, "RatioRule.instant_factor")
+        )
+        if self.instant_factor is not None and self.instant_factor < self.factor:
+            raise StabwatchError(f"RatioRule.instant_factor ({instant_factor}) must be >= factor ({factor})")
 
     def _new_state(self) -> _RatioState:
         return _RatioState(self.window)
@@ -82,21 +88,24 @@ class RatioRule(Rule):
             w.push(step, value)
             return None
         med = w.median()
-        desc = w.describe()
+        span = w.span()
         if self.direction == "up":
             triggered = med > 0 and value >= self.factor * med
-            ratio = value / med if med > 0 else float("inf")
-            if triggered:
-                detail = f"{fmt(value)} is {ratio:.3g}× its {desc} median {fmt(med)}"
-            else:
-                detail = f"back to {fmt(value)}, {ratio:.3g}× its {desc} median {fmt(med)}"
+            magnitude = value / med if med > 0 else float("inf")
         else:
             triggered = med > 0 and value <= med / self.factor
-            shrink = med / value if value > 0 else float("inf")
+            magnitude = med / value if value > 0 else float("inf")
+        up = self.direction == "up"
+
+        def detail() -> str:
+            desc = describe_span(*span)
             if triggered:
-                detail = f"{fmt(value)} is {shrink:.3g}× below its {desc} median {fmt(med)}"
-            else:
-                detail = f"back to {fmt(value)}, its {desc} median is {fmt(med)}"
+                below = "" if up else " below"
+                return f"{fmt(value)} is {magnitude:.3g}×{below} its {desc} median {fmt(med)}"
+            if up:
+                return f"back to {fmt(value)}, {magnitude:.3g}× its {desc} median {fmt(med)}"
+            return f"back to {fmt(value)}, its {desc} median is {fmt(med)}"
+
         if not triggered:
             state.excluded = 0
             w.push(step, value)
@@ -104,7 +113,8 @@ class RatioRule(Rule):
             state.excluded += 1  # a spike is not its own baseline...
         else:
             w.push(step, value)  # ...until it has lasted a full window: then the level is the new normal
-        return Verdict(triggered, value, detail)
+        urgent = triggered and self.instant_factor is not None and magnitude >= self.instant_factor
+        return Verdict(triggered, value, detail, urgent)
 
     def _dump_state(self, state: _RatioState) -> dict[str, Any]:
         return {"window": state.window.state(), "excluded": state.excluded}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from stabwatch.alerts.base import Rule, Verdict, _positive_float, _positive_int, _Window, fmt
+from stabwatch.alerts.base import Rule, Verdict, _positive_float, _positive_int, _Window, describe_span, fmt
 from stabwatch.errors import StabwatchError
 from stabwatch.metrics import AlertReason
 
@@ -57,6 +57,7 @@ class SpikeRule(Rule):
         min_ratio: also require ``value >= min_ratio * baseline`` (up) / ``<= baseline / min_ratio``
             (down); ``None`` to rely on the z-score alone.
         min_scale: floor of the scale estimate, in the transformed units.
+        instant_z: a z-score that alerts at once even when ``patience > 1``.
         **kwargs: `Rule` options.
 
     Example:
@@ -83,6 +84,7 @@ class SpikeRule(Rule):
         direction: Literal["up", "down", "both"] = "up",
         min_ratio: float | None = None,
         min_scale: float = 1e-3,
+        instant_z: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(metric, **kwargs)
@@ -103,6 +105,9 @@ class SpikeRule(Rule):
             raise StabwatchError(f"SpikeRule.min_ratio: expected a number >= 1, got {min_ratio!r}")
         self.min_scale = _positive_float(min_scale, "SpikeRule.min_scale")
         self.alpha = 2.0 / (self.window + 1.0)
+        self.instant_z = None if instant_z is None else _positive_float(instant_z, "SpikeRule.instant_z")
+        if self.instant_z is not None and self.instant_z < self.z:
+            raise StabwatchError(f"SpikeRule.instant_z ({instant_z}) must be >= z ({z})")
 
     def _new_state(self) -> _SpikeState:
         return _SpikeState(self.window if self.method == "mad" else None)
@@ -127,25 +132,30 @@ class SpikeRule(Rule):
         if st.n < self.warmup:
             self._accept(st, step, y)
             return None
+        span = None
         if st.window is not None:
             center = st.window.median()
             scale = MAD_TO_SIGMA * st.window.mad(center)
-            desc = f"{st.window.describe()} median"
+            span = st.window.span()
         else:
             center, scale = st.mean, math.sqrt(st.var)
-            desc = f"EWMA (span {self.window})"
         scale = max(scale, self.min_scale)
         z = (y - center) / scale
         base = math.exp(center) if self.log else center
         up = z >= self.z and (self.min_ratio is None or value >= self.min_ratio * base)
         down = z <= -self.z and (self.min_ratio is None or value * self.min_ratio <= base)
         triggered = (up and self.direction in ("up", "both")) or (down and self.direction in ("down", "both"))
-        scale_txt = "log scale" if self.log else "linear scale"
-        ratio = f", {value / base:.3g}× the baseline" if self.log or base > 0 else ""
-        if triggered:
-            detail = f"{fmt(value)} is a {z:+.1f}σ outlier vs its {desc} {fmt(base)} ({scale_txt}{ratio})"
-        else:
-            detail = f"back to {fmt(value)} ({z:+.1f}σ vs its {desc} {fmt(base)})"
+        log = self.log
+        window = self.window
+
+        def detail() -> str:
+            desc = f"{describe_span(*span)} median" if span is not None else f"EWMA (span {window})"
+            if not triggered:
+                return f"back to {fmt(value)} ({z:+.1f}σ vs its {desc} {fmt(base)})"
+            scale_txt = "log scale" if log else "linear scale"
+            ratio = f", {value / base:.3g}× the baseline" if log or base > 0 else ""
+            return f"{fmt(value)} is a {z:+.1f}σ outlier vs its {desc} {fmt(base)} ({scale_txt}{ratio})"
+
         if not triggered:
             st.excluded = 0
             self._accept(st, step, y)
@@ -153,7 +163,8 @@ class SpikeRule(Rule):
             st.excluded += 1
         else:
             self._accept(st, step, y)
-        return Verdict(triggered, value, detail)
+        urgent = triggered and self.instant_z is not None and abs(z) >= self.instant_z
+        return Verdict(triggered, value, detail, urgent)
 
     def _dump_state(self, st: _SpikeState) -> dict[str, Any]:
         return {

@@ -79,9 +79,12 @@ class SustainedRule(Rule):
         if len(st.hits) < self.k:
             return None
         count = sum(st.hits)
-        mean = sum(st.values) / len(st.values)
+        n, mean = len(st.hits), sum(st.values) / len(st.values)
         cond = f"> {fmt(self.above)}" if self.above is not None else f"< {fmt(self.below)}"  # type: ignore[arg-type]
-        detail = f"{cond} in {count} of the last {len(st.hits)} values (mean {fmt(mean)}, last {fmt(value)})"
+
+        def detail() -> str:
+            return f"{cond} in {count} of the last {n} values (mean {fmt(mean)}, last {fmt(value)})"
+
         return Verdict(count >= self.k, value, detail)
 
     def _dump_state(self, st: _SustainedState) -> dict[str, Any]:

@@ -76,10 +76,13 @@ class ThresholdRule(Rule):
             else:
                 lo = self.clear
         if hi is not None and value > hi:
-            return Verdict(True, value, f"{fmt(value)} > {fmt(hi)}")
+            return Verdict(True, value, lambda: f"{fmt(value)} > {fmt(hi)}")  # type: ignore[arg-type]
         if lo is not None and value < lo:
-            return Verdict(True, value, f"{fmt(value)} < {fmt(lo)}")
-        bounds = " and ".join(
-            b for b in (f"<= {fmt(hi)}" if hi is not None else "", f">= {fmt(lo)}" if lo is not None else "") if b
-        )
-        return Verdict(False, value, f"back to {fmt(value)} ({bounds})")
+            return Verdict(True, value, lambda: f"{fmt(value)} < {fmt(lo)}")  # type: ignore[arg-type]
+
+        def detail() -> str:
+            bounds = [f"<= {fmt(hi)}"] if hi is not None else []
+            bounds += [f">= {fmt(lo)}"] if lo is not None else []
+            return f"back to {fmt(value)} ({' and '.join(bounds)})"
+
+        return Verdict(False, value, detail)

@@ -39,16 +39,63 @@ def fit_slope(xs: list[float], ys: list[float]) -> tuple[float, float]:
     b = sxy / sxx
     sse = max(syy - b * sxy, 0.0)
     if sse <= 1e-24 * max(syy, 1e-300):
-        return b, (math.inf if b != 0 else 0.0)
+        return b, (math.copysign(math.inf, b) if b != 0 else 0.0)
     return b, b / math.sqrt(sse / ((n - 2) * sxx))
 
 
 class _TrendState:
-    __slots__ = ("steps", "values")
+    """The window plus running sums of x, y, x², xy, y² (x = step - x0), so each value costs O(1);
+    the sums are recomputed from the window every ``size`` values to keep round-off from piling up."""
+
+    __slots__ = ("n_since", "steps", "sums", "values", "x0")
 
     def __init__(self, size: int) -> None:
-        self.steps: collections.deque[int] = collections.deque(maxlen=size)
-        self.values: collections.deque[float] = collections.deque(maxlen=size)
+        self.steps: collections.deque[int] = collections.deque()
+        self.values: collections.deque[float] = collections.deque()
+        self.x0 = 0
+        self.sums = [0.0, 0.0, 0.0, 0.0, 0.0]
+        self.n_since = 0
+
+    def _add(self, step: int, y: float, sign: float) -> None:
+        x = float(step - self.x0)
+        s = self.sums
+        s[0] += sign * x
+        s[1] += sign * y
+        s[2] += sign * x * x
+        s[3] += sign * x * y
+        s[4] += sign * y * y
+
+    def rebase(self) -> None:
+        self.x0 = self.steps[0] if self.steps else 0
+        self.sums = [0.0, 0.0, 0.0, 0.0, 0.0]
+        for step, y in zip(self.steps, self.values):
+            self._add(step, y, 1.0)
+        self.n_since = 0
+
+    def push(self, step: int, y: float, size: int) -> None:
+        self.steps.append(step)
+        self.values.append(y)
+        self._add(step, y, 1.0)
+        if len(self.values) > size:
+            self._add(self.steps.popleft(), self.values.popleft(), -1.0)
+        self.n_since += 1
+        if self.n_since >= size:
+            self.rebase()
+
+    def fit(self) -> tuple[float, float]:
+        """Slope and its t-statistic (as `fit_slope`) from the running sums."""
+        n = len(self.values)
+        sx, sy, sxx, sxy, syy = self.sums
+        cxx = sxx - sx * sx / n
+        if n < 3 or cxx <= 0:
+            return 0.0, 0.0
+        cxy = sxy - sx * sy / n
+        cyy = syy - sy * sy / n
+        b = cxy / cxx
+        sse = cyy - b * cxy
+        if sse <= 1e-12 * max(cyy, 1e-300):  # a straight line, to round-off
+            return b, (math.copysign(math.inf, b) if b != 0 else 0.0)
+        return b, b / math.sqrt(sse / ((n - 2) * cxx))
 
 
 class TrendRule(Rule):
@@ -59,7 +106,7 @@ class TrendRule(Rule):
     change over the window, :math:`b\,(t_{last} - t_{first})`, is at least :math:`\ln` ``factor``
     (``log=True``) or ``min_change`` (``log=False``) in the watched direction, **and** the slope is
     significant, :math:`|t_b| \ge` ``min_t`` — both, so slow drift and noisy wiggles stay quiet. Only
-    full windows are judged. Cost: O(window) per value.
+    full windows are judged. Cost: O(1) per value (running sums).
 
     Args:
         metric: the bound metric.
@@ -122,28 +169,26 @@ class TrendRule(Rule):
             y = math.log(value)
         else:
             y = value
-        st.steps.append(step)
-        st.values.append(y)
+        st.push(step, y, self.window)
         if len(st.values) < self.window:
             return None
-        xs = [float(s - st.steps[0]) for s in st.steps]
-        slope, t = fit_slope(xs, list(st.values))
-        change = slope * xs[-1]
+        slope, t = st.fit()
+        change = slope * (st.steps[-1] - st.steps[0])
         sign = 1.0 if self.direction == "rising" else -1.0
         triggered = sign * change >= self.threshold and sign * t >= self.min_t
-        span = f"steps {st.steps[0]}-{st.steps[-1]}"
-        if self.log:
-            ratio = math.exp(change)
+        first, last, log = st.steps[0], st.steps[-1], self.log
+
+        def detail() -> str:
+            span = f"steps {first}-{last}"
             verb = "rose" if change >= 0 else "fell"
-            amount = f"{ratio:.3g}×" if change >= 0 else f"{1 / ratio:.3g}×"
-            detail = f"{verb} {amount} over {span} (fitted ×{math.exp(slope):.4g} per step, t = {t:.1f})"
-        else:
-            verb = "rose" if change >= 0 else "fell"
-            detail = f"{verb} by {fmt(abs(change))} over {span} (fitted {slope:+.3g} per step, t = {t:.1f})"
-        if not triggered:
-            detail = f"no longer trending: {detail}; now {fmt(value)}"
-        else:
-            detail = f"{detail}; now {fmt(value)}"
+            if log:
+                ratio = math.exp(change)
+                amount = f"{ratio:.3g}×" if change >= 0 else f"{1 / ratio:.3g}×"
+                text = f"{verb} {amount} over {span} (fitted ×{math.exp(slope):.4g} per step, t = {t:.1f})"
+            else:
+                text = f"{verb} by {fmt(abs(change))} over {span} (fitted {slope:+.3g} per step, t = {t:.1f})"
+            return f"{text}; now {fmt(value)}" if triggered else f"no longer trending: {text}; now {fmt(value)}"
+
         return Verdict(triggered, value, detail)
 
     def _dump_state(self, st: _TrendState) -> dict[str, Any]:
@@ -153,4 +198,5 @@ class TrendRule(Rule):
         st = _TrendState(self.window)
         st.steps.extend(int(s) for s in data["steps"])
         st.values.extend(float(v) for v in data["values"])
+        st.rebase()
         return st
