@@ -48,6 +48,7 @@ WATCHED: tuple[str, ...] = (
     "shadow_divergence",
 )
 
+_FIRST_ALERTS = 8
 _RANK = {Severity.INFO: 0, Severity.WARNING: 1, Severity.CRITICAL: 2}
 _WEIGHT = {Severity.INFO: 1, Severity.WARNING: 2, Severity.CRITICAL: 3}
 
@@ -300,6 +301,7 @@ class Diagnosis:
     nonfinite: str | None
     first_sign: str | None
     counts: dict[str, int]
+    first_alerts: list[str] = field(default_factory=list)
 
     @property
     def verdict(self) -> str:
@@ -327,6 +329,8 @@ class Diagnosis:
         if self.alerts:
             lines.append(f"alerts, by rule ({sum(a.count for a in self.alerts)} in all, recoveries not counted):")
             lines.extend(f"  {a}" for a in self.alerts)
+            lines.append(f"first alerts, in step order (up to {_FIRST_ALERTS}):")
+            lines.extend(f"  {a}" for a in self.first_alerts)
         else:
             lines.append("alerts: none")
         lines.append("")
@@ -460,6 +464,7 @@ def analyse(records: Sequence[StabilityMetrics], alerts: Sequence[Alert] | None 
         nonfinite=nonfinite,
         first_sign=first_sign,
         counts=counts,
+        first_alerts=[str(a) for a in sorted(real, key=lambda a: a.step)[:_FIRST_ALERTS]],
     )
 
 

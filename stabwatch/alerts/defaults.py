@@ -81,8 +81,8 @@ def default_rules(*, per_layer: bool = True) -> list[Rule]:
         ),
         SustainedRule(
             "lyapunov",
-            above=0.0,
-            patience=5,
+            above=0.05,
+            patience=10,
             name="chaotic",
             reason=R.CHAOTIC_TRAINING,
             severity=S.WARNING,

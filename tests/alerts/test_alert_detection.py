@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import stabwatch as sw
 from tests.alerts.scenarios import EXPECTED, run
 
 pytestmark = pytest.mark.slow
@@ -53,3 +54,30 @@ def test_default_preset_catches_nan_and_rnn_faults_at_once():
         result = run(model, 2, steps=1000, fault=fault, at=503)
         assert result.early() == []
         assert result.detection_delay() is not None and result.detection_delay() <= 5, (model, fault)
+
+
+def _shadow_run(model: str, seed: int, steps: int, lr_factor: float):
+    import stabwatch as sw
+    from tests.alerts.scenarios import _loss, make
+
+    net, opt, batch = make(model, seed)
+    for group in opt.param_groups:
+        group["lr"] *= lr_factor
+    shadow = sw.Shadow(lambda m, b: _loss(model, m(b[0]), b[1]), every=100)
+    with sw.Monitor(net, opt, shadow=shadow, preset="cheap") as mon:
+        for step in range(steps):
+            x, y = batch(step)
+            opt.zero_grad()
+            loss = _loss(model, net(x), y)
+            loss.backward()
+            opt.step()
+            mon.step(loss=loss, batch=(x, y))
+    return list(mon.alerts)
+
+
+def test_chaotic_training_is_flagged_by_the_shadow_and_healthy_training_is_not():
+    healthy = _shadow_run("mlp", 0, 500, 1.0)
+    assert [str(a) for a in healthy if a.severity is not sw.Severity.INFO] == []
+    unstable = _shadow_run("mlp", 0, 40, 20.0)
+    chaotic = [a for a in unstable if a.rule == "chaotic"]
+    assert chaotic and chaotic[0].reason is sw.AlertReason.CHAOTIC_TRAINING and chaotic[0].step <= 12

@@ -66,7 +66,7 @@ SCENARIOS = {
     "grad_rising": (lambda r: _set(r, ["grad_norm"], lambda v: v * 1.03 ** (r["step"] - ONSET)), True, None),
     "grad_vanish": (lambda r: _set(r, ["grad_norm"], lambda v: 1e-5 * v), False, ONSET),
     "loss_spike": (lambda r: _set(r, ["loss"], lambda v: 20 * v), False, ONSET),
-    "chaotic": (lambda r: r.update(lyapunov=0.05), True, ONSET + 4),
+    "chaotic": (lambda r: r.update(lyapunov=0.2), True, ONSET + 9),
     "update_jump": (lambda r: _set(r, ["update_ratio"], lambda v: 20 * v), True, ONSET + 1),
     "update_ratio_high": (lambda r: r.update(update_ratio=0.5), True, ONSET + 2),
     "update_ratio_low": (lambda r: r.update(update_ratio=1e-8), True, ONSET + 9),
