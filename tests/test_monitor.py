@@ -350,8 +350,10 @@ def test_failing_metric_is_logged_once_and_training_goes_on(caplog):
     assert sum("svd exploded" in m for m in caplog.messages) == 1
 
 
-def test_failing_sink_never_kills_training(caplog):
+def test_failing_sink_never_kills_training(caplog, tmp_path):
     class Down:
+        close_timeout = 0.5  # seconds close() keeps retrying before leaving records in the spill file
+
         def write(self, r):
             raise ConnectionError("tracker down")
 
@@ -363,9 +365,13 @@ def test_failing_sink_never_kills_training(caplog):
 
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with caplog.at_level(logging.WARNING, logger="stabwatch"), sw.Monitor(model, opt, sinks=[Down()]) as mon:
+    down = Down()
+    down.spill_dir = tmp_path  # where its unsent records go
+    with caplog.at_level(logging.WARNING, logger="stabwatch"), sw.Monitor(model, opt, sinks=[down]) as mon:
         recs = train(model, opt, 4, monitor=mon)
     assert len(recs) == 4
+    spilled = list(tmp_path.rglob("*.jsonl"))
+    assert spilled and sum(len(list(sw.sinks.read_jsonl(p))) for p in spilled) == 4
 
 
 def test_without_optimizer_grads_are_read_at_step():
