@@ -131,9 +131,7 @@ def main() -> None:
         has_wandb = True
     except ImportError:
         has_wandb = False
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, steps={args.steps} repeats={args.repeats}"
-    )
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, steps={args.steps} repeats={args.repeats}")
     for name, make in (("MLP 8x512, batch 128", mlp), ("small CNN, batch 64", cnn)):
         kinds = ["bare", "stabwatch:cheap", "stabwatch:default", "stabwatch:full"]
         kinds += [f"stabwatch:only-{f}" for f in FAMILIES]

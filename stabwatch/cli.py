@@ -19,9 +19,7 @@ _SUBCOMMANDS: tuple[str, ...] = ("stabwatch.demo", "stabwatch.replay", "stabwatc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="stabwatch", description="Training-stability monitoring for PyTorch."
-    )
+    parser = argparse.ArgumentParser(prog="stabwatch", description="Training-stability monitoring for PyTorch.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in _SUBCOMMANDS:

@@ -420,9 +420,7 @@ class Monitor:
                     c.fail(f"{c.family} metrics", exc)
             if loss is not None:
                 try:
-                    readout.add(
-                        "loss", loss.detach().reshape(()) if isinstance(loss, torch.Tensor) else float(loss)
-                    )
+                    readout.add("loss", loss.detach().reshape(()) if isinstance(loss, torch.Tensor) else float(loss))
                 except Exception as exc:  # noqa: BLE001
                     log.warning("stabwatch: could not read the loss (%s)", exc)
             values = readout.sync()

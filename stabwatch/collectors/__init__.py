@@ -43,9 +43,23 @@ FAMILIES: dict[str, type[Collector]] = {
 
 #: preset -> {family: period or None (off)}. "full" computes every family at every step.
 PRESETS: dict[str, dict[str, int | None]] = {
-    "cheap": {"grad": 1, "nonfinite": 1, "update": 50, "grad_sv": None, "spectral": None, "activation": None,
-              "spiking": None},
-    "default": {"grad": 1, "nonfinite": 1, "update": 10, "grad_sv": 100, "spectral": 100, "activation": 50,
-                "spiking": 10},
+    "cheap": {
+        "grad": 1,
+        "nonfinite": 1,
+        "update": 50,
+        "grad_sv": None,
+        "spectral": None,
+        "activation": None,
+        "spiking": None,
+    },
+    "default": {
+        "grad": 1,
+        "nonfinite": 1,
+        "update": 10,
+        "grad_sv": 100,
+        "spectral": 100,
+        "activation": 50,
+        "spiking": 10,
+    },
     "full": {family: 1 for family in FAMILIES},
 }

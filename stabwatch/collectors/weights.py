@@ -27,9 +27,7 @@ _GATES = {nn.RNN: ("h",), nn.LSTM: ("i", "f", "g", "o"), nn.GRU: ("r", "z", "n")
 class WeightSpectrumCollector(Collector):
     family = "spectral"
 
-    def __init__(
-        self, every: Any = 100, n_iter: int = 2, init_iter: int = 30, radius: str = "recurrent"
-    ) -> None:
+    def __init__(self, every: Any = 100, n_iter: int = 2, init_iter: int = 30, radius: str = "recurrent") -> None:
         super().__init__(every)
         if radius not in ("recurrent", "square", "none"):
             from stabwatch.errors import StabwatchError
@@ -57,9 +55,7 @@ class WeightSpectrumCollector(Collector):
                     h = p.shape[1]
                     for gi, gate in enumerate(gates):
                         key = f"{mod_name}.{p_name}" if mod_name else p_name
-                        self._radius_targets.append(
-                            (f"{key}.{gate}" if len(gates) > 1 else key, p, gi * h, h)
-                        )
+                        self._radius_targets.append((f"{key}.{gate}" if len(gates) > 1 else key, p, gi * h, h))
                     claimed.add(id(p))
         for name, p in ctx.params:
             if id(p) in claimed or p.ndim != 2 or p.shape[0] != p.shape[1]:

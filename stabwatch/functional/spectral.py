@@ -102,9 +102,7 @@ def randomized_singular_values(
     return s[: min(k, s.numel())], vh[:ell].T.contiguous()
 
 
-def condition_number(
-    s: torch.Tensor, shape: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def condition_number(s: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Smallest non-zero singular value, numerical rank and condition number from a full spectrum.
 
     A gradient of a layer fed a batch of ``B`` samples has rank at most ``B``; its trailing singular

@@ -44,8 +44,7 @@ class JsonlSink:
             self._file: IO[str] | None = open(self.path, mode, encoding="utf-8")  # noqa: SIM115
         except OSError as exc:
             raise StabwatchError(
-                f"JsonlSink: cannot open {str(self.path)!r} for writing ({exc.strerror}); "
-                "choose a writable path"
+                f"JsonlSink: cannot open {str(self.path)!r} for writing ({exc.strerror}); choose a writable path"
             ) from exc
         self.flush_every = max(1, int(flush_every))
         self._since_flush = 0
