@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# spill files of sinks that fail in tests go to a temporary folder, never into the checkout
+os.environ.setdefault("STABWATCH_SPILL_DIR", tempfile.mkdtemp(prefix="stabwatch-spill-"))
 
 
 @pytest.fixture(autouse=True)

@@ -143,3 +143,16 @@ def test_as_matrix_flattens_conv_kernels():
     assert as_matrix(torch.zeros(8, 3, 5, 5)).shape == (8, 75)
     with pytest.raises(ValueError, match="shape"):
         as_matrix(torch.zeros(4))
+
+
+def test_spectral_functions_return_nan_for_non_finite_input_instead_of_crashing():
+    # MKL's eigvals aborts the process on a NaN matrix; svd raises. stabwatch must do neither.
+    bad = torch.full((6, 6), float("nan"))
+    assert math.isnan(float(F.spectral_radius(bad)))
+    assert torch.isnan(F.singular_values(bad)).all()
+    inf = torch.ones(300, 300)
+    inf[3, 4] = float("inf")
+    top, _ = F.randomized_singular_values(inf, 2, generator=torch.Generator().manual_seed(0))
+    assert torch.isnan(top).all()
+    good = torch.eye(3) * 2
+    assert float(F.spectral_radius(good)) == 2.0 and F.singular_values(good).tolist() == [2.0, 2.0, 2.0]

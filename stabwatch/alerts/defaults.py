@@ -66,6 +66,16 @@ def default_rules(*, per_layer: bool = True) -> list[Rule]:
             suggestion="the gradient collapsed: look for saturated units (tanh/sigmoid tails, an "
             "over-confident softmax) or dead ReLUs; use He/Xavier init, normalisation, a lower learning rate",
         ),
+        SustainedRule(
+            "grad_norm",
+            below=1e-8,
+            patience=20,
+            name="grad_tiny",
+            reason=R.VANISHING_GRADIENT,
+            severity=S.WARNING,
+            suggestion="there is (almost) no gradient: check the loss is connected to the parameters and "
+            "not saturated; use He/Xavier init, normalisation, non-saturating activations",
+        ),
         SpikeRule(
             "loss",
             z=6.0,

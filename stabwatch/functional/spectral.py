@@ -29,6 +29,20 @@ def _as_float(a: torch.Tensor) -> torch.Tensor:
     return a if a.dtype in (torch.float32, torch.float64) else a.float()
 
 
+def _finite_or_zero(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a or zeros, finite)`` without a host sync.
+
+    LAPACK must never see a NaN/Inf: ``svd`` raises on one, and MKL's ``geev`` (``eigvals``) aborts the
+    whole process. Results computed from the zero stand-in are replaced by NaN with ``finite``.
+    """
+    finite = torch.isfinite(a).all()
+    return torch.where(finite, a, torch.zeros((), dtype=a.dtype, device=a.device)), finite
+
+
+def _nan_unless(finite: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return torch.where(finite, values, torch.full((), float("nan"), dtype=values.dtype, device=values.device))
+
+
 def singular_values(a: torch.Tensor) -> torch.Tensor:
     """All singular values of a matrix (descending), exactly, via ``torch.linalg.svdvals``.
 
@@ -39,13 +53,13 @@ def singular_values(a: torch.Tensor) -> torch.Tensor:
         >>> singular_values(torch.diag(torch.tensor([3.0, 1.0, 2.0]))).tolist()
         [3.0, 2.0, 1.0]
     """
-    a = _as_float(as_matrix(a))
+    a, finite = _finite_or_zero(_as_float(as_matrix(a)))
     m, n = a.shape
     if m < n:
         a, m, n = a.T, n, m
     if m >= 4 * n and m * n >= 65536:
         a = torch.linalg.qr(a, mode="r")[1]
-    return torch.linalg.svdvals(a)
+    return _nan_unless(finite, torch.linalg.svdvals(a))
 
 
 def randomized_singular_values(
@@ -84,7 +98,7 @@ def randomized_singular_values(
         ``(values, basis)``: the ``k`` largest singular values (descending) and the ``[n, l]`` block of
         leading right singular vectors to pass as ``init`` next time.
     """
-    a = _as_float(as_matrix(a))
+    a, finite = _finite_or_zero(_as_float(as_matrix(a)))
     m, n = a.shape
     ell = min(k + oversample, m, n)
     if init is not None and init.shape == (n, ell) and init.device == a.device:
@@ -99,7 +113,7 @@ def randomized_singular_values(
         blocks.append(y)
     q = torch.linalg.qr(torch.cat(blocks, dim=1)).Q if len(blocks) > 1 else y
     _, s, vh = torch.linalg.svd(q.T @ a, full_matrices=False)
-    return s[: min(k, s.numel())], vh[:ell].T.contiguous()
+    return _nan_unless(finite, s[: min(k, s.numel())]), vh[:ell].T.contiguous()
 
 
 def condition_number(s: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -179,4 +193,5 @@ def spectral_radius(w: torch.Tensor) -> torch.Tensor:
     w = w.detach()
     if w.ndim != 2 or w.shape[0] != w.shape[1]:
         raise ValueError(f"spectral_radius needs a square matrix, got shape {tuple(w.shape)}")
-    return torch.linalg.eigvals(_as_float(w)).abs().max()
+    w, finite = _finite_or_zero(_as_float(w))
+    return _nan_unless(finite, torch.linalg.eigvals(w).abs().max())

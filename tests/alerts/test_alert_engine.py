@@ -65,6 +65,7 @@ SCENARIOS = {
     "grad_explode": (lambda r: _set(r, ["grad_norm"], lambda v: 100 * v), False, ONSET),
     "grad_rising": (lambda r: _set(r, ["grad_norm"], lambda v: v * 1.03 ** (r["step"] - ONSET)), True, None),
     "grad_vanish": (lambda r: _set(r, ["grad_norm"], lambda v: 1e-5 * v), False, ONSET),
+    "grad_tiny": (lambda r: _set(r, ["grad_norm"], lambda v: 1e-9), True, ONSET + 19),
     "loss_spike": (lambda r: _set(r, ["loss"], lambda v: 20 * v), False, ONSET),
     "chaotic": (lambda r: r.update(lyapunov=0.2), True, ONSET + 9),
     "update_jump": (lambda r: _set(r, ["update_ratio"], lambda v: 20 * v), True, ONSET + 1),
