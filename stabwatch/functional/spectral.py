@@ -187,7 +187,7 @@ def spectral_radius(w: torch.Tensor) -> torch.Tensor:
     conjugate leading pairs that recurrent weights usually have).
 
     Example:
-        >>> float(spectral_radius(torch.tensor([[0.0, -2.0], [2.0, 0.0]])))  # eigenvalues +-2i
+        >>> round(float(spectral_radius(torch.tensor([[0.0, -2.0], [2.0, 0.0]]))), 5)  # eigenvalues +-2i
         2.0
     """
     w = w.detach()
