@@ -27,8 +27,8 @@ log = logging.getLogger("stabwatch")
 class MonitorContext:
     """What a collector may look at: the model, the optimizer and the monitor's own RNG.
 
-    ``param_names`` maps each parameter (by ``id``) to its qualified name; ``param_owner`` maps it to
-    the path of the module that owns it ("" for the root); ``module_order`` is filled with module paths
+    ``params`` lists the trainable parameters with their qualified names; ``param_owner`` maps each (by ``id``) to
+    the path of the module that owns it ("(root)" for the root); ``module_order`` is filled with module paths
     in forward-execution order of the first monitored step.
     """
 
@@ -38,6 +38,9 @@ class MonitorContext:
     params: list[tuple[str, nn.Parameter]] = field(default_factory=list)
     param_owner: dict[int, str] = field(default_factory=dict)
     module_order: list[str] = field(default_factory=list)
+    #: owner modules of the parameters, in first-seen order, and each parameter's index into it
+    layers: list[str] = field(default_factory=list)
+    param_layer: list[int] = field(default_factory=list)
 
     @classmethod
     def build(
@@ -45,6 +48,7 @@ class MonitorContext:
     ) -> MonitorContext:
         ctx = cls(model=model, optimizer=optimizer, generator=generator)
         seen: set[int] = set()
+        layer_index: dict[str, int] = {}
         for mod_name, module in model.named_modules():
             for p_name, p in module.named_parameters(recurse=False):
                 if id(p) in seen or not p.requires_grad:
@@ -52,7 +56,10 @@ class MonitorContext:
                 seen.add(id(p))
                 full = f"{mod_name}.{p_name}" if mod_name else p_name
                 ctx.params.append((full, p))
-                ctx.param_owner[id(p)] = mod_name or "(root)"
+                owner = mod_name or "(root)"
+                ctx.param_owner[id(p)] = owner
+                ctx.param_layer.append(layer_index.setdefault(owner, len(layer_index)))
+        ctx.layers = list(layer_index)
         return ctx
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from stabwatch.collectors.base import Collector, MonitorContext, Readout
-from stabwatch.functional.gradients import gradient_norm
+from stabwatch.functional.gradients import gradient_norm, group_norms
 
 __all__ = ["GradientCollector"]
 
@@ -29,16 +29,8 @@ class GradientCollector(Collector):
         self._source = "monitor_step"
 
     def setup(self, ctx: MonitorContext) -> None:
-        self.layers: list[str] = []
-        index: dict[str, int] = {}
-        self._owner_idx: list[int] = []
-        for _, p in ctx.params:
-            owner = ctx.param_owner[id(p)]
-            if owner not in index:
-                index[owner] = len(self.layers)
-                self.layers.append(owner)
-            self._owner_idx.append(index[owner])
-        self._owner_tensor: torch.Tensor | None = None
+        self.layers = ctx.layers
+        self._owner_idx = ctx.param_layer
 
     def _measure(self) -> None:
         assert self.ctx is not None
@@ -71,11 +63,9 @@ class GradientCollector(Collector):
         self._pending = None
         readout.add("grad_norm", total)
         if self.per_layer:
-            idx = torch.tensor(owners, device=per.device)
-            sq = torch.zeros(len(self.layers), device=per.device, dtype=torch.float64)
-            sq.index_add_(0, idx, per.double().square())
+            layer_norms = group_norms(per, owners, len(self.layers))
             present = sorted(set(owners))
-            readout.add_layers("grad_norm", [self.layers[i] for i in present], sq[present].sqrt())
+            readout.add_layers("grad_norm", [self.layers[i] for i in present], layer_norms[present])
 
     def finish(self, step: int, readout: Readout, record: Any) -> None:
         if record.grad_norm is not None:

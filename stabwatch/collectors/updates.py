@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from stabwatch.collectors.base import Collector, MonitorContext, Readout
+from stabwatch.functional.gradients import group_norms
 
 __all__ = ["UpdateCollector"]
 
@@ -26,17 +27,8 @@ class UpdateCollector(Collector):
 
     def setup(self, ctx: MonitorContext) -> None:
         self._params = [p for _, p in ctx.params]
-        layers: list[str] = []
-        index: dict[str, int] = {}
-        owner_idx = []
-        for p in self._params:
-            owner = ctx.param_owner[id(p)]
-            if owner not in index:
-                index[owner] = len(layers)
-                layers.append(owner)
-            owner_idx.append(index[owner])
-        self.layers = layers
-        self._owner_idx = owner_idx
+        self.layers = ctx.layers
+        self._owner_idx = ctx.param_layer
         self._buffer: list[torch.Tensor] | None = None
         self._result: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -76,10 +68,7 @@ class UpdateCollector(Collector):
         readout.add("update_norm", d_total)
         readout.add("update_ratio", d_total / w_total)
         if self.per_layer:
-            idx = torch.tensor(self._owner_idx, device=weights.device)
-            w_sq = torch.zeros(len(self.layers), dtype=torch.float64, device=weights.device)
-            d_sq = torch.zeros_like(w_sq)
-            w_sq.index_add_(0, idx, weights.square())
-            d_sq.index_add_(0, idx, deltas.square())
-            readout.add_layers("weight_norm", self.layers, w_sq.sqrt())
-            readout.add_layers("update_ratio", self.layers, d_sq.sqrt() / w_sq.sqrt())
+            w_layer = group_norms(weights, self._owner_idx, len(self.layers))
+            d_layer = group_norms(deltas, self._owner_idx, len(self.layers))
+            readout.add_layers("weight_norm", self.layers, w_layer)
+            readout.add_layers("update_ratio", self.layers, d_layer / w_layer)
