@@ -25,3 +25,40 @@ def interleaved(configs: dict[str, Callable[[int], float]], repeats: int) -> dic
         for name, fn in configs.items():
             samples[name].append(fn(0))
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+
+def lockstep(
+    steps: dict[str, Callable[[], None]], baseline: str, rounds: int, window: int = 50
+) -> dict[str, tuple[float, float, float, float]]:
+    """Run the configs' training steps in lockstep (one step of each per round) and time every step.
+
+    On a shared machine the speed drifts by tens of percent over seconds (other tenants, clock
+    changes), so configs timed one after another, even in short interleaved chunks, differ by more
+    than the few percent being measured. Here neighbouring steps of two configs are milliseconds apart
+    and see the same machine. Each window of ``window`` rounds gives a ratio of summed step times to
+    the baseline's (scheduled work, e.g. an SVD every 100 steps, is amortised over the window), and
+    the median over windows is reported. The step order rotates every round.
+
+    Returns:
+        ``{name: (mean seconds per step, median window ratio, interquartile range of the window ratios,
+        ratio of the totals)}``.
+    """
+    names = list(steps)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    clock = time.perf_counter
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            t0 = clock()
+            steps[name]()
+            times[name].append(clock() - t0)
+    out: dict[str, tuple[float, float, float, float]] = {}
+    base = times[baseline]
+    for k, v in times.items():
+        ratios = sorted(
+            sum(v[i : i + window]) / sum(base[i : i + window]) for i in range(0, rounds - window + 1, window)
+        )
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        out[k] = (statistics.fmean(v), statistics.median(ratios), q[2] - q[0], sum(v) / sum(base))
+    return out

@@ -10,12 +10,17 @@ the bare loop measured in the same run:
 * ``wandb.watch(model, log="gradients", log_freq=1)`` in offline mode, where wandb is installed.
 
 Targets (issue #2): default <= 1.03x, full <= 1.5x. Run: ``python benchmarks/bench_overhead.py``.
+The configs run in lockstep, one training step of each per round, every step timed
+(`_common.lockstep`): on a shared machine whose speed drifts by tens of percent over seconds, only
+neighbouring steps compare. ``bare-2``, a second bare loop, shows the noise floor.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import statistics
 import sys
 import tempfile
 from collections.abc import Callable
@@ -25,7 +30,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import interleaved, time_per_step
+from _common import lockstep
 
 import stabwatch as sw
 from stabwatch.collectors import FAMILIES
@@ -58,8 +63,8 @@ def cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 
 
 def _runner(
-    make: Callable[[], tuple[nn.Module, torch.Tensor, torch.Tensor]], kind: str, steps: int
-) -> Callable[[int], float]:
+    make: Callable[[], tuple[nn.Module, torch.Tensor, torch.Tensor]], kind: str
+) -> tuple[Callable[[], None], Callable[[], float | None]]:
     model, x, y = make()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     mon: Any = None
@@ -114,34 +119,52 @@ def _runner(
 
     for _ in range(5):
         step()
-    return lambda _: time_per_step(step, steps)
+
+    def self_reported() -> float | None:  # the monitor's own monitor/overhead_ms, median over its records
+        if mon is None or not mon.records:
+            return None
+        return statistics.median(r.overhead_ms for r in mon.records if r.overhead_ms is not None)
+
+    return step, self_reported
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--quick", action="store_true", help="fewer steps (smoke run)")
+    ap.add_argument("--rounds", type=int, default=400, help="lockstep rounds (one step of every config each)")
+    ap.add_argument("--window", type=int, default=100, help="rounds per ratio window (>= the longest schedule)")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: few rounds")
+    ap.add_argument("--model", choices=["mlp", "cnn", "both"], default="both")
+    ap.add_argument("--kinds", default="", help="comma-separated subset of configs (default: all)")
     args = ap.parse_args()
     if args.quick:
-        args.steps, args.repeats = 5, 2
+        args.rounds, args.window = 6, 3
+    logging.getLogger("stabwatch").setLevel(logging.ERROR)  # the fixed-batch loop trips trend alerts
     try:
         import wandb  # noqa: F401
 
         has_wandb = True
     except ImportError:
         has_wandb = False
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, steps={args.steps} repeats={args.repeats}")
-    for name, make in (("MLP 8x512, batch 128", mlp), ("small CNN, batch 64", cnn)):
-        kinds = ["bare", "stabwatch:cheap", "stabwatch:default", "stabwatch:full"]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} lockstep rounds")
+    print(f"ratio: median over windows of {args.window} rounds of (config time / bare time), iqr its spread,")
+    print("total: ratio of the summed times; self: the monitor's own monitor/overhead_ms (median per record);")
+    print("bare-2: a second bare loop, the noise floor of the ratios")
+    models = {"mlp": ("MLP 8x512, batch 128", mlp), "cnn": ("small CNN, batch 64", cnn)}
+    for key in ("mlp", "cnn") if args.model == "both" else (args.model,):
+        name, make = models[key]
+        kinds = ["bare", "bare-2", "stabwatch:cheap", "stabwatch:default", "stabwatch:full"]
         kinds += [f"stabwatch:only-{f}" for f in FAMILIES]
         kinds += ["peer:item-loop", "peer:item+svd"] + (["peer:wandb.watch"] if has_wandb else [])
-        runners = {k: _runner(make, k, args.steps) for k in kinds}
-        med = interleaved(runners, args.repeats)
-        bare = med["bare"]
-        print(f"\n{name}: bare step {bare * 1e3:.2f} ms")
+        if args.kinds:
+            kinds = ["bare"] + [k for k in args.kinds.split(",") if k != "bare"]
+        built = {k: _runner(make, k) for k in kinds}
+        res = lockstep({k: b[0] for k, b in built.items()}, "bare", args.rounds, args.window)
+        print(f"\n{name}: bare step {res['bare'][0] * 1e3:.2f} ms")
         for k in kinds:
-            print(f"  {k:<28} {med[k] * 1e3:8.2f} ms   {med[k] / bare:6.3f}x")
+            sec, ratio, iqr, total = res[k]
+            own = built[k][1]()
+            own_s = f"   self {own:6.3f} ms" if own is not None else ""
+            print(f"  {k:<28} {sec * 1e3:8.2f} ms   {ratio:6.3f}x  (iqr {iqr:.3f}, total {total:.3f}x){own_s}")
         if not has_wandb:
             print("  peer:wandb.watch             skipped (wandb not installed)")
 

@@ -251,11 +251,19 @@ class _Window:
         return s[mid] if n % 2 else 0.5 * (s[mid - 1] + s[mid])
 
     def mad(self, center: float) -> float:
-        """Median absolute deviation from ``center``."""
-        dev = sorted(abs(v - center) for v in self.sorted)
-        n = len(dev)
+        """Median absolute deviation from ``center``, in O(log² n): the deviations below and above
+        ``center`` are two sorted runs of the sorted window, and their k-th smallest is found by
+        bisection instead of sorting all deviations on every value."""
+        s = self.sorted
+        n = len(s)
+        if n == 0:
+            return 0.0
+        split = bisect.bisect_left(s, center)
         mid = n // 2
-        return dev[mid] if n % 2 else 0.5 * (dev[mid - 1] + dev[mid])
+        kth = _kth_deviation
+        if n % 2:
+            return kth(s, split, center, mid)
+        return 0.5 * (kth(s, split, center, mid - 1) + kth(s, split, center, mid))
 
     def span(self) -> tuple[int, int, int]:
         """``(n, first step, last step)``, for `describe_span`."""
@@ -273,6 +281,32 @@ class _Window:
         for step, value in zip(state["steps"], state["values"], strict=True):
             w.push(int(step), float(value))
         return w
+
+
+def _kth_deviation(s: list[float], split: int, center: float, k: int) -> float:
+    """The ``k``-th smallest (0-based) of ``|v - center|`` over the sorted list ``s``, ``split`` being
+    where ``center`` would be inserted: ``center - s[split-1-i]`` and ``s[split+j] - center`` are
+    both ascending, so the answer is the k-th of two sorted runs (bisect on how many come from the first)."""
+    n_lo, n_hi = split, len(s) - split
+
+    def lo(i: int) -> float:  # i-th smallest deviation below the center
+        return center - s[split - 1 - i]
+
+    def hi(j: int) -> float:  # j-th smallest deviation above it
+        return s[split + j] - center
+
+    # take i from the low run and k - i from the high run, with i in [max(0, k - n_hi), min(k, n_lo)]
+    a, b = max(0, k + 1 - n_hi), min(k + 1, n_lo)
+    while a < b:  # smallest i such that the (i)-th low deviation is not below the (k - i)-th high one
+        i = (a + b) // 2
+        if hi(k - i) > lo(i):
+            a = i + 1
+        else:
+            b = i
+    i = a  # i values come from the low run, k + 1 - i from the high run
+    best_lo = lo(i - 1) if i > 0 else -math.inf
+    best_hi = hi(k - i) if k - i >= 0 else -math.inf
+    return max(best_lo, best_hi)
 
 
 def _severity(value: Severity | str, field: str = "severity") -> Severity:

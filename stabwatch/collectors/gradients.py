@@ -1,4 +1,4 @@
-"""Gradient norms, global and per layer, in one fused reduction.
+"""Gradient norms, global and per layer, in one on-device reduction pass (`functional.squared_norms`).
 
 Emits ``grad_norm`` (``grad/norm``) and per layer ``layers[<module>]["grad_norm"]``
 (``grad/norm/<module>``): the L2 norm over the parameters a module owns directly. The gradients are
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from stabwatch.collectors.base import Collector, MonitorContext, Readout
-from stabwatch.functional.gradients import gradient_norm, group_norms
+from stabwatch.functional.gradients import squared_norms
 
 __all__ = ["GradientCollector"]
 
@@ -31,6 +31,7 @@ class GradientCollector(Collector):
     def setup(self, ctx: MonitorContext) -> None:
         self.layers = ctx.layers
         self._owner_idx = ctx.param_layer
+        self._index_cache: dict[tuple[int, ...], tuple[list[str], torch.Tensor, torch.Tensor | None]] = {}
 
     def _measure(self) -> None:
         assert self.ctx is not None
@@ -42,8 +43,8 @@ class GradientCollector(Collector):
         if not grads:
             self._pending = None
             return
-        total, per = gradient_norm(grads)
-        self._pending = (total, per, owners)
+        sq = squared_norms(grads)
+        self._pending = (sq.sum().sqrt(), sq, owners)
 
     def begin_step(self, step: int) -> None:
         self._pending = None
@@ -59,13 +60,33 @@ class GradientCollector(Collector):
             self._source = "monitor_step"
         if self._pending is None:
             return
-        total, per, owners = self._pending
+        total, squares, owners = self._pending
         self._pending = None
         readout.add("grad_norm", total)
         if self.per_layer:
-            layer_norms = group_norms(per, owners, len(self.layers))
+            names, index, present = self._layer_index(owners, squares.device)
+            per_layer = torch.zeros(len(self.layers), dtype=torch.float64, device=squares.device)
+            per_layer = per_layer.index_add_(0, index, squares).sqrt()
+            readout.add_layers("grad_norm", names, per_layer if present is None else per_layer[present])
+
+    def _layer_index(
+        self, owners: list[int], device: torch.device
+    ) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:
+        """(names of the layers that have gradients, owner index tensor, their positions or None if all)."""
+        key = tuple(owners)
+        hit = self._index_cache.get(key)
+        if hit is None or hit[1].device != device:
             present = sorted(set(owners))
-            readout.add_layers("grad_norm", [self.layers[i] for i in present], layer_norms[present])
+            full = len(present) == len(self.layers)
+            hit = (
+                [self.layers[i] for i in present],
+                torch.tensor(owners, device=device),
+                None if full else torch.tensor(present, device=device),
+            )
+            if len(self._index_cache) >= 16:
+                self._index_cache.clear()
+            self._index_cache[key] = hit
+        return hit
 
     def finish(self, step: int, readout: Readout, record: Any) -> None:
         if record.grad_norm is not None:

@@ -14,11 +14,19 @@ __all__ = ["SustainedRule"]
 
 
 class _SustainedState:
-    __slots__ = ("hits", "values")
+    __slots__ = ("count", "hits", "values")
 
     def __init__(self, size: int) -> None:
         self.hits: collections.deque[bool] = collections.deque(maxlen=size)
         self.values: collections.deque[float] = collections.deque(maxlen=size)
+        self.count = 0  # sum(hits), kept as values come and go
+
+    def push(self, hit: bool, value: float) -> None:
+        if len(self.hits) == self.hits.maxlen and self.hits[0]:
+            self.count -= 1
+        self.hits.append(hit)
+        self.values.append(value)
+        self.count += hit
 
 
 class SustainedRule(Rule):
@@ -74,15 +82,15 @@ class SustainedRule(Rule):
 
     def _check(self, st: _SustainedState, step: int, value: float, active: bool) -> Verdict | None:
         hit = value > self.above if self.above is not None else value < self.below  # type: ignore[operator]
-        st.hits.append(bool(hit))
-        st.values.append(value)
+        st.push(bool(hit), value)
         if len(st.hits) < self.k:
             return None
-        count = sum(st.hits)
-        n, mean = len(st.hits), sum(st.values) / len(st.values)
-        cond = f"> {fmt(self.above)}" if self.above is not None else f"< {fmt(self.below)}"  # type: ignore[arg-type]
+        count, n = st.count, len(st.hits)
+        above, below, values = self.above, self.below, st.values
 
         def detail() -> str:
+            cond = f"> {fmt(above)}" if above is not None else f"< {fmt(below)}"  # type: ignore[arg-type]
+            mean = sum(values) / len(values)
             return f"{cond} in {count} of the last {n} values (mean {fmt(mean)}, last {fmt(value)})"
 
         return Verdict(count >= self.k, value, detail)
@@ -92,6 +100,6 @@ class SustainedRule(Rule):
 
     def _load_state(self, data: dict[str, Any]) -> _SustainedState:
         st = _SustainedState(self.n)
-        st.hits.extend(bool(h) for h in data["hits"])
-        st.values.extend(float(v) for v in data["values"])
+        for h, v in zip(data["hits"], data["values"], strict=True):
+            st.push(bool(h), float(v))
         return st
