@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from stabwatch.collectors.base import Collector, MonitorContext, Readout
-from stabwatch.functional.gradients import group_norms
+from stabwatch.functional.gradients import squared_norms
 
 __all__ = ["UpdateCollector"]
 
@@ -30,7 +30,9 @@ class UpdateCollector(Collector):
         self.layers = ctx.layers
         self._owner_idx = ctx.param_layer
         self._buffer: list[torch.Tensor] | None = None
+        self._weights_sq: torch.Tensor | None = None
         self._result: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._index: torch.Tensor | None = None
 
     def teardown(self) -> None:
         self._buffer = None
@@ -47,28 +49,29 @@ class UpdateCollector(Collector):
                 self._buffer = [p.detach().clone() for p in self._params]
             else:
                 torch._foreach_copy_(self._buffer, [p.detach() for p in self._params])
+            self._weights_sq = squared_norms(self._buffer)  # ||theta_{t-1}||^2 per tensor, while the copy is hot
 
     def after_optimizer_step(self) -> None:
         if not self.active or self._buffer is None:
             return
         with torch.no_grad():
-            weights = torch.stack(torch._foreach_norm(self._buffer, 2.0)).double()
             torch._foreach_sub_(self._buffer, [p.detach() for p in self._params])
-            deltas = torch.stack(torch._foreach_norm(self._buffer, 2.0)).double()
-        self._result = (weights, deltas)
+            self._result = (self._weights_sq, squared_norms(self._buffer))
 
     def collect(self, step: int, readout: Readout, loss: torch.Tensor | None, batch: Any) -> None:
         if self._result is None:
             return
-        weights, deltas = self._result
+        weights_sq, deltas_sq = self._result
         self._result = None
-        w_total = weights.square().sum().sqrt()
-        d_total = deltas.square().sum().sqrt()
+        w_total = weights_sq.sum().sqrt()
+        d_total = deltas_sq.sum().sqrt()
         readout.add("weight_norm", w_total)
         readout.add("update_norm", d_total)
         readout.add("update_ratio", d_total / w_total)
         if self.per_layer:
-            w_layer = group_norms(weights, self._owner_idx, len(self.layers))
-            d_layer = group_norms(deltas, self._owner_idx, len(self.layers))
-            readout.add_layers("weight_norm", self.layers, w_layer)
-            readout.add_layers("update_ratio", self.layers, d_layer / w_layer)
+            if self._index is None or self._index.device != weights_sq.device:
+                self._index = torch.tensor(self._owner_idx, device=weights_sq.device)
+            both = torch.zeros(2, len(self.layers), dtype=torch.float64, device=weights_sq.device)
+            both.index_add_(1, self._index, torch.stack([weights_sq, deltas_sq])).sqrt_()
+            readout.add_layers("weight_norm", self.layers, both[0])
+            readout.add_layers("update_ratio", self.layers, both[1] / both[0])

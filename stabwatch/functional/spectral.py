@@ -10,6 +10,8 @@ import torch
 
 __all__ = [
     "as_matrix",
+    "batched_singular_values",
+    "block_krylov_singular_values",
     "condition_number",
     "randomized_singular_values",
     "singular_values",
@@ -53,13 +55,91 @@ def singular_values(a: torch.Tensor) -> torch.Tensor:
         >>> singular_values(torch.diag(torch.tensor([3.0, 1.0, 2.0]))).tolist()
         [3.0, 2.0, 1.0]
     """
-    a, finite = _finite_or_zero(_as_float(as_matrix(a)))
-    m, n = a.shape
+    return batched_singular_values(_as_float(as_matrix(a))[None])[0]
+
+
+def batched_singular_values(a: torch.Tensor) -> torch.Tensor:
+    """`singular_values` of a batch ``[..., m, n]`` of matrices (one batched ``svdvals``); NaN rows where
+    a matrix holds a NaN/Inf (LAPACK never sees it)."""
+    a = _as_float(a)
+    finite = torch.isfinite(a).flatten(-2).all(-1)
+    a = torch.where(finite[..., None, None], a, torch.zeros((), dtype=a.dtype, device=a.device))
+    m, n = a.shape[-2:]
     if m < n:
-        a, m, n = a.T, n, m
+        a, m, n = _t(a), n, m
     if m >= 4 * n and m * n >= 65536:
         a = torch.linalg.qr(a, mode="r")[1]
-    return _nan_unless(finite, torch.linalg.svdvals(a))
+    s = torch.linalg.svdvals(a)
+    return torch.where(finite[..., None], s, torch.full((), float("nan"), dtype=s.dtype, device=s.device))
+
+
+def _orthonormal(y: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(y).Q
+
+
+def _t(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(-2, -1)
+
+
+def _orthonormal_or_zero(y: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """Thin-QR ``Q`` of ``y`` with the columns that are round-off zeroed.
+
+    Where a new Krylov direction lies (numerically) in the span found so far, as it does once the
+    basis is wider than the rank of ``A`` (the gradient of a small batch), its residual after the
+    projection is round-off, and normalising it would give a vector that is not orthogonal to the
+    basis. Such columns (``|R_jj|`` below ``1e-4`` of the column's norm before the projection, or of the
+    block's largest) are set to zero instead: they add nothing to the Rayleigh-Ritz problem.
+    """
+    q, r = torch.linalg.qr(y)
+    diag = r.diagonal(dim1=-2, dim2=-1).abs()
+    scale = torch.linalg.vector_norm(before, dim=-2)
+    scale = torch.maximum(scale, scale.amax(-1, keepdim=True) * 1e-3)
+    keep = diag > 1e-4 * scale
+    return q * keep[..., None, :].to(q.dtype)
+
+
+def block_krylov_singular_values(
+    a: torch.Tensor, omega: torch.Tensor, n_iter: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Leading singular values of a batch of matrices by block Krylov iteration (the kernel of
+    `randomized_singular_values`; see there).
+
+    Args:
+        a: ``[..., m, n]`` float32/float64 matrices (a batch runs as one batched product per step).
+        omega: ``[..., n, l]`` starting blocks.
+        n_iter: Krylov depth.
+
+    Returns:
+        ``(values [..., L], basis [..., n, l], finite [...])``: all ``L`` Ritz values (descending), the
+        leading right Ritz vectors (the start block for the next call), and whether each matrix was
+        finite (values are NaN where not).
+    """
+    m = a.shape[-2]
+    ell = omega.shape[-1]
+    at = _t(a)
+    y = a @ omega
+    blocks = [_orthonormal_or_zero(y, y)]
+    for _ in range(n_iter):
+        if ell * len(blocks) >= m:
+            break  # the basis already spans the whole column space
+        y0 = a @ _orthonormal(at @ blocks[-1])
+        q = torch.cat(blocks, dim=-1)
+        y = y0
+        for _ in range(2):  # block classical Gram-Schmidt, twice ("twice is enough")
+            y = y - q @ (_t(q) @ y)
+        blocks.append(_orthonormal_or_zero(y, y0))
+    q = torch.cat(blocks, dim=-1) if len(blocks) > 1 else blocks[0]
+    b = (_t(q) @ a).double()  # [..., L, n]
+    gram = b @ _t(b)
+    finite = torch.isfinite(gram).flatten(-2).all(-1)  # a NaN/Inf in `a` reaches every Gram entry
+    gram = torch.where(finite[..., None, None], gram, torch.zeros((), dtype=gram.dtype, device=gram.device))
+    evals, vecs = torch.linalg.eigh(gram)  # ascending
+    evals, vecs = evals.flip(-1), vecs.flip(-1)
+    s = evals.clamp_min(0).sqrt()
+    top = s[..., :ell]
+    basis = (_t(b) @ vecs[..., :ell]) / top.clamp_min(torch.finfo(torch.float64).tiny)[..., None, :]  # right Ritz
+    s = torch.where(finite[..., None], s, torch.full((), float("nan"), dtype=s.dtype, device=s.device))
+    return s.to(a.dtype), basis.to(a.dtype), finite
 
 
 def randomized_singular_values(
@@ -73,18 +153,19 @@ def randomized_singular_values(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Top-``k`` singular values by randomized block Krylov iteration (Musco & Musco 2015).
 
-    With :math:`\ell = k + p` probe vectors :math:`\Omega \in \mathbb{R}^{n\times\ell}` the Krylov
-    space :math:`[A\Omega,\ (AA^\top)A\Omega,\ \dots,\ (AA^\top)^q A\Omega]` is built (each block
-    orthonormalised for stability), orthonormalised as a whole into :math:`Q`, and the singular values
-    of :math:`Q^\top A` are returned (Rayleigh-Ritz). Unlike plain subspace iteration, whose error
-    decays like :math:`(\sigma_{\ell+1}/\sigma_1)^{2q+1}` and stalls on flat spectra, block Krylov
-    converges at a gap-independent rate: ``n_iter=4`` gives :math:`\sigma_1` to ~1e-6 relative on
-    real gradients; ~8 are needed on a Gaussian 2048x2048 matrix (flat top of the spectrum) for 1e-3.
-    Cost: ``2 n_iter + 2`` products with ``A`` or ``A^T`` against ``l`` vectors, versus
-    :math:`O(mn\min(m,n))` for a full SVD.
+    With :math:`\ell = k + p` probe vectors :math:`\Omega \in \mathbb{R}^{n\times\ell}` an orthonormal
+    basis :math:`Q` of the Krylov space :math:`[A\Omega,\ (AA^\top)A\Omega,\ \dots,\ (AA^\top)^q A\Omega]`
+    is built block by block (each new block orthogonalised against the earlier ones twice, then
+    orthonormalised by a thin QR), and the singular values of :math:`B = Q^\top A` are returned
+    (Rayleigh-Ritz), from the eigenvalues of the small Gram matrix :math:`BB^\top` in float64. Unlike plain
+    subspace iteration, whose error decays like :math:`(\sigma_{\ell+1}/\sigma_1)^{2q+1}` and stalls on flat
+    spectra, block Krylov converges at a gap-independent rate: ``n_iter=4`` gives :math:`\sigma_1` to
+    ~1e-7 relative on a decaying spectrum and ~1e-3 on a gradient made of Gaussian factors (flat top);
+    a Gaussian 2048x2048 matrix needs ~10 for 1e-3. Cost: ``2 n_iter + 2`` products with ``A`` or
+    ``A^T`` against ``l`` vectors and thin QRs of ``l`` columns, versus :math:`O(mn\min(m,n))` for a full
+    SVD. `block_krylov_singular_values` runs a batch of same-shape matrices at once.
 
-    Passing the returned basis back as ``init`` warm-starts the next call: across training steps, where
-    the gradient drifts slowly, one iteration then suffices.
+    Passing the returned basis back as ``init`` warm-starts the next call.
 
     Args:
         a: matrix ``[m, n]`` (higher-dim tensors are flattened with `as_matrix`).
@@ -95,25 +176,24 @@ def randomized_singular_values(
         init: ``[n, k + oversample]`` starting block from a previous call.
 
     Returns:
-        ``(values, basis)``: the ``k`` largest singular values (descending) and the ``[n, l]`` block of
-        leading right singular vectors to pass as ``init`` next time.
+        ``(values, basis)``: the ``k`` largest singular values (descending; NaN if ``a`` holds a
+        NaN/Inf) and the ``[n, l]`` leading right Ritz vectors, to pass as ``init`` next time.
+
+    Example:
+        >>> a = torch.diag(torch.tensor([5.0, 3.0, 1.0, 0.5, 0.1]))
+        >>> values, basis = randomized_singular_values(a, 2, oversample=1, generator=torch.Generator().manual_seed(0))
+        >>> values.round(decimals=4).tolist(), tuple(basis.shape)
+        ([5.0, 3.0], (5, 3))
     """
-    a, finite = _finite_or_zero(_as_float(as_matrix(a)))
+    a = _as_float(as_matrix(a))
     m, n = a.shape
     ell = min(k + oversample, m, n)
     if init is not None and init.shape == (n, ell) and init.device == a.device:
         omega = init.to(a.dtype)
     else:
         omega = torch.randn(n, ell, generator=generator, device="cpu", dtype=a.dtype).to(a.device)
-    y = torch.linalg.qr(a @ omega).Q
-    blocks = [y]
-    for _ in range(n_iter):
-        z = torch.linalg.qr(a.T @ y).Q
-        y = torch.linalg.qr(a @ z).Q
-        blocks.append(y)
-    q = torch.linalg.qr(torch.cat(blocks, dim=1)).Q if len(blocks) > 1 else y
-    _, s, vh = torch.linalg.svd(q.T @ a, full_matrices=False)
-    return _nan_unless(finite, s[: min(k, s.numel())]), vh[:ell].T.contiguous()
+    s, basis, _ = block_krylov_singular_values(a, omega, n_iter)
+    return s[: min(k, s.numel())], basis.contiguous()
 
 
 def condition_number(s: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -129,17 +209,18 @@ def condition_number(s: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Ten
         shape: the matrix shape ``(m, n)``.
 
     Returns:
-        ``(s_min_nonzero, rank, kappa)`` as 0-d tensors (``s_min`` = 0 and ``kappa`` = inf for a zero
+        ``(s_min_nonzero, rank, kappa)``, 0-d tensors (one per matrix for a batch ``[..., r]`` of spectra;
+        ``s_min`` = 0 and ``kappa`` = inf for a zero
         matrix).
     """
     eps = torch.finfo(s.dtype).eps
-    tol = s[0] * max(shape) * eps
+    tol = s[..., :1] * max(shape) * eps
     nonzero = s > tol
-    rank = nonzero.sum()
+    rank = nonzero.sum(-1)
     big = torch.full_like(s, float("inf"))
-    s_min = torch.where(nonzero, s, big).min()
+    s_min = torch.where(nonzero, s, big).min(-1).values
     s_min = torch.where(rank > 0, s_min, torch.zeros_like(s_min))
-    kappa = torch.where(rank > 0, s[0] / s_min, torch.full_like(s_min, float("inf")))
+    kappa = torch.where(rank > 0, s[..., 0] / s_min, torch.full_like(s_min, float("inf")))
     return s_min, rank.to(s.dtype), kappa
 
 
