@@ -27,7 +27,6 @@ def interleaved(configs: dict[str, Callable[[int], float]], repeats: int) -> dic
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-
 def lockstep(
     steps: dict[str, Callable[[], None]], baseline: str, rounds: int, window: int = 50
 ) -> dict[str, tuple[float, float, float, float]]:

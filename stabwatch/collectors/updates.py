@@ -52,11 +52,12 @@ class UpdateCollector(Collector):
             self._weights_sq = squared_norms(self._buffer)  # ||theta_{t-1}||^2 per tensor, while the copy is hot
 
     def after_optimizer_step(self) -> None:
-        if not self.active or self._buffer is None:
+        if not self.active or self._buffer is None or self._weights_sq is None:
             return
         with torch.no_grad():
             torch._foreach_sub_(self._buffer, [p.detach() for p in self._params])
             self._result = (self._weights_sq, squared_norms(self._buffer))
+        self._weights_sq = None
 
     def collect(self, step: int, readout: Readout, loss: torch.Tensor | None, batch: Any) -> None:
         if self._result is None:

@@ -2,7 +2,7 @@
 
 * ``spectral_norm`` (``weight/spectral_norm[/layer]``): largest singular value by warm-started power
   iteration with a persistent left vector per weight (as ``torch.nn.utils.spectral_norm``); the first
-  record runs ``init_iter`` iterations, later ones ``n_iter``.
+  record runs ``init_iter`` iterations, later ones ``n_iter`` (each iteration reads the weight twice).
 * ``spectral_radius`` (``weight/spectral_radius[/layer]``): largest |eigenvalue| (``eigvals``) of the
   hidden-to-hidden blocks of ``nn.RNN``/``LSTM``/``GRU`` (``weight_hh_l<k>`` split into its 1/4/3
   gate blocks, layer keys ``<module>.weight_hh_l0.<gate>``) and of parameters whose name contains
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from stabwatch.collectors.base import Collector, MonitorContext, Readout
-from stabwatch.functional.spectral import as_matrix, spectral_norm, spectral_radius
+from stabwatch.functional.spectral import as_matrix, batched_spectral_norm, spectral_radius
 
 __all__ = ["WeightSpectrumCollector"]
 
@@ -73,17 +73,19 @@ class WeightSpectrumCollector(Collector):
             norms, layers = [], []
             for layer, p in self._norm_targets:
                 try:
+                    w = as_matrix(p.detach())
                     u = self._u.get(layer)
-                    sigma, self._u[layer] = spectral_norm(
-                        p, u, n_iter=self.init_iter if u is None else self.n_iter, generator=gen
+                    sigma, u = batched_spectral_norm(
+                        w[None], u, n_iter=self.init_iter if u is None else self.n_iter, generator=gen
                     )
+                    self._u[layer] = u
                 except Exception as exc:  # noqa: BLE001
                     self.fail(f"spectral norm of {layer}", exc)
                     continue
                 norms.append(sigma.double())
                 layers.append(layer)
             if norms:
-                t = torch.stack(norms)
+                t = torch.cat(norms)
                 readout.add_layers("spectral_norm", layers, t)
                 readout.add("spectral_norm", t.max())
             radii, r_layers = [], []

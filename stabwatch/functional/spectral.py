@@ -11,6 +11,7 @@ import torch
 __all__ = [
     "as_matrix",
     "batched_singular_values",
+    "batched_spectral_norm",
     "block_krylov_singular_values",
     "condition_number",
     "randomized_singular_values",
@@ -233,9 +234,10 @@ def spectral_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Largest singular value by warm-started power iteration (as ``nn.utils.spectral_norm`` does).
 
-    :math:`v \leftarrow W^\top u/\|W^\top u\|,\ u \leftarrow W v/\|W v\|,\ \sigma = u^\top W v`.
-    Keep the returned ``u`` and pass it back next time: after the first call, one or two iterations per
-    step track :math:`\sigma_1` as the weights drift.
+    :math:`v \leftarrow W^\top u/\|W^\top u\|,\ \sigma = \|W v\|,\ u \leftarrow W v/\sigma`
+    (:math:`\sigma = u^\top W v`). Keep the returned ``u`` and pass it back next time: after the first
+    call, one or two iterations per step track :math:`\sigma_1` as the weights drift. Each iteration
+    reads ``W`` twice.
 
     Returns:
         ``(sigma, u)``: a 0-d tensor and the left vector to reuse.
@@ -246,19 +248,32 @@ def spectral_norm(
         5.0
     """
     w = _as_float(as_matrix(w.detach()))
-    m, _ = w.shape
-    if u is None or u.shape != (m,) or u.device != w.device:
-        u = torch.randn(m, generator=generator, device="cpu", dtype=w.dtype).to(w.device)
-        u = u / u.norm().clamp_min(1e-30)
-    u = u.to(w.dtype)
-    v = w.T @ u
+    sigma, u = batched_spectral_norm(w[None], None if u is None else u[None], n_iter=n_iter, generator=generator)
+    return sigma[0], u[0]
+
+
+def batched_spectral_norm(
+    w: torch.Tensor,
+    u: torch.Tensor | None = None,
+    *,
+    n_iter: int = 2,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`spectral_norm` of a batch ``[b, m, n]`` of matrices with left vectors ``[b, m]`` (batched products)."""
+    w = _as_float(w)
+    b, m, _ = w.shape
+    if u is None or u.shape != (b, m) or u.device != w.device:
+        u = torch.randn(b, m, generator=generator, device="cpu", dtype=w.dtype).to(w.device)
+    u = u.to(w.dtype)[..., None]  # [b, m, 1]
+    wt = _t(w)
+    sigma = torch.zeros(b, dtype=w.dtype, device=w.device)
     for _ in range(max(1, n_iter)):
-        v = w.T @ u
-        v = v / v.norm().clamp_min(1e-30)
+        v = wt @ u
+        v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True).clamp_min(1e-30)
         u = w @ v
-        u = u / u.norm().clamp_min(1e-30)
-    sigma = torch.dot(u, w @ v)
-    return sigma.abs(), u
+        sigma = torch.linalg.vector_norm(u, dim=-2, keepdim=True)
+        u = u / sigma.clamp_min(1e-30)
+    return sigma.reshape(b), u[..., 0]
 
 
 def spectral_radius(w: torch.Tensor) -> torch.Tensor:
