@@ -460,3 +460,38 @@ def test_eager_mode_catches_a_nan_that_never_reaches_the_loss():
             model.log(x).detach()  # a NaN output that does not reach the loss
             rec = mon.step(loss=1.0)
         assert rec.nonfinite is expected
+
+
+def test_gradients_read_after_the_step_equal_what_the_optimizer_saw():
+    for make_opt in (lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=0.1), lambda p: torch.optim.SGD(p, lr=0.1)):
+        model = mlp()
+        opt = make_opt(model.parameters())
+        x, y = data()
+        with sw.Monitor(model, opt, preset="cheap") as mon:
+            assert mon._collectors[0]._post  # a read-only torch optimizer: read after the step
+            for _ in range(3):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                ref = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double().norm()
+                opt.step()
+                rec = mon.step()
+                assert rec.grad_norm == pytest.approx(float(ref), rel=1e-6)
+                assert rec.grad_source == "optimizer_pre_step"
+
+
+def test_gradients_changed_inside_the_step_are_detected(caplog):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = data()
+    with sw.Monitor(model, opt, preset="cheap", alerts=False) as mon:
+        # a pre-step hook registered after the monitor's rescales the gradients inside optimizer.step()
+        opt.register_step_pre_hook(lambda o, a, k: [p.grad.mul_(0.5) for p in model.parameters()] and None)
+        recs = []
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            recs.append(mon.step())
+    assert recs[0].grad_norm is None and "changed the gradients" in caplog.text
+    assert recs[1].grad_norm is not None and recs[2].grad_norm is not None  # read before the step from then on
+    assert not mon._collectors[0]._post
