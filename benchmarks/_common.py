@@ -28,7 +28,11 @@ def interleaved(configs: dict[str, Callable[[int], float]], repeats: int) -> dic
 
 
 def lockstep(
-    steps: dict[str, Callable[[], None]], baseline: str, rounds: int, window: int = 50
+    steps: dict[str, Callable[[], None]],
+    baseline: str | tuple[str, ...],
+    rounds: int,
+    window: int = 50,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, tuple[float, float, float, float]]:
     """Run the configs' training steps in lockstep (one step of each per round) and time every step.
 
@@ -37,7 +41,9 @@ def lockstep(
     than the few percent being measured. Here neighbouring steps of two configs are milliseconds apart
     and see the same machine. Each window of ``window`` rounds gives a ratio of summed step times to
     the baseline's (scheduled work, e.g. an SVD every 100 steps, is amortised over the window), and
-    the median over windows is reported. The step order rotates every round.
+    the median over windows is reported. The step order rotates every round. ``baseline`` may name
+    several configs (identical bare loops): their mean step time is the baseline, which averages out
+    part of the few-percent speed difference that separate model instances show.
 
     Returns:
         ``{name: (mean seconds per step, median window ratio, interquartile range of the window ratios,
@@ -45,7 +51,6 @@ def lockstep(
     """
     names = list(steps)
     times: dict[str, list[float]] = {k: [] for k in names}
-    clock = time.perf_counter
     for r in range(rounds):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
@@ -53,7 +58,8 @@ def lockstep(
             steps[name]()
             times[name].append(clock() - t0)
     out: dict[str, tuple[float, float, float, float]] = {}
-    base = times[baseline]
+    bases = (baseline,) if isinstance(baseline, str) else baseline
+    base = [statistics.fmean(ts) for ts in zip(*(times[b] for b in bases), strict=True)]
     for k, v in times.items():
         ratios = sorted(
             sum(v[i : i + window]) / sum(base[i : i + window]) for i in range(0, rounds - window + 1, window)

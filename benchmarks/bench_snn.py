@@ -3,7 +3,7 @@
 The SNN of ``examples/snn_training.py``: scikit-learn digits (64 inputs, rate-coded), ``Linear(64,
 256) -> Leaky -> Linear(256, 10) -> Leaky``, 25 time steps (one forward call per step per layer, so
 100 module calls per training step), batch 128, Adam, on CPU. Prints the time per training step and
-its ratio to the bare loop measured in the same run (configs interleaved, medians of the repeats):
+its ratio to the bare loops measured in the same run (configs in lockstep, `_common.lockstep`):
 
 * ``stabwatch:default`` — the default preset as shipped (target: <= 1.05x);
 * ``stabwatch:default-no-spiking`` — the same without the spiking family (its marginal cost is the
@@ -35,7 +35,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-from _common import interleaved
+from _common import lockstep
 from snn_training import SNN, T, load_digits_spikes, rate_code
 
 import stabwatch as sw
@@ -68,7 +68,7 @@ def _hand_written(model: SNN) -> Callable[[], None]:
     return extra
 
 
-def _runner(kind: str, steps: int) -> Callable[[int], float]:
+def _runner(kind: str) -> Callable[[], None]:
     torch.manual_seed(0)
     model = SNN(hidden=256)
     x, y = data()
@@ -104,21 +104,14 @@ def _runner(kind: str, steps: int) -> Callable[[int], float]:
 
     for _ in range(3):
         step()
-
-    def timed(_: int) -> float:
-        t0 = CLOCK[0]()
-        for _ in range(steps):
-            step()
-        return (CLOCK[0]() - t0) / steps
-
-    return timed
+    return step
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=40, help="training steps per timing (use a multiple of 10)")
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--quick", action="store_true", help="fewer steps (smoke run)")
+    ap.add_argument("--rounds", type=int, default=200, help="lockstep rounds (one step of every config each)")
+    ap.add_argument("--window", type=int, default=50, help="rounds per ratio window (a multiple of 10)")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: few rounds")
     ap.add_argument(
         "--cpu-time",
         action="store_true",
@@ -127,7 +120,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     if args.quick:
-        args.steps, args.repeats = 10, 2
+        args.rounds, args.window = 6, 3
     if args.cpu_time:
         CLOCK[0] = time.process_time
         torch.set_num_threads(1)
@@ -135,11 +128,12 @@ def main() -> None:
     logging.getLogger("stabwatch").setLevel(logging.ERROR)  # the default preset's alerts are not the point here
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, SNN T={T} batch={BATCH}, "
-        f"steps={args.steps} repeats={args.repeats}, clock {'process CPU' if args.cpu_time else 'wall'}; "
+        f"{args.rounds} lockstep rounds, clock {'process CPU' if args.cpu_time else 'wall'}; "
         f"default spiking period {PRESETS['default']['spiking']}"
     )
     kinds = [
         "bare",
+        "bare-2",
         "stabwatch:default",
         "stabwatch:default-no-spiking",
         "stabwatch:default-no-nonfinite",
@@ -149,16 +143,16 @@ def main() -> None:
         "stabwatch:full",
         "peer:hand-written",
     ]
-    runners = {k: _runner(k, args.steps) for k in kinds}
-    med = interleaved(runners, args.repeats)
-    bare = med["bare"]
-    print(f"\nSNN (snntorch Leaky x2, T={T}): bare step {bare * 1e3:.2f} ms")
+    steps = {k: _runner(k) for k in kinds}
+    res = lockstep(steps, ("bare", "bare-2"), args.rounds, args.window, clock=CLOCK[0])
+    ratio = {k: v[1] for k, v in res.items()}
+    print(f"\nSNN (snntorch Leaky x2, T={T}): bare step {res['bare'][0] * 1e3:.2f} ms")
     for k in kinds:
-        print(f"  {k:<34} {med[k] * 1e3:8.2f} ms   {med[k] / bare:6.3f}x")
-    print(f"\n  spiking family, marginal in the default preset: {(med[kinds[1]] - med[kinds[2]]) / bare:+.2%}")
-    nothing = med["stabwatch:nothing"]
+        sec, r, iqr, total = res[k]
+        print(f"  {k:<34} {sec * 1e3:8.2f} ms   {r:6.3f}x  (iqr {iqr:.3f}, total {total:.3f}x)")
+    print(f"\n  spiking family, marginal in the default preset: {ratio[kinds[2]] - ratio[kinds[3]]:+.2%}")
     for k in ("stabwatch:only-spiking@10", "stabwatch:only-spiking@1"):
-        print(f"  {k[10:]}, above the monitor's own per-step cost: {(med[k] - nothing) / bare:+.2%}")
+        print(f"  {k[10:]}, above the monitor's own per-step cost: {ratio[k] - ratio['stabwatch:nothing']:+.2%}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Gradient singular values of every 2-D weight gradient (conv kernels reshaped to ``[out, in*k]``).
 
-Small matrices (``min(m, n) <= exact_max_dim``) get the exact spectrum (``torch.linalg.svdvals``, after
-a QR for tall-skinny ones): top-k, the smallest *non-zero* singular value (above the
+Small matrices (``min(m, n) <= exact_max_dim``) get the exact spectrum (`functional.batched_singular_values`:
+eigenvalues of the float64 Gram matrix for float32 gradients, ``svdvals`` for float64 ones): top-k, the smallest *non-zero* singular value (above the
 ``sigma_1 * max(m, n) * eps`` rank tolerance), the numerical rank and the condition number. Larger
 ones get the top-k by randomized block Krylov iteration on the device (`functional.block_krylov_singular_values`,
 depth 4, started from the previous record's basis); their smallest value and condition number are not
