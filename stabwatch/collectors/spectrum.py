@@ -1,12 +1,13 @@
 """Gradient singular values of every 2-D weight gradient (conv kernels reshaped to ``[out, in*k]``).
 
-Small matrices (``min(m, n) <= exact_max_dim``) get the exact spectrum (`functional.batched_singular_values`:
-eigenvalues of the float64 Gram matrix for float32 gradients, ``svdvals`` for float64 ones): top-k, the smallest *non-zero* singular value (above the
+Small matrices (``min(m, n) <= exact_max_dim``) get the exact spectrum
+(`functional.batched_singular_values`: eigenvalues of the float64 Gram matrix for float32 gradients,
+``svdvals`` for float64 ones): top-k, the smallest *non-zero* singular value (above the
 ``sigma_1 * max(m, n) * eps`` rank tolerance), the numerical rank and the condition number. Larger
-ones get the top-k by randomized block Krylov iteration on the device (`functional.block_krylov_singular_values`,
-depth 4, started from the previous record's basis); their smallest value and condition number are not
-estimated (left empty) — the top-k is what is cheap and reliable there. Same-shape gradients run as one
-batch.
+ones get the top-k by randomized block Krylov iteration on the device
+(`functional.block_krylov_singular_values`, depth 4, started from the previous record's basis); their
+smallest value and condition number are not estimated (left empty) — the top-k is what is cheap and
+reliable there. Same-shape gradients run as one batch.
 
 Emits globally ``grad_max_sv`` (max over layers), ``grad_min_sv`` (min over exact layers),
 ``grad_condition`` (max over exact layers); per layer the same plus ``grad_rank``; and
