@@ -28,7 +28,7 @@ def main() -> None:
     gaussian = torch.randn(n, n, generator=g)
     for name, a, iters in (
         ("gradient-like (decaying spectrum)", decaying, 4),
-        ("Gaussian (flat top)", gaussian, 8),
+        ("Gaussian (flat top)", gaussian, 10),
     ):
         exact = torch.linalg.svdvals(a)
         gen = torch.Generator().manual_seed(1)
