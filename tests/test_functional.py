@@ -156,3 +156,58 @@ def test_spectral_functions_return_nan_for_non_finite_input_instead_of_crashing(
     assert torch.isnan(top).all()
     good = torch.eye(3) * 2
     assert float(F.spectral_radius(good)) == 2.0 and F.singular_values(good).tolist() == [2.0, 2.0, 2.0]
+
+
+def test_squared_norms_dot_and_fallback_paths_agree_with_float64():
+    g = torch.Generator().manual_seed(1)
+    ts = [
+        torch.randn(64, 33, generator=g),  # contiguous float32: BLAS dot
+        torch.randn(33, 64, generator=g).T,  # non-contiguous: fused norm
+        torch.randn(17, generator=g).double(),
+        torch.randn(9, generator=g).half(),
+    ]
+    sq = F.squared_norms(ts)
+    ref = torch.stack([t.double().square().sum() for t in ts])
+    assert sq.dtype == torch.float64 and torch.allclose(sq, ref, rtol=1e-3)
+    assert torch.allclose(sq[:3], ref[:3], rtol=1e-6)
+
+
+def test_batched_exact_spectra_match_float64_svd_down_to_the_rank_tolerance():
+    g = torch.Generator().manual_seed(2)
+    for m, n, r in ((128, 2048, 64), (32, 144, 32), (10, 512, 10)):
+        a = (torch.randn(m, r, generator=g) @ torch.randn(r, n, generator=g)) * 1e-3
+        s = F.batched_singular_values(torch.stack([a, 2 * a]))
+        ref = torch.linalg.svdvals(a.double())
+        keep = ref > ref[0] * max(m, n) * torch.finfo(torch.float32).eps
+        assert torch.allclose(s[0, : len(ref)][keep].double(), ref[keep], rtol=1e-5)
+        assert torch.allclose(s[1, : len(ref)][keep].double(), 2 * ref[keep], rtol=1e-5)
+        s_min, rank, _ = condition_number(s[0], (m, n))
+        assert int(rank) == r == int(np.linalg.matrix_rank(a.numpy()))  # numpy's float32 rule
+        assert float(s_min) == pytest.approx(float(ref[r - 1]), rel=1e-5)
+
+
+def test_block_krylov_on_rank_deficient_and_tiny_matrices():
+    # a basis wider than the rank (or than the matrix) must not inflate the Ritz values
+    a = torch.diag(torch.tensor([5.0, 3.0, 1.0, 0.5, 0.1]))
+    top, _ = F.randomized_singular_values(a, 3, oversample=1, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(top, torch.tensor([5.0, 3.0, 1.0]), rtol=1e-5)
+    g = torch.Generator().manual_seed(3)
+    for rank in (1, 2, 3, 20):
+        low = torch.randn(300, rank, generator=g) @ torch.randn(rank, 200, generator=g)
+        top, _ = F.randomized_singular_values(low, 3, generator=g)
+        ref = torch.linalg.svdvals(low.double())[:3]
+        assert torch.allclose(top.double(), ref, rtol=1e-4, atol=1e-5 * float(ref[0]))
+
+
+def test_block_krylov_batch_equals_one_at_a_time_and_flags_nonfinite_members():
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(3, 120, 90, generator=g)
+    a[1, 5, 7] = float("nan")
+    omega = torch.randn(3, 90, 6, generator=g)
+    s, basis, finite = F.block_krylov_singular_values(a, omega, 4)
+    assert finite.tolist() == [True, False, True] and torch.isnan(s[1]).all()
+    for i in (0, 2):
+        one, _, _ = F.block_krylov_singular_values(a[i], omega[i], 4)
+        assert torch.allclose(s[i], one, rtol=1e-5)
+        assert torch.allclose(s[i, 0].double(), torch.linalg.svdvals(a[i].double())[0], rtol=1e-3)  # flat spectrum
+    assert basis.shape == (3, 90, 6)

@@ -474,3 +474,19 @@ def test_state_is_plain_data_and_memory_stays_bounded():
     st = rule.state_dict()
     assert len(st["streams"][0]["det"]["window"]["values"]) == 50
     assert copy.deepcopy(st) == json.loads(json.dumps(st))
+
+
+def test_window_mad_by_bisection_matches_sorting():
+    from stabwatch.alerts.base import _Window
+
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        n = int(rng.integers(1, 40))
+        pool = [float(v) for v in rng.normal(size=3)]  # ties, too
+        values = [float(rng.choice(pool)) if rng.random() < 0.3 else float(rng.normal()) for _ in range(n)]
+        w = _Window(30)
+        for step, v in enumerate(values):
+            w.push(step, v)
+        kept = values[-30:]
+        for center in (w.median(), float(rng.normal()), -5.0, 5.0, kept[0]):
+            assert w.mad(center) == pytest.approx(statistics.median(abs(v - center) for v in kept), abs=1e-12)
