@@ -95,9 +95,7 @@ class GradientCollector(Collector):
             return
         self._source = "optimizer_pre_step"
         if self._post:  # read after the step; note what the optimizer is about to see
-            grads, owners = self._grads()
-            self._seen = [(g, g._version) for g in grads]
-            self._seen_owners = owners
+            self._seen = [(g, g._version) for g in self._grads()[0]]
         else:
             self._measure()
 

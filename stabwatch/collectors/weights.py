@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from stabwatch.collectors.base import Collector, MonitorContext, Readout
-from stabwatch.functional.spectral import as_matrix, batched_spectral_norm, spectral_radius
+from stabwatch.functional.spectral import as_matrix, spectral_norm, spectral_radius
 
 __all__ = ["WeightSpectrumCollector"]
 
@@ -73,19 +73,17 @@ class WeightSpectrumCollector(Collector):
             norms, layers = [], []
             for layer, p in self._norm_targets:
                 try:
-                    w = as_matrix(p.detach())
                     u = self._u.get(layer)
-                    sigma, u = batched_spectral_norm(
-                        w[None], u, n_iter=self.init_iter if u is None else self.n_iter, generator=gen
+                    sigma, self._u[layer] = spectral_norm(
+                        p, u, n_iter=self.init_iter if u is None else self.n_iter, generator=gen
                     )
-                    self._u[layer] = u
                 except Exception as exc:  # noqa: BLE001
                     self.fail(f"spectral norm of {layer}", exc)
                     continue
                 norms.append(sigma.double())
                 layers.append(layer)
             if norms:
-                t = torch.cat(norms)
+                t = torch.stack(norms)
                 readout.add_layers("spectral_norm", layers, t)
                 readout.add("spectral_norm", t.max())
             radii, r_layers = [], []

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["gradient_norm", "group_norms", "squared_norms", "update_ratio"]
+__all__ = ["gradient_norm", "squared_norms", "update_ratio"]
 
 
 def _foreach_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -81,26 +81,6 @@ def gradient_norm(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.
     """
     sq = squared_norms(tensors)
     return sq.sum().sqrt().float(), sq.sqrt().float()
-
-
-def group_norms(norms: torch.Tensor, group: Sequence[int] | torch.Tensor, n_groups: int) -> torch.Tensor:
-    r"""Combine per-tensor L2 norms into per-group norms, :math:`\sqrt{\sum_{p \in g} \|x_p\|^2}`.
-
-    Args:
-        norms: 1-D tensor of per-tensor norms.
-        group: the group index of each entry of ``norms``.
-        n_groups: number of groups (groups with no entry get 0).
-
-    Returns:
-        float64 tensor ``[n_groups]`` on ``norms``' device.
-
-    Example:
-        >>> group_norms(torch.tensor([3.0, 4.0, 1.0]), [0, 0, 1], 2).tolist()
-        [5.0, 1.0]
-    """
-    idx = torch.as_tensor(group, device=norms.device)
-    sq = torch.zeros(n_groups, dtype=torch.float64, device=norms.device)
-    return sq.index_add_(0, idx, norms.double().square()).sqrt()
 
 
 def update_ratio(before: Sequence[torch.Tensor], after: Sequence[torch.Tensor]) -> torch.Tensor:
