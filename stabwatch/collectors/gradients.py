@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from stabwatch.collectors.base import Collector, MonitorContext, Readout
-from stabwatch.functional.gradients import squared_norms
+from stabwatch.functional.gradients import group_norms, squared_norms
 
 __all__ = ["GradientCollector"]
 
@@ -130,8 +130,7 @@ class GradientCollector(Collector):
         readout.add("grad_norm", total)
         if self.per_layer:
             names, index, present = self._layer_index(owners, squares.device)
-            per_layer = torch.zeros(len(self.layers), dtype=torch.float64, device=squares.device)
-            per_layer = per_layer.index_add_(0, index, squares).sqrt()
+            per_layer = group_norms(squares, index, len(self.layers))
             readout.add_layers("grad_norm", names, per_layer if present is None else per_layer[present])
 
     def _layer_index(

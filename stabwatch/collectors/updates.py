@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from stabwatch.collectors.base import Collector, MonitorContext, Readout
-from stabwatch.functional.gradients import squared_norms
+from stabwatch.functional.gradients import group_norms, squared_norms
 
 __all__ = ["UpdateCollector"]
 
@@ -72,7 +72,6 @@ class UpdateCollector(Collector):
         if self.per_layer:
             if self._index is None or self._index.device != weights_sq.device:
                 self._index = torch.tensor(self._owner_idx, device=weights_sq.device)
-            both = torch.zeros(2, len(self.layers), dtype=torch.float64, device=weights_sq.device)
-            both.index_add_(1, self._index, torch.stack([weights_sq, deltas_sq])).sqrt_()
+            both = group_norms(torch.stack([weights_sq, deltas_sq]), self._index, len(self.layers))
             readout.add_layers("weight_norm", self.layers, both[0])
             readout.add_layers("update_ratio", self.layers, both[1] / both[0])

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["gradient_norm", "squared_norms", "update_ratio"]
+__all__ = ["gradient_norm", "group_norms", "squared_norms", "update_ratio"]
 
 
 def _foreach_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -81,6 +81,25 @@ def gradient_norm(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.
     """
     sq = squared_norms(tensors)
     return sq.sum().sqrt().float(), sq.sqrt().float()
+
+
+def group_norms(squares: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
+    r"""Per-group L2 norms from per-tensor squared norms, :math:`\sqrt{\sum_{p \in g} \|x_p\|^2}`.
+
+    Args:
+        squares: ``[..., P]`` squared norms (`squared_norms`), e.g. stacked rows of several quantities.
+        group: ``[P]`` integer tensor, the group of each entry.
+        n_groups: number of groups (groups with no entry get 0).
+
+    Returns:
+        float64 ``[..., n_groups]`` on ``squares``' device.
+
+    Example:
+        >>> group_norms(torch.tensor([9.0, 16.0, 1.0]), torch.tensor([0, 0, 1]), 2).tolist()
+        [5.0, 1.0]
+    """
+    out = torch.zeros(*squares.shape[:-1], n_groups, dtype=torch.float64, device=squares.device)
+    return out.index_add_(-1, group, squares.double()).sqrt_()
 
 
 def update_ratio(before: Sequence[torch.Tensor], after: Sequence[torch.Tensor]) -> torch.Tensor:

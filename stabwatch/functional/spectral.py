@@ -33,17 +33,20 @@ def _as_float(a: torch.Tensor) -> torch.Tensor:
 
 
 def _finite_or_zero(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(a or zeros, finite)`` without a host sync.
+    """``(a, finite)`` for a matrix or a batch ``[..., m, n]`` of them, each non-finite matrix replaced by
+    zeros, without a host sync (``finite`` has the batch shape; 0-d for one matrix).
 
     LAPACK must never see a NaN/Inf: ``svd`` raises on one, and MKL's ``geev`` (``eigvals``) aborts the
-    whole process. Results computed from the zero stand-in are replaced by NaN with ``finite``.
+    whole process. Results computed from the zero stand-in are replaced by NaN with `_nan_unless`.
     """
-    finite = torch.isfinite(a).all()
-    return torch.where(finite, a, torch.zeros((), dtype=a.dtype, device=a.device)), finite
+    finite = torch.isfinite(a).flatten(-2).all(-1)
+    return torch.where(finite[..., None, None], a, torch.zeros((), dtype=a.dtype, device=a.device)), finite
 
 
 def _nan_unless(finite: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    return torch.where(finite, values, torch.full((), float("nan"), dtype=values.dtype, device=values.device))
+    """``values`` (per matrix: ``finite``'s shape, plus trailing dims) with NaN where not ``finite``."""
+    mask = finite.reshape(finite.shape + (1,) * (values.ndim - finite.ndim))
+    return torch.where(mask, values, torch.full((), float("nan"), dtype=values.dtype, device=values.device))
 
 
 def singular_values(a: torch.Tensor) -> torch.Tensor:
@@ -66,9 +69,7 @@ def batched_singular_values(a: torch.Tensor) -> torch.Tensor:
     ``sigma_1 * max(m, n) * eps`` rank tolerance comes out to ~1e-9 relative instead of ~1e-3). The
     values are returned in the input's precision. float64 matrices use ``svdvals``.
     """
-    a = _as_float(a)
-    finite = torch.isfinite(a).flatten(-2).all(-1)
-    a = torch.where(finite[..., None, None], a, torch.zeros((), dtype=a.dtype, device=a.device))
+    a, finite = _finite_or_zero(_as_float(a))
     m, n = a.shape[-2:]
     if m < n:
         a, m, n = _t(a), n, m
@@ -79,7 +80,7 @@ def batched_singular_values(a: torch.Tensor) -> torch.Tensor:
     else:
         d = a.double()
         s = torch.linalg.eigvalsh(_t(d) @ d).flip(-1).clamp_min(0).sqrt().to(a.dtype)
-    return torch.where(finite[..., None], s, torch.full((), float("nan"), dtype=s.dtype, device=s.device))
+    return _nan_unless(finite, s)
 
 
 def _orthonormal(y: torch.Tensor) -> torch.Tensor:
@@ -140,15 +141,13 @@ def block_krylov_singular_values(
     q = torch.cat(blocks, dim=-1) if len(blocks) > 1 else blocks[0]
     b = (_t(q) @ a).double()  # [..., L, n]
     gram = b @ _t(b)
-    finite = torch.isfinite(gram).flatten(-2).all(-1)  # a NaN/Inf in `a` reaches every Gram entry
-    gram = torch.where(finite[..., None, None], gram, torch.zeros((), dtype=gram.dtype, device=gram.device))
+    gram, finite = _finite_or_zero(gram)  # a NaN/Inf in `a` reaches every Gram entry
     evals, vecs = torch.linalg.eigh(gram)  # ascending
     evals, vecs = evals.flip(-1), vecs.flip(-1)
     s = evals.clamp_min(0).sqrt()
     top = s[..., :ell]
     basis = (_t(b) @ vecs[..., :ell]) / top.clamp_min(torch.finfo(torch.float64).tiny)[..., None, :]  # right Ritz
-    s = torch.where(finite[..., None], s, torch.full((), float("nan"), dtype=s.dtype, device=s.device))
-    return s.to(a.dtype), basis.to(a.dtype), finite
+    return _nan_unless(finite, s).to(a.dtype), basis.to(a.dtype), finite
 
 
 def randomized_singular_values(
