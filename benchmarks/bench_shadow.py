@@ -4,7 +4,11 @@ Trains an MLP on scikit-learn's digits (no download) with Adam, and times whole 
 
 * ``plain``: no monitor;
 * ``monitor``: ``Monitor(preset="cheap")`` without a shadow;
-* one run per shadow setting, on top of the same monitor.
+* one run per shadow setting, on top of the same monitor;
+* ``every=1 window=1``: a new shadow at every step, so ``(t − t_continuous) / steps`` is the cost of one
+  spawn (the deep copy with the monitor's hooks paused and registered again, the optimizer clone);
+* with ``GradScaler`` (``--amp`` rows): the same loop with loss scaling, the shadow replaying the scale;
+  its extra is taken against the monitor with the same scaler.
 
 The shadow's extra cost is ``(t_shadow − t_monitor) / t_plain``. Each shadow step is a forward, a
 backward and an optimizer step, plus the renormalisation (a few fused passes over the parameters and
@@ -53,10 +57,13 @@ def _loss(model: nn.Module, batch: Any) -> torch.Tensor:
     return nn.functional.cross_entropy(model(batch[0]), batch[1])
 
 
-def _run(batches, width: int, steps: int, shadow_kw: dict[str, Any] | None, monitor: bool) -> float:
+def _run(batches, width: int, steps: int, shadow_kw: dict[str, Any] | None, monitor: bool, amp: bool = False) -> float:
     model = _model(width)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    shadow = sw.Shadow(loss_fn=_loss, **shadow_kw) if shadow_kw is not None else None
+    # a GradScaler on the CPU: the loss-scaling path of AMP (the scale is replayed by the shadow)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=amp)
+    amp_kw: dict[str, Any] = {"scaler": scaler} if amp else {}
+    shadow = sw.Shadow(loss_fn=_loss, **shadow_kw, **amp_kw) if shadow_kw is not None else None
 
     def loop(mon: sw.Monitor | None) -> float:
         t0 = time.perf_counter()
@@ -64,8 +71,9 @@ def _run(batches, width: int, steps: int, shadow_kw: dict[str, Any] | None, moni
             batch = batches[t % len(batches)]
             opt.zero_grad()
             loss = _loss(model, batch)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             if mon is not None:
                 mon.step(loss=loss, batch=batch)
         return time.perf_counter() - t0
@@ -121,11 +129,13 @@ def _memory(batches, width: int) -> dict[str, float]:
                 loss = _loss(model, batch)
                 loss.backward()
                 opt.step()
-                if t == 1:
-                    base_open = _tensor_bytes()  # window open (spawned at step 0), after its first step
                 mon.step(loss=loss, batch=batch)
+                # both measured at the same point of a step (after mon.step), so what the other collectors
+                # hold between the optimizer step and mon.step is in both or in neither
+                if t == 0:
+                    base_open = _tensor_bytes()  # window open (spawned at step 0), after its first step
                 if t == 2:
-                    base = _tensor_bytes()  # between windows
+                    base = _tensor_bytes()  # between windows (the window closed at step 1)
             assert base is not None and base_open is not None
         tag = "offload" if offload else "free"
         out[f"{tag}: open − between windows MB"] = (base_open - base) / 2**20
@@ -146,20 +156,32 @@ def main() -> None:
         "every=100 window=50 (duty 0.50)": {"every": 100, "window": 50},
         "continuous (duty 1.00)": {"every": 200, "window": 20, "continuous": True},
         "continuous renorm=10 (duty 1.00)": {"every": 200, "window": 20, "continuous": True, "renorm": 10},
+        "every=1 window=1 (spawn each step)": {"every": 1, "window": 1},
     }
     duty = {
         "every=200 window=20 (duty 0.10)": 0.1,
         "every=100 window=50 (duty 0.50)": 0.5,
         "continuous (duty 1.00)": 1.0,
         "continuous renorm=10 (duty 1.00)": 1.0,
+        "every=1 window=1 (spawn each step)": 1.0,
     }
+    amp_name = "continuous + GradScaler (duty 1.00)"
     _run(batches, args.width, 50, None, monitor=False)  # warm-up
-    times: dict[str, list[float]] = {"plain": [], "monitor": [], **{k: [] for k in settings}}
+    times: dict[str, list[float]] = {
+        "plain": [],
+        "monitor": [],
+        "monitor+amp": [],
+        amp_name: [],
+        **{k: [] for k in settings},
+    }
     for _ in range(args.repeats):
         times["plain"].append(_run(batches, args.width, args.steps, None, monitor=False))
         times["monitor"].append(_run(batches, args.width, args.steps, None, monitor=True))
         for name, kw in settings.items():
             times[name].append(_run(batches, args.width, args.steps, kw, monitor=True))
+        times["monitor+amp"].append(_run(batches, args.width, args.steps, None, monitor=True, amp=True))
+        amp_kw = settings["continuous (duty 1.00)"]
+        times[amp_name].append(_run(batches, args.width, args.steps, amp_kw, monitor=True, amp=True))
     med = {k: statistics.median(v) for k, v in times.items()}
     plain, mon = med["plain"], med["monitor"]
     n_params = sum(p.numel() for p in _model(args.width).parameters())
@@ -175,6 +197,13 @@ def main() -> None:
             f"  {name:36s} {med[name] / args.steps * 1e3:8.3f} {extra:12.3f} {duty[name]:6.2f} "
             f"{extra / duty[name]:11.3f}"
         )
+    amp_extra = (med[amp_name] - med["monitor+amp"]) / plain
+    print(
+        f"  {amp_name:36s} {med[amp_name] / args.steps * 1e3:8.3f} {amp_extra:12.3f} {1.0:6.2f} {amp_extra:11.3f}"
+        f"   (vs monitor+GradScaler step {med['monitor+amp'] / args.steps * 1e3:.3f} ms)"
+    )
+    spawn = (med["every=1 window=1 (spawn each step)"] - med["continuous (duty 1.00)"]) / args.steps
+    print(f"  one spawn (copy with hooks paused + optimizer clone): {spawn * 1e3:.3f} ms")
     print("memory:")
     for key, value in _memory(batches, args.width).items():
         print(f"  {key:36s} {value:8.3f}")

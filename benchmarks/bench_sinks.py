@@ -4,7 +4,8 @@ Target (sinks issue): <= 0.5 ms per step for a 50-metric record, with each sink.
 `Dispatcher.submit` (a queue append; the sink is written by a background thread), so this times
 `submit` in a loop that also does ~2 ms of "training" work per step, and compares it with writing the
 same record synchronously on the training thread (what a naive integration pays). Sinks: JSONL,
-MLflow (a local `mlflow server`, sqlite backend, over HTTP), W&B offline, TensorBoard.
+MLflow (a local `mlflow server`, sqlite backend, over HTTP; and MLflow's file store), W&B offline,
+TensorBoard.
 
 Run: python benchmarks/bench_sinks.py [--steps 400]
 """
@@ -64,9 +65,13 @@ def start_mlflow(root: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 def make_sinks(root: Path, uri: str) -> dict[str, object]:
     os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(root), WANDB_DISABLE_GIT="true")
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"  # MLflow 3 keeps its file store behind this switch
     return {
         "jsonl": lambda: sw.sinks.JsonlSink(root / "run.jsonl"),
         "mlflow (http server)": lambda: sw.sinks.MlflowSink(tracking_uri=uri, experiment="bench", log_figures=False),
+        "mlflow (file store)": lambda: sw.sinks.MlflowSink(
+            tracking_uri=(root / "mlruns").as_uri(), experiment="bench", log_figures=False
+        ),
         "wandb (offline)": lambda: sw.sinks.WandbSink(project="bench", mode="offline", dir=str(root)),
         "tensorboard": lambda: sw.sinks.TensorBoardSink(root / "tb"),
     }

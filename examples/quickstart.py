@@ -23,7 +23,7 @@ def main() -> None:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
     sinks = [sw.sinks.JsonlSink("runs/quickstart.jsonl"), sw.sinks.ConsoleSink(every=max(1, STEPS // 5))]
-    with sw.Monitor(model, opt, sinks=sinks, every={"grad_sv": 20, "spectral": 20}) as mon:
+    with sw.Monitor(model, opt, sinks=sinks, every={"grad_sv": 20, "weight": 20}) as mon:
         for _ in range(STEPS):
             idx = torch.randint(0, len(x), (64,), generator=g)
             opt.zero_grad()

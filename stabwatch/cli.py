@@ -1,7 +1,9 @@
 """The ``stabwatch`` command: ``demo``, ``diagnose``, ``report``, ``replay``.
 
 Each subcommand lives in the module that owns the feature and exposes ``add_parser(subparsers)``
-returning nothing, setting ``func`` on its parser; this file only lists them.
+returning nothing, setting ``func`` on its parser; this file only lists them, and turns a
+`StabwatchError` (bad input: a missing file, a bad setting, a missing extra) into its message on stderr
+and exit status 2 — no traceback for a user's mistake.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+
+from stabwatch.errors import StabwatchError
 
 __all__ = ["main"]
 
@@ -29,7 +33,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except StabwatchError as exc:
+        print(f"stabwatch {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

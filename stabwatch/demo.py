@@ -75,7 +75,7 @@ def run_demo(
             bar: Any = tqdm(range(steps), desc=f"{name} (lr={lr})", disable=quiet, file=sys.stdout)
         except ImportError:  # pragma: no cover
             bar = range(steps)
-        with sw.Monitor(model, opt, sinks=sinks, preset="default", every={"grad_sv": 10, "spectral": 10}) as mon:
+        with sw.Monitor(model, opt, sinks=sinks, preset="default", every={"grad_sv": 10, "weight": 10}) as mon:
             for _ in bar:
                 idx = torch.randint(0, x.shape[0], (batch_size,), generator=g)
                 opt.zero_grad()

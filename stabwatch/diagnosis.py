@@ -5,15 +5,19 @@ live `Monitor` (`Monitor.diagnose`) and a JSONL file read back (``stabwatch diag
 
 * **Trends.** Over the whole run, the median of the last quarter of a metric's values against the
   median of the first quarter: *rising* at ×2 or more, *falling* at ×½ or less, else *stable* (for a
-  metric that changes sign, such as a Lyapunov exponent: a change of a quarter of its range). Over the
-  last quarter, where the run is heading now, the least-squares line through :math:`\\ln|x|` (or
-  :math:`x`) against the step: rising/falling when the fitted change is ×2 (or a quarter of the range)
-  **and** the slope's t-statistic is at least 3. Rates are given per 100 steps.
+  metric that changes sign, such as a Lyapunov exponent: a change of a quarter of its range). The two
+  medians are what the line shows (``median 2.3 → 0.81``), so the label and the numbers always agree;
+  the latest value is shown apart (``latest 669.7``), since one late blow-up does not move a median.
+  Over the last quarter, where the run is heading now, the least-squares line through :math:`\\ln|x|`
+  (or :math:`x`) against the step: rising/falling when the fitted change is ×2 (or a quarter of the
+  range) **and** the slope's t-statistic is at least 3. Rates are given per 100 steps.
 * **Alerts.** Grouped by rule: how many, first/last step, worst severity, layers, and the first message.
 * **Likely causes.** Each alert reason (and a recent rise of the gradient norm or the loss) is evidence
   for some causes; causes are ranked by the evidence they collect (critical 3, warning 2, info 1 per
   distinct rule, +1 for the cause of the earliest alert — the first sign is usually nearest the cause),
-  and each comes with what to try.
+  and each comes with what to try. A recent rise of the gradient norm counts only once the latest
+  value has reached the gradient-explosion floor (`stabwatch.alerts.defaults.GRAD_FLOOR`), as for the
+  alert rules: a dead network whose gradient creeps up from 1e-6 is not taking too large steps.
 """
 
 from __future__ import annotations
@@ -23,7 +27,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from stabwatch.alerts.defaults import GRAD_FLOOR
+from stabwatch.alerts.rules.trend import fit_slope
+from stabwatch.errors import StabwatchError
 from stabwatch.metrics import Alert, AlertReason, Severity, StabilityMetrics
+from stabwatch.numeric import fmt, median
 
 __all__ = ["AlertSummary", "Cause", "Diagnosis", "Trend", "analyse", "diagnose", "trend"]
 
@@ -53,18 +61,6 @@ _RANK = {Severity.INFO: 0, Severity.WARNING: 1, Severity.CRITICAL: 2}
 _WEIGHT = {Severity.INFO: 1, Severity.WARNING: 2, Severity.CRITICAL: 3}
 
 
-def _fit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
-    from stabwatch.alerts.rules.trend import fit_slope
-
-    return fit_slope(list(xs), list(ys))
-
-
-def _fmt(value: float) -> str:
-    from stabwatch.alerts.base import fmt
-
-    return fmt(value)
-
-
 @dataclass
 class Trend:
     """The trend of one metric.
@@ -72,11 +68,14 @@ class Trend:
     Attributes:
         metric: the record field.
         label: ``"rising"``, ``"falling"``, ``"stable"`` or ``"n/a"`` (fewer than 3 finite values).
-        first / last: the first and last finite values.
+        first_median / last_median: the medians of the first and the last quarter of the finite values
+            (what `label` compares; with fewer than 4 values, the first and the last value).
         per_100: factor per 100 steps (log scale) or change per 100 steps (linear scale), from the
             first- and last-quarter medians.
         t: the t-statistic of the recent slope.
         log: whether the fit was on log scale.
+        n: the number of finite values.
+        latest: the last finite value.
         recent: the label over the last quarter of the values (``None`` if too few).
         recent_per_100: its rate.
         recent_from: the first step of that last quarter.
@@ -84,22 +83,26 @@ class Trend:
 
     metric: str
     label: str
-    first: float
-    last: float
+    first_median: float
+    last_median: float
     per_100: float
     t: float
     log: bool
     n: int
+    latest: float
     recent: str | None = None
     recent_per_100: float | None = None
     recent_from: int | None = None
 
     def rate(self, value: float | None = None) -> str:
         v = self.per_100 if value is None else value
-        return f"×{v:.3g}/100 steps" if self.log else f"{v:+.3g}/100 steps"
+        return f"×{fmt(v, 3)}/100 steps" if self.log else f"{fmt(v, 3, signed=True)}/100 steps"
 
     def __str__(self) -> str:
-        text = f"{self.metric:<22}{self.label:<8} {_fmt(self.first)} → {_fmt(self.last)}  ({self.rate()})"
+        text = (
+            f"{self.metric:<22}{self.label:<8} median {fmt(self.first_median)} → {fmt(self.last_median)}"
+            f"  ({self.rate()}); latest {fmt(self.latest)}"
+        )
         if self.recent is not None and self.recent != self.label:
             text += f"; {self.recent} since step {self.recent_from} ({self.rate(self.recent_per_100)})"
         return text
@@ -112,7 +115,7 @@ def _exp(x: float) -> float:
 def _classify(steps: Sequence[float], values: Sequence[float], log: bool) -> tuple[str, float, float]:
     """Label, rate per 100 steps and t-statistic of a least-squares fit (used for the recent window)."""
     ys = [math.log(abs(v)) for v in values] if log else list(values)
-    slope, t = _fit(steps, ys)
+    slope, t = fit_slope(list(steps), ys)
     change = slope * (steps[-1] - steps[0])
     if log:
         big = abs(change) >= math.log(2)
@@ -125,26 +128,20 @@ def _classify(steps: Sequence[float], values: Sequence[float], log: bool) -> tup
     return "stable", rate, t
 
 
-def _quartiles(steps: Sequence[float], values: Sequence[float], log: bool) -> tuple[str, float]:
-    """Label and rate per 100 steps from the medians of the first and the last quarter (robust to the
+def _quartiles(steps: Sequence[float], values: Sequence[float], log: bool) -> tuple[str, float, float, float]:
+    """Label, rate per 100 steps, and the first- and last-quarter medians they come from (robust to the
     shape of the curve: a fast fall then a plateau is *falling*, whatever a straight line says)."""
     q = max(1, len(values) // 4)
-
-    def med(xs: Sequence[float]) -> float:
-        xs = sorted(xs)
-        mid = len(xs) // 2
-        return xs[mid] if len(xs) % 2 else 0.5 * (xs[mid - 1] + xs[mid])
-
-    a, b = med(values[:q]), med(values[-q:])
-    dx = med(steps[-q:]) - med(steps[:q])
+    a, b = median(values[:q]), median(values[-q:])
+    dx = median(steps[-q:]) - median(steps[:q])
     if log:
         ratio = b / a
         label = "rising" if ratio >= 2 else "falling" if ratio <= 0.5 else "stable"
-        return label, (_exp(math.log(ratio) * 100 / dx) if dx > 0 else 1.0)
+        return label, (_exp(math.log(ratio) * 100 / dx) if dx > 0 else 1.0), a, b
     spread = max(values) - min(values)
     diff = b - a
     label = "stable" if spread == 0 or abs(diff) < 0.25 * spread else ("rising" if diff > 0 else "falling")
-    return label, (diff * 100 / dx if dx > 0 else 0.0)
+    return label, (diff * 100 / dx if dx > 0 else 0.0), a, b
 
 
 def trend(values: Sequence[float], steps: Sequence[float] | None = None) -> tuple[str, float]:
@@ -170,7 +167,7 @@ def trend(values: Sequence[float], steps: Sequence[float] | None = None) -> tupl
     log = all(v > 0 for _, v in pairs) or all(v < 0 for _, v in pairs)
     if len(pairs) < 3:
         return "n/a", 0.0
-    return _quartiles([p[0] for p in pairs], [abs(p[1]) if log else p[1] for p in pairs], log)
+    return _quartiles([p[0] for p in pairs], [abs(p[1]) if log else p[1] for p in pairs], log)[:2]
 
 
 def _trend_of(metric: str, steps: list[int], values: list[float]) -> Trend | None:
@@ -178,11 +175,13 @@ def _trend_of(metric: str, steps: list[int], values: list[float]) -> Trend | Non
     if not pairs:
         return None
     log = all(v > 0 for _, v in pairs)
-    if len(pairs) < 3 or pairs[-1][0] == pairs[0][0]:
-        return Trend(metric, "n/a", pairs[0][1], pairs[-1][1], 1.0 if log else 0.0, 0.0, log, len(pairs))
     xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
-    label, rate = _quartiles(xs, ys, log)
-    out = Trend(metric, label, ys[0], ys[-1], rate, 0.0, log, len(pairs))
+    label, rate, first_median, last_median = _quartiles(xs, ys, log)
+    if len(pairs) < 3 or xs[-1] == xs[0]:
+        label, rate = "n/a", (1.0 if log else 0.0)
+    out = Trend(metric, label, first_median, last_median, rate, 0.0, log, len(pairs), ys[-1])
+    if label == "n/a":
+        return out
     q = len(pairs) // 4
     if q >= 8:
         r_label, r_rate, t = _classify(xs[-q:], ys[-q:], log)
@@ -320,7 +319,10 @@ class Diagnosis:
             lines.append(f"first sign: {self.first_sign}")
         if self.trends:
             lines.append("")
-            lines.append("trends (last vs first quarter of the run; 'since step N': the last quarter):")
+            lines.append(
+                "trends (median of the first quarter of the run → median of the last quarter; "
+                "'since step N': the last quarter):"
+            )
             lines.extend(f"  {t}" for t in self.trends)
         if self.nonfinite:
             lines.append("")
@@ -370,12 +372,22 @@ def _summaries(alerts: Iterable[Alert]) -> list[AlertSummary]:
     return sorted(out.values(), key=lambda s: (-_RANK[s.severity], s.first_step))
 
 
-def _median(values: list[float]) -> float | None:
-    vals = sorted(v for v in values if math.isfinite(v))
-    if not vals:
-        return None
-    mid = len(vals) // 2
-    return vals[mid] if len(vals) % 2 else 0.5 * (vals[mid - 1] + vals[mid])
+def _check_inputs(records: Any, alerts: Any) -> None:
+    """Raise a `StabwatchError` naming the argument unless ``records`` / ``alerts`` are what a run leaves."""
+    for name, items, kind in (("records", records, StabilityMetrics), ("alerts", alerts, Alert)):
+        if items is None and name == "alerts":
+            continue
+        if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+            raise StabwatchError(
+                f"diagnose: {name} must be a list of {kind.__name__}, got {type(items).__name__} "
+                "(read a run file with stabwatch.sinks.read_jsonl)"
+            )
+        bad = next((i for i, x in enumerate(items) if not isinstance(x, kind)), None)
+        if bad is not None:
+            raise StabwatchError(
+                f"diagnose: {name}[{bad}] must be a {kind.__name__}, got {type(items[bad]).__name__} "
+                f"(build it with {kind.__name__}.model_validate(...), or read a run with stabwatch.sinks.read_jsonl)"
+            )
 
 
 def analyse(records: Sequence[StabilityMetrics], alerts: Sequence[Alert] | None = None) -> Diagnosis:
@@ -384,7 +396,11 @@ def analyse(records: Sequence[StabilityMetrics], alerts: Sequence[Alert] | None 
     Args:
         records: the run's records, in step order.
         alerts: its alerts (default: those stored in the records).
+
+    Raises:
+        StabwatchError: ``records`` is not a list of `StabilityMetrics` (or ``alerts`` of `Alert`).
     """
+    _check_inputs(records, alerts)
     if alerts is None:
         alerts = [a for r in records for a in r.alerts]
     trends: list[Trend] = []
@@ -414,10 +430,10 @@ def analyse(records: Sequence[StabilityMetrics], alerts: Sequence[Alert] | None 
     first_sign = f"step {first.step}, {first.rule}: {first.message}" if first is not None else None
 
     # evidence: alert reasons, plus recent rises of the gradient norm / loss without an alert
-    grad_median = _median([r.grad_norm for r in records if r.grad_norm is not None])
+    grad_median = median(r.grad_norm for r in records if r.grad_norm is not None and math.isfinite(r.grad_norm))
     clip = (
-        f"≈{_fmt(2 * grad_median)} (2× the median grad norm {_fmt(grad_median)})"
-        if grad_median
+        f"≈{fmt(2 * grad_median)} (2× the median grad norm {fmt(grad_median)})"
+        if grad_median > 0
         else "2× the typical norm"
     )
     causes: list[Cause] = []
@@ -433,9 +449,9 @@ def analyse(records: Sequence[StabilityMetrics], alerts: Sequence[Alert] | None 
                 when = f"step {s.first_step}" if s.count == 1 else f"{s.count}×, from step {s.first_step}"
                 evidence.append(f"{s.rule} ({when})")
         if key == "step_size":
-            for metric in ("grad_norm", "loss"):
+            for metric, floor in (("grad_norm", GRAD_FLOOR), ("loss", None)):
                 t = by_trend.get(metric)
-                if t is not None and t.recent == "rising":
+                if t is not None and t.recent == "rising" and (floor is None or t.latest >= floor):
                     score += 1
                     evidence.append(f"{metric} rising since step {t.recent_from} ({t.rate(t.recent_per_100)})")
         if first is not None and first.reason in reasons:
@@ -480,6 +496,7 @@ def diagnose(records: Sequence[StabilityMetrics], alerts: Sequence[Alert] | None
         >>> print(diagnose(recs).splitlines()[1])
         verdict: HEALTHY (no alerts)
     """
+    _check_inputs(records, alerts)
     if not records:
         return "stabwatch: no records yet."
     return analyse(records, alerts).to_text()

@@ -4,9 +4,21 @@ A `Monitor` emits one record per emitted step; sinks write it, alert rules read 
 CLI read it back from JSONL. Every value is a plain Python float (never a tensor), so a record is cheap to
 keep, serialise and ship to another thread.
 
-Flat keys (`StabilityMetrics.to_dict`) are made in exactly one place, `metric_key`, as ``family/metric``
-for a global value and ``family/metric/<module.path>`` for a per-layer value. The characters are the
-ones every supported tracker accepts (MLflow is the strictest: letters, digits, ``_ - . / space :``).
+Flat keys (`StabilityMetrics.to_dict`) are made in exactly one place, `metric_key`:
+
+* a global value is ``<family>/<metric>`` (``grad/norm``, ``grad_sv/max``, ``update/weight_norm``);
+* a per-layer value is ``<family>_layers/<metric>/<module.path>`` (``grad_layers/norm/encoder.0``);
+  the layer-key policy's summaries sit beside the layers (``grad_layers/norm/layers:p50``).
+
+``<family>`` is the collector family that computes the value (its module in `stabwatch.collectors`, its
+key in ``Monitor(every={...})``). The scheme is prefix-free: no key is a path prefix of another (no key
+``K`` with another key starting with ``K + "/"``), which MLflow's file store needs (a key is a file, so
+it cannot also be a folder) and which keeps a grouping UI (W&B sections are the first path segment) from
+burying the headline charts under hundreds of per-layer ones. It holds by construction: globals have
+two segments and a first segment that never ends in ``_layers``; per-layer keys have three segments,
+the first ending in ``_layers``, and the module path is one segment (a ``/`` in it becomes ``_``). The
+characters are the ones every supported tracker accepts (MLflow is the strictest: letters, digits,
+``_ - . / space :``).
 
 Non-finite values: a NaN or ±inf is a *finding* (the run blew up), so it is kept, never dropped. In JSON
 they are written as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` (standard JSON has no
@@ -15,20 +27,24 @@ literal for them) and read back as floats.
 
 from __future__ import annotations
 
-import math
+import functools
 import re
 from enum import Enum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from stabwatch.numeric import fmt
+
 __all__ = [
     "FIELD_KEYS",
+    "LAYERS_SUFFIX",
     "Alert",
     "AlertReason",
     "Severity",
     "StabilityMetrics",
     "metric_key",
+    "parse_key",
 ]
 
 
@@ -90,18 +106,19 @@ class Alert(BaseModel):
         return f"[{self.severity.value}] step {self.step} {self.rule}{where}: {self.message}"
 
 
-#: Record field -> flat key (``family/metric``). Per-layer values of the same quantity use the same key
-#: with ``/<module.path>`` appended. The one table that names keys; sinks never rewrite them.
+#: Record field -> global flat key ``<family>/<metric>``, where ``<family>`` is the collector family that
+#: computes the field. Per-layer values of the same field go to ``<family>_layers/<metric>/<module.path>``
+#: (`metric_key`). The one table that names keys; sinks never rewrite them.
 FIELD_KEYS: dict[str, str] = {
     "loss": "loss/value",
     "grad_norm": "grad/norm",
-    "grad_max_sv": "grad/max_sv",
-    "grad_min_sv": "grad/min_sv",
-    "grad_condition": "grad/condition",
-    "grad_rank": "grad/rank",
+    "grad_max_sv": "grad_sv/max",
+    "grad_min_sv": "grad_sv/min",
+    "grad_condition": "grad_sv/condition",
+    "grad_rank": "grad_sv/rank",
     "update_ratio": "update/ratio",
     "update_norm": "update/norm",
-    "weight_norm": "weight/norm",
+    "weight_norm": "update/weight_norm",
     "spectral_norm": "weight/spectral_norm",
     "spectral_radius": "weight/spectral_radius",
     "activation_mean": "activation/mean",
@@ -122,45 +139,79 @@ FIELD_KEYS: dict[str, str] = {
     "overhead_ms": "monitor/overhead_ms",
 }
 
+#: The first segment of a per-layer key is the family plus this suffix (``grad`` -> ``grad_layers``).
+LAYERS_SUFFIX = "_layers"
+
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. :/]")
 _MAX_KEY_LEN = 250
 
 
-def metric_key(family_metric: str, layer: str | None = None) -> str:
-    """Build the flat key for a metric, optionally for one layer.
+def _segment(text: str) -> str:
+    """One path segment: tracker-safe characters, no ``/``, no surrounding spaces, never ``.``/``..``."""
+    seg = _BAD_KEY_CHARS.sub("_", text).replace("/", "_").strip()
+    return "_" * len(seg) if seg and not seg.strip(".") else seg
 
-    Characters outside ``[A-Za-z0-9_-. :/]`` become ``_``; empty path segments are dropped; keys longer
-    than 250 characters (MLflow's limit) keep their head and a hash of the rest.
+
+@functools.lru_cache(maxsize=1 << 16)
+def metric_key(name: str, layer: str | None = None) -> str:
+    """Build the flat key of a metric, global or for one layer (the only function that makes keys).
+
+    Characters outside ``[A-Za-z0-9_-. :/]`` become ``_``; a layer is one segment (a ``/`` in a module
+    name becomes ``_``); keys longer than 250 characters (MLflow's limit) keep their head and a hash
+    of the whole. The result is prefix-free across all keys (see the module docstring): a global key
+    always has two segments (a bare ``name`` gets ``/value``, further segments are joined with ``_``,
+    and a family ending in ``_layers`` gets a trailing ``_``); a per-layer key always has three.
 
     Args:
-        family_metric: ``family/metric``, e.g. ``"grad/norm"``.
+        name: ``family/metric``, e.g. ``"grad/norm"`` or ``"grad_sv/top1"``.
         layer: a module path such as ``"encoder.0"``, or ``None`` for a global value.
 
     Returns:
-        ``family/metric`` or ``family/metric/<layer>``.
+        ``family/metric`` or ``family_layers/metric/<layer>``.
 
     Example:
+        >>> metric_key("grad/norm")
+        'grad/norm'
         >>> metric_key("grad/norm", "blocks.0.attn")
-        'grad/norm/blocks.0.attn'
-        >>> metric_key("grad/norm", "weird[name]")
-        'grad/norm/weird_name_'
+        'grad_layers/norm/blocks.0.attn'
+        >>> metric_key("grad_sv/top1", "weird[name]/x")
+        'grad_sv_layers/top1/weird_name__x'
     """
-    raw = family_metric if layer is None else f"{family_metric}/{layer}"
-    key = "/".join(part for part in _BAD_KEY_CHARS.sub("_", raw).split("/") if part.strip())
+    parts = [seg for seg in (_segment(p) for p in name.split("/")) if seg]
+    family = parts[0] if parts else "extra"
+    metric = "_".join(parts[1:]) or "value"
+    if layer is None:
+        if family.endswith(LAYERS_SUFFIX):
+            family += "_"  # the suffix is reserved for per-layer keys
+        key = f"{family}/{metric}"
+    else:
+        key = f"{family}{LAYERS_SUFFIX}/{metric}/{_segment(layer) or '_'}"
     if len(key) > _MAX_KEY_LEN:
         import hashlib
 
         digest = hashlib.sha1(key.encode()).hexdigest()[:10]
-        key = f"{key[: _MAX_KEY_LEN - 11]}~{digest}"
+        key = f"{key[: _MAX_KEY_LEN - 11]}-{digest}"
     return key
 
 
-def _fmt(value: float) -> str:
-    if math.isnan(value) or math.isinf(value):
-        return str(value)
-    if value != 0 and (abs(value) >= 1e4 or abs(value) < 1e-3):
-        return f"{value:.2e}"
-    return f"{value:.4g}"
+def parse_key(key: str) -> tuple[str, str | None]:
+    """Split a flat key into ``(family/metric, layer or None)``: the inverse of `metric_key`.
+
+    Also accepts the raw ``family/metric/<layer>`` form that `StabilityMetrics.extra` uses.
+
+    Example:
+        >>> parse_key("grad_layers/norm/encoder.0")
+        ('grad/norm', 'encoder.0')
+        >>> parse_key("grad/norm"), parse_key("grad_sv/top1/fc1")
+        (('grad/norm', None), ('grad_sv/top1', 'fc1'))
+    """
+    parts = key.split("/", 2)
+    if len(parts) < 3:
+        return key, None
+    family, metric, layer = parts
+    if family.endswith(LAYERS_SUFFIX):
+        family = family[: -len(LAYERS_SUFFIX)]
+    return f"{family}/{metric}", layer
 
 
 class StabilityMetrics(BaseModel):
@@ -186,12 +237,13 @@ class StabilityMetrics(BaseModel):
         spectral_norm: largest weight spectral norm; spectral_radius: largest |eigenvalue| of the
             square (recurrent) weights.
         layers: per-layer values, ``{module_path: {field: value}}``.
-        extra: further values keyed ``family/metric[/layer]`` (e.g. top-k singular values).
+        extra: further values keyed ``family/metric`` or ``family/metric/<layer>`` (e.g. the top-k
+            singular values ``grad_sv/top1/<layer>``); `to_dict` maps them to the same key scheme.
         alerts: alerts raised at this step.
 
     Example:
         >>> r = StabilityMetrics(step=3, loss=0.5, grad_norm=1.25, layers={"fc1": {"grad_norm": 1.0}})
-        >>> r.to_dict()["grad/norm/fc1"]
+        >>> r.to_dict()["grad_layers/norm/fc1"]
         1.0
         >>> str(r)
         'step 3 | loss=0.5 | grad=1.25'
@@ -236,7 +288,9 @@ class StabilityMetrics(BaseModel):
     def to_dict(self) -> dict[str, float]:
         """Flatten to ``{key: float}`` with keys from `metric_key` (``None`` values are left out).
 
-        ``step`` is not a metric and is not included; ``nonfinite`` becomes 1.0 / 0.0.
+        Globals are ``family/metric``, per-layer values ``family_layers/metric/<layer>``, and an `extra`
+        entry ``family/metric/<layer>`` is a per-layer value too. ``step`` is not a metric and is not
+        included; ``nonfinite`` becomes 1.0 / 0.0.
         """
         out: dict[str, float] = {}
         for field, key in FIELD_KEYS.items():
@@ -247,7 +301,7 @@ class StabilityMetrics(BaseModel):
             for field, value in values.items():
                 out[metric_key(FIELD_KEYS.get(field, field), layer)] = float(value)
         for key, value in self.extra.items():
-            out[metric_key(key)] = float(value)
+            out[metric_key(*parse_key(key))] = float(value)
         return out
 
     def __str__(self) -> str:
@@ -266,7 +320,7 @@ class StabilityMetrics(BaseModel):
         for field, label in short:
             value = getattr(self, field)
             if value is not None:
-                parts.append(f"{label}={_fmt(value)}")
+                parts.append(f"{label}={fmt(value)}")
         if self.nonfinite:
             parts.append(f"NON-FINITE@{self.nonfinite_source}")
         if self.alerts:
@@ -283,5 +337,8 @@ class StabilityMetrics(BaseModel):
         return self.model_dump_json(exclude_none=True)
 
     def get(self, key: str) -> Any:
-        """Value of a flat key (``family/metric[/layer]``) or ``None``."""
-        return self.to_dict().get(key)
+        """Value of a flat key (``family/metric`` or ``family_layers/metric/<layer>``) or ``None``.
+
+        The raw ``family/metric/<layer>`` form of `extra` is accepted too.
+        """
+        return self.to_dict().get(metric_key(*parse_key(key)))

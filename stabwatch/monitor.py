@@ -1,25 +1,24 @@
-"""`Monitor`: the one orchestrator. Attaches the collectors' hooks, schedules them, builds one
-`StabilityMetrics` per emitted step with a single device->host copy, runs the alert rules, fans the
-record out to the sinks, and removes every hook on exit.
+"""`Monitor`: the front-end for a hand-written loop. It attaches the collectors' hooks to the model and
+the optimizer, tells the `stabwatch.pipeline.RecordPipeline` when the gradients are final and when the
+update is done (also for ``optimizer.step(closure)`` and ``GradScaler`` with fused optimizers), and
+removes every hook on exit. Records are made, alerted on and sent by the pipeline.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import math
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from stabwatch.alerts.actions import instability_error
-from stabwatch.collectors import FAMILIES, PRESETS, Collector, MonitorContext, Readout
-from stabwatch.errors import InstabilityError, StabwatchError
+from stabwatch.collectors import FAMILIES, PRESETS, Collector, MonitorContext
+from stabwatch.errors import ConfigError, StabwatchError, validated
 from stabwatch.metrics import Alert, StabilityMetrics
+from stabwatch.pipeline import RecordPipeline
 
 __all__ = ["Monitor", "MonitorConfig"]
 
@@ -28,29 +27,35 @@ log = logging.getLogger("stabwatch")
 ScheduleSpec = int | Callable[[int], bool] | None
 
 
+#: options that moved into a family's own options model: the message points to the new spelling
+_MOVED_OPTIONS = {
+    "grad_sv_top_k": "collectors=[sw.collectors.GradSVCollector(top_k=...)]",
+    "grad_sv_exact_max_dim": "collectors=[sw.collectors.GradSVCollector(exact_max_dim=...)]",
+    "spectral_radius": "collectors=[sw.collectors.WeightCollector(radius=...)]",
+    "nonfinite_mode": "collectors=[sw.collectors.NonfiniteCollector(mode=...)]",
+    "spiking_adapters": "collectors=[sw.collectors.SpikingCollector(adapters=[...])]",
+    "spiking_dead_threshold": "collectors=[sw.collectors.SpikingCollector(dead_threshold=...)]",
+    "spiking_saturated_threshold": "collectors=[sw.collectors.SpikingCollector(saturated_threshold=...)]",
+}
+#: family names of earlier versions
+_RENAMED_FAMILIES = {"spectral": "weight"}
+
+
 class MonitorConfig(BaseModel):
-    """Validated monitor options (bad values raise a pydantic ``ValidationError`` naming the field).
+    """The monitor's own options (a family's options live in its collector, e.g. ``GradSVCollector(top_k=5)``).
 
     Attributes:
-        preset: ``"cheap"`` (gradient norms and non-finite checks each step), ``"default"`` (plus
-            update ratios every 10 steps, gradient/weight spectra every 100, activations every 50,
-            spiking-layer statistics every 10) or ``"full"`` (every family every step).
+        preset: ``"cheap"`` (gradient norms and non-finite checks each step, update ratios every 50),
+            ``"default"`` (plus update ratios every 10 steps, gradient/weight spectra every 100,
+            activations every 50, spiking-layer statistics every 10) or ``"full"`` (every family every
+            step). See `stabwatch.collectors.PRESETS`.
         every: per-family schedule overrides ``{family: period | callable | None}``; ``None`` or 0
-            turns a family off. Families: ``grad, nonfinite, update, grad_sv, spectral, activation,
+            turns a family off. Families: ``grad, nonfinite, update, grad_sv, weight, activation,
             spiking``.
         log_every: emit a record every N steps (a non-finite value is always emitted at once).
         max_records: how many records `Monitor.records` keeps in memory (oldest dropped).
         per_layer: emit per-layer values.
         seed: seed of the monitor's own RNG (random probes); training's RNG is never touched.
-        nonfinite_mode: ``"lazy"`` (activations are reduced only on a step whose loss or gradients came
-            out non-finite) or ``"eager"`` (every output reduced in its hook; catches NaNs that never
-            reach the loss). See `stabwatch.collectors.nonfinite`.
-        grad_sv_top_k / grad_sv_exact_max_dim: options of the gradient-spectrum family.
-        spectral_radius: ``"recurrent"`` (RNN/LSTM/GRU hidden weights), ``"square"`` or ``"none"``.
-        spiking_adapters: `stabwatch.collectors.spiking.SpikingAdapter` s for custom spiking modules (tried before the
-            built-in snntorch / spikingjelly / norse ones).
-        spiking_dead_threshold / spiking_saturated_threshold: firing rates below / above which a
-            spiking neuron counts as dead / saturated (0.01 / 0.9).
     """
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
@@ -61,18 +66,13 @@ class MonitorConfig(BaseModel):
     max_records: int = Field(default=1000, ge=0)
     per_layer: bool = True
     seed: int = 0
-    nonfinite_mode: Literal["lazy", "eager"] = "lazy"
-    grad_sv_top_k: int = Field(default=3, ge=1)
-    grad_sv_exact_max_dim: int = Field(default=256, ge=1)
-    spectral_radius: Literal["recurrent", "square", "none"] = "recurrent"
-    spiking_adapters: list[Any] = Field(default_factory=list)
-    spiking_dead_threshold: float = Field(default=0.01, ge=0.0)
-    spiking_saturated_threshold: float = Field(default=0.9, gt=0.0)
 
     @field_validator("every")
     @classmethod
     def _check_every(cls, value: dict[str, Any]) -> dict[str, Any]:
         for family, spec in value.items():
+            if family in _RENAMED_FAMILIES:
+                raise ValueError(f"family {family!r} is now called {_RENAMED_FAMILIES[family]!r}")
             if family not in FAMILIES:
                 raise ValueError(f"unknown family {family!r}; allowed: {', '.join(sorted(FAMILIES))}")
             if spec is None or callable(spec):
@@ -83,15 +83,6 @@ class MonitorConfig(BaseModel):
                     f"step -> bool; got {spec!r}"
                 )
         return value
-
-    def periods(self) -> dict[str, ScheduleSpec]:
-        out: dict[str, ScheduleSpec] = dict(PRESETS[self.preset])
-        out.update(self.every)
-        return out
-
-
-def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 class Monitor:
@@ -107,16 +98,18 @@ class Monitor:
         print(mon.diagnose())
 
     Hooks: forward hooks on the model's modules (non-finite checks, activation statistics), and
-    step pre/post hooks on the optimizer (gradients are read just before ``optimizer.step()``; update
-    ratios across it). All are removed on exit, also when the body raised. The monitor never changes
-    training: hook bodies run under ``torch.no_grad()``, keep no tensor past the step and draw random
-    numbers from the monitor's own ``torch.Generator``.
+    step pre/post hooks on the optimizer. The gradients measured are the ones the optimizer uses: read
+    just before ``optimizer.step()``, or, for ``optimizer.step(closure)`` (LBFGS, Lightning), right after
+    the closure's first call; ``GradScaler``'s scale is divided out where a fused optimizer still sees it.
+    Update ratios are taken across the step. All hooks are removed on exit, also when the body raised.
+    The monitor never changes training: hook bodies run under ``torch.no_grad()``, keep no tensor past
+    the step and draw random numbers from the monitor's own ``torch.Generator``.
 
     Args:
         model: the module being trained.
         optimizer: its optimizer (optional; without it gradients are read at `step` and update ratios
             are not available).
-        sinks: where records go (`stabwatch.sinks`).
+        sinks: where records go: a sink or a list of sinks (`stabwatch.sinks`).
         preset / every / log_every / max_records / per_layer / seed: see `MonitorConfig`.
         alerts: ``True`` for the default rule set (`stabwatch.alerts.default_rules`), ``False``/``None``
             for none, or a list of rules / an `stabwatch.alerts.AlertEngine`.
@@ -128,8 +121,10 @@ class Monitor:
             non-finite or spiking (parameters and optimizer state restored bit for bit). Needs the
             optimizer. Off by default.
         shadow: a `stabwatch.Shadow` replica estimating the Lyapunov exponent of training.
-        collectors: extra `Collector` instances (custom metric families).
-        **options: further `MonitorConfig` fields.
+        collectors: configured `Collector` instances: one of a preset's families replaces the preset's
+            (``collectors=[sw.collectors.GradSVCollector(every=10, top_k=5)]``), others are added
+            (custom metric families). A collector passed here keeps its own schedule.
+        **options: further `MonitorConfig` fields (``log_every``, ``max_records``, ``per_layer``, ``seed``).
 
     Example:
         >>> import torch, stabwatch as sw
@@ -146,7 +141,7 @@ class Monitor:
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None = None,
         *,
-        sinks: Sequence[Any] = (),
+        sinks: Any = (),
         preset: str = "default",
         every: dict[str, ScheduleSpec] | None = None,
         alerts: Any = True,
@@ -159,7 +154,14 @@ class Monitor:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise StabwatchError(f"Monitor: model must be a torch.nn.Module, got {type(model).__name__}")
-        self.config = MonitorConfig(preset=preset, every=dict(every or {}), **options)  # type: ignore[arg-type]
+        for name in options:
+            if name in _MOVED_OPTIONS:
+                raise ConfigError(f"Monitor: {name}= is an option of its family now; pass {_MOVED_OPTIONS[name]}")
+        if every is not None and not isinstance(every, dict):
+            raise ConfigError(f"Monitor: every= must be a dict {{family: period}}, got {type(every).__name__}")
+        self.config: MonitorConfig = validated(
+            MonitorConfig, "Monitor", preset=preset, every=dict(every or {}), **options
+        )
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise StabwatchError(
@@ -171,75 +173,56 @@ class Monitor:
                     f"Monitor: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
                 )
             model_ids = {id(p) for p in model.parameters()}
-            foreign = [tuple(p.shape) for p in _optimizer_params(optimizer) if id(p) not in model_ids]
+            foreign = [tuple(p.shape) for g in optimizer.param_groups for p in g["params"] if id(p) not in model_ids]
             if foreign:
                 raise StabwatchError(
                     f"Monitor: the optimizer holds {len(foreign)} parameter(s) that are not the model's "
                     f"(shapes {foreign[:3]}); build the optimizer from model.parameters()"
                 )
-        for i, sink in enumerate(sinks):
-            missing = [m for m in ("write", "flush", "close") if not callable(getattr(sink, m, None))]
-            if missing:
-                raise StabwatchError(
-                    f"Monitor: sinks[{i}] ({type(sink).__name__}) lacks {', '.join(missing)}; a sink "
-                    "needs write(record), flush() and close()"
-                )
         self.model = model
         self.optimizer = optimizer
-        self.sinks = list(sinks)
+        self.sinks = _sink_list(sinks)
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(self.config.seed)
-        self._collectors = self._build_collectors()
-        for extra in collectors:
-            if not isinstance(extra, Collector):
-                raise StabwatchError(f"Monitor: collectors must be Collector instances, got {extra!r}")
-            self._collectors.append(extra)
+        built = self._build_collectors(collectors)
         self.shadow = shadow
         if shadow is not None:
             if not isinstance(shadow, Collector):
                 raise StabwatchError(f"Monitor: shadow must be a stabwatch.Shadow, got {shadow!r}")
-            self._collectors.append(shadow)
-        self._engine = self._build_engine(alerts, on_alert)
+            built.append(shadow)
         from stabwatch.alerts.actions import parse_raise_on
 
-        self._raise_on = parse_raise_on(raise_on)
-        self._guard = self._build_guard(guard)
-        self.records: collections.deque[StabilityMetrics] = collections.deque(maxlen=self.config.max_records)
-        self.alerts: collections.deque[Alert] = collections.deque(maxlen=max(1000, self.config.max_records))
-        self._step = 0
+        self._pipeline = RecordPipeline(
+            built,
+            sinks=self.sinks,
+            engine=self._build_engine(alerts, on_alert),
+            guard=self._build_guard(guard),
+            raise_on=parse_raise_on(raise_on),
+            per_layer=self.config.per_layer,
+            log_every=self.config.log_every,
+            max_records=self.config.max_records,
+        )
         self._attached = False
         self._closed = False
         self._handles: list[Any] = []
-        self._hook_time = 0.0
-        from stabwatch.sinks._dispatch import Dispatcher
-
-        self._dispatch = Dispatcher(self.sinks)  # one background writer per sink; checks spill dirs
         self._ctx: MonitorContext | None = None
 
     # construction helpers -------------------------------------------------------------------------
-    def _build_collectors(self) -> list[Collector]:
-        cfg = self.config
-        built: list[Collector] = []
-        for family, spec in cfg.periods().items():
-            if spec is None or spec == 0:
-                continue
-            cls = FAMILIES[family]
-            kwargs: dict[str, Any] = {"every": spec}
-            if family in ("grad", "update"):
-                kwargs["per_layer"] = cfg.per_layer
-            if family == "grad_sv":
-                kwargs.update(top_k=cfg.grad_sv_top_k, exact_max_dim=cfg.grad_sv_exact_max_dim)
-            if family == "spectral":
-                kwargs["radius"] = cfg.spectral_radius
-            if family == "nonfinite":
-                kwargs["mode"] = cfg.nonfinite_mode
-            if family == "spiking":
-                kwargs.update(
-                    adapters=cfg.spiking_adapters,
-                    dead_threshold=cfg.spiking_dead_threshold,
-                    saturated_threshold=cfg.spiking_saturated_threshold,
-                )
-            built.append(cls(**kwargs))
+    def _build_collectors(self, extra: Iterable[Collector]) -> list[Collector]:
+        """The preset's collectors with ``every=`` applied; the user's (own schedules) replace a family's."""
+        given = list(extra)
+        for c in given:
+            if not isinstance(c, Collector):
+                raise StabwatchError(f"Monitor: collectors must be Collector instances, got {c!r}")
+        mine = {c.family for c in given}
+        built = [c for c in PRESETS[self.config.preset]() if c.family not in mine]
+        for family, spec in self.config.every.items():
+            matching = [c for c in built if c.family == family]
+            for c in matching:
+                c.reschedule(spec)
+            if not matching and spec and family not in mine:
+                built.append(FAMILIES[family](spec))
+        built = [c for c in built if c.every] + given
         return built
 
     def _build_engine(self, alerts: Any, on_alert: Any = None) -> Any:
@@ -254,9 +237,7 @@ class Monitor:
         elif isinstance(alerts, (list, tuple)):
             engine = AlertEngine(list(alerts))
         else:
-            raise StabwatchError(
-                f"Monitor: alerts must be True, False, a list of rules or an AlertEngine, got {alerts!r}"
-            )
+            raise ConfigError(f"Monitor: alerts must be True, False, a list of rules or an AlertEngine, got {alerts!r}")
         if on_alert is not None:
             from stabwatch.alerts.actions import AlertCallbacks
 
@@ -272,12 +253,40 @@ class Monitor:
         from stabwatch.alerts.actions import StepGuard
 
         if self.optimizer is None:
-            raise StabwatchError("Monitor: guard=True needs the optimizer: Monitor(model, optimizer, guard=True)")
+            raise ConfigError("Monitor: guard=True needs the optimizer: Monitor(model, optimizer, guard=True)")
         if guard is True:
             return StepGuard()
         if isinstance(guard, StepGuard):
             return guard
-        raise StabwatchError(f"Monitor: guard must be True, False or a stabwatch.alerts.StepGuard, got {guard!r}")
+        raise ConfigError(f"Monitor: guard must be True, False or a stabwatch.alerts.StepGuard, got {guard!r}")
+
+    # what the pipeline holds -----------------------------------------------------------------------
+    @property
+    def records(self) -> collections.deque[StabilityMetrics]:
+        """The last ``max_records`` records."""
+        return self._pipeline.records
+
+    @property
+    def alerts(self) -> collections.deque[Alert]:
+        """The alerts raised so far (the last ``max(1000, max_records)``)."""
+        return self._pipeline.alerts
+
+    @property
+    def collectors(self) -> list[Collector]:
+        """The metric families this monitor runs (the shadow included)."""
+        return list(self._pipeline.collectors)
+
+    @property
+    def _collectors(self) -> list[Collector]:
+        return self._pipeline.collectors
+
+    @property
+    def _engine(self) -> Any:
+        return self._pipeline.engine
+
+    @property
+    def _guard(self) -> Any:
+        return self._pipeline.guard
 
     # lifecycle -------------------------------------------------------------------------------------
     def __enter__(self) -> Monitor:
@@ -293,10 +302,12 @@ class Monitor:
             return self
         if self._closed:
             raise StabwatchError("Monitor: this monitor was closed; create a new one")
-        self._ctx = MonitorContext.build(self.model, self.optimizer, self._generator)
+        ctx = MonitorContext.build(self.model, self.optimizer, self._generator, per_layer=self.config.per_layer)
+        ctx.collectors = self._pipeline.collectors
+        self._ctx = self._pipeline.ctx = ctx
         try:
-            for c in self._collectors:
-                c.attach(self._ctx)
+            for c in self._pipeline.collectors:
+                c.attach(ctx)
             if self.optimizer is not None:
                 self._handles.append(self.optimizer.register_step_pre_hook(self._pre_step))
                 self._handles.append(self.optimizer.register_step_post_hook(self._post_step))
@@ -306,11 +317,7 @@ class Monitor:
             self._detach()
             raise
         self._attached = True
-        from stabwatch.sinks._dispatch import describe_monitor
-
-        self._dispatch.set_params(describe_monitor(self))
-        self._dispatch.start()
-        self._begin(self._step)
+        self._pipeline.open(self.describe())
         return self
 
     def close(self) -> None:
@@ -321,7 +328,7 @@ class Monitor:
         try:
             self._detach()
         finally:
-            self._dispatch.close()  # drains every sink's queue; what cannot be sent stays in a spill file
+            self._pipeline.close()  # drains every sink's queue; what cannot be sent stays in a spill file
 
     def _detach(self) -> None:
         for h in self._handles:
@@ -329,7 +336,7 @@ class Monitor:
         self._handles.clear()
         if self._guard is not None:
             self._guard.detach()
-        for c in self._collectors:
+        for c in self._pipeline.collectors:
             try:
                 c.detach()
             except Exception as exc:  # noqa: BLE001
@@ -337,57 +344,43 @@ class Monitor:
         self._attached = False
 
     # hooks -----------------------------------------------------------------------------------------
-    def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        t0 = time.perf_counter()
-        for c in self._collectors:
-            if c.active:
-                try:
-                    c.before_optimizer_step()
-                except Exception as exc:  # noqa: BLE001
-                    c.fail(f"{c.family} (before optimizer step)", exc)
-        if self._guard is not None:
-            try:
-                self._guard.before_step(self._step)
-            except Exception as exc:  # noqa: BLE001 - the guard never kills training
-                log.warning(
-                    "stabwatch: skip-step guard failed at step %d (%s: %s)", self._step, type(exc).__name__, exc
-                )
-        self._hook_time += time.perf_counter() - t0
+    def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> Any:
+        """The optimizer's pre-step hook: gradients are final here, unless ``step(closure)`` computes them."""
+        # ``args`` starts with the optimizer itself (torch passes the bound call's arguments)
+        closure = args[1] if len(args) > 1 else kwargs.get("closure")
+        # GradScaler hands a fused/capturable optimizer still-scaled gradients and sets this attribute to
+        # the scale for the duration of the step (``None`` once unscale_ ran); tested in tests/test_grad_sources.py
+        scale = getattr(optimizer, "grad_scale", None)
+        scale = scale if isinstance(scale, torch.Tensor) else None
+        if closure is None:
+            self._pipeline.gradients_ready(scale)
+            return None
+        wrapped = self._after_first_call(closure, scale)
+        if len(args) > 1:
+            return (args[0], wrapped, *args[2:]), kwargs
+        return args, {**kwargs, "closure": wrapped}
+
+    def _after_first_call(self, closure: Callable[[], Any], scale: torch.Tensor | None) -> Callable[[], Any]:
+        """``closure`` that declares the gradients ready after its first call (LBFGS calls it again later)."""
+        pending = [True]
+
+        def _closure() -> Any:
+            loss = closure()
+            if pending:
+                pending.clear()
+                self._pipeline.gradients_ready(scale)
+            return loss
+
+        return _closure
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        t0 = time.perf_counter()
-        if self._guard is not None:  # undo a skipped step before any collector reads the update
-            try:
-                self._guard.after_step()
-            except Exception as exc:  # noqa: BLE001
-                log.warning(
-                    "stabwatch: skip-step guard failed to restore step %d (%s: %s)", self._step, type(exc).__name__, exc
-                )
-        for c in self._collectors:
-            if c.active:
-                try:
-                    c.after_optimizer_step()
-                except Exception as exc:  # noqa: BLE001
-                    c.fail(f"{c.family} (after optimizer step)", exc)
-        self._hook_time += time.perf_counter() - t0
-
-    def _emits(self, step: int) -> bool:
-        return step % self.config.log_every == 0
-
-    def _begin(self, step: int) -> None:
-        emits = self._emits(step)
-        for c in self._collectors:
-            c.active = c.always_collect or (emits and c.scheduled(step))
-            try:
-                c.begin_step(step)
-            except Exception as exc:  # noqa: BLE001
-                c.fail(f"{c.family} (begin step)", exc)
+        self._pipeline.update_done()
 
     # the step --------------------------------------------------------------------------------------
     @property
     def current_step(self) -> int:
         """Index of the next record (the number of `step` calls so far)."""
-        return self._step
+        return self._pipeline.step
 
     def step(self, loss: torch.Tensor | float | None = None, batch: Any = None) -> StabilityMetrics | None:
         """Close one training step: gather what the hooks saw, emit a record, prepare the next step.
@@ -405,79 +398,7 @@ class Monitor:
             raise StabwatchError(
                 "Monitor.step() called outside the monitor; use `with Monitor(...) as mon:` or mon.start()"
             )
-        t0 = time.perf_counter()
-        step = self._step
-        readout = Readout()
-        ran: list[Collector] = []
-        with torch.no_grad():
-            for c in self._collectors:
-                if not c.active:
-                    continue
-                try:
-                    c.collect(step, readout, loss if isinstance(loss, torch.Tensor) else None, batch)
-                    ran.append(c)
-                except Exception as exc:  # noqa: BLE001
-                    c.fail(f"{c.family} metrics", exc)
-            if loss is not None:
-                try:
-                    readout.add("loss", loss.detach().reshape(()) if isinstance(loss, torch.Tensor) else float(loss))
-                except Exception as exc:  # noqa: BLE001
-                    log.warning("stabwatch: could not read the loss (%s)", exc)
-            values = readout.sync()
-        record = self._assemble(step, readout, values)
-        for c in ran:
-            try:
-                c.finish(step, readout, record)
-            except Exception as exc:  # noqa: BLE001
-                c.fail(f"{c.family} metrics", exc)
-        emit = self._emits(step) or bool(record.nonfinite)
-        self._step += 1
-        self._begin(self._step)
-        if not emit:
-            self._hook_time += time.perf_counter() - t0
-            return None
-        fired: list[Alert] = self._guard.pop_alerts() if self._guard is not None else []
-        stop: InstabilityError | None = None
-        if self._engine is not None:
-            try:
-                fired = self._engine.evaluate(record, extra=fired)
-                stop = self._engine.stop_error  # a callback asked to stop: raised after the sinks
-            except Exception as exc:  # noqa: BLE001
-                log.warning("stabwatch: alert evaluation failed at step %d: %s", step, exc)
-        if fired:
-            record.alerts.extend(fired)
-            self.alerts.extend(fired)
-        hook_time = self._hook_time + sum(c.elapsed for c in self._collectors)
-        self._hook_time = 0.0
-        for c in self._collectors:
-            c.elapsed = 0.0
-        record.overhead_ms = (hook_time + time.perf_counter() - t0) * 1e3
-        if self.config.max_records:
-            self.records.append(record)
-        self._emit(record)
-        error = stop or instability_error(fired, self._raise_on)
-        if error is not None:
-            self.flush()
-            raise error
-        return record
-
-    def _assemble(self, step: int, readout: Readout, values: list[float]) -> StabilityMetrics:
-        fields: dict[str, Any] = {}
-        layers: dict[str, dict[str, float]] = {}
-        extra: dict[str, float] = {}
-        for (kind, name, layer), value in zip(readout.entries, values, strict=True):
-            if kind == "field":
-                fields[name] = value
-            elif kind == "layer":
-                layers.setdefault(layer or "", {})[name] = value
-            elif kind == "extra":
-                extra[f"{name}/{layer}" if layer else name] = value
-        if not self.config.per_layer:
-            layers = {}
-        return StabilityMetrics(step=step, layers=layers, extra=extra, **fields)
-
-    def _emit(self, record: StabilityMetrics) -> None:
-        self._dispatch.submit(record)  # a queue append: sinks are written by background threads
+        return self._pipeline.record(loss, batch)
 
     # results ---------------------------------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> bool:
@@ -486,7 +407,7 @@ class Monitor:
         Returns ``False`` if a sink is still failing after `timeout` seconds (default: its
         ``close_timeout``); its records are kept in its spill file and retried.
         """
-        return self._dispatch.flush(timeout)
+        return self._pipeline.flush(timeout)
 
     def diagnose(self) -> str:
         """A readable summary of the run so far: trends per metric, alerts, likely causes, what to try."""
@@ -494,34 +415,56 @@ class Monitor:
 
         return diagnose(list(self.records), list(self.alerts))
 
+    def describe(self) -> dict[str, str]:
+        """The run's configuration as flat ``{name: str}`` (what tracker sinks log as parameters)."""
+        import stabwatch
+
+        params: dict[str, str] = {"version": stabwatch.__version__, "model": type(self.model).__name__}
+        if self.optimizer is not None:
+            params["optimizer"] = type(self.optimizer).__name__
+            lr = self.optimizer.param_groups[0].get("lr")
+            if lr is not None:
+                params["lr"] = str(float(lr))
+        params["n_parameters"] = str(sum(p.numel() for p in self.model.parameters()))
+        for name, value in self.config.model_dump().items():
+            if name != "every":
+                params[name] = str(value)
+        for c in self._pipeline.collectors:
+            params[f"every.{c.family}"] = getattr(c.every, "__name__", None) or str(c.every)
+        params["families"] = ",".join(c.family for c in self._pipeline.collectors)
+        return params
+
     def state_dict(self) -> dict[str, Any]:
         """The monitor's resumable state: step counter, collector state, alert-engine state."""
-        return {
-            "step": self._step,
-            "generator": self._generator.get_state(),
-            "collectors": {c.family: c.state_dict() for c in self._collectors},
-            "alerts": self._engine.state_dict() if self._engine is not None else None,
-            "guard": self._guard.state_dict() if self._guard is not None else None,
-        }
+        return {"generator": self._generator.get_state(), **self._pipeline.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned (e.g. when resuming from a checkpoint)."""
-        self._step = int(state["step"])
         self._generator.set_state(state["generator"])
-        for c in self._collectors:
-            if c.family in state.get("collectors", {}):
-                c.load_state_dict(state["collectors"][c.family])
-        if self._engine is not None and state.get("alerts") is not None:
-            self._engine.load_state_dict(state["alerts"])
-        if self._guard is not None and state.get("guard") is not None:
-            self._guard.load_state_dict(state["guard"])
-        if self._attached:
-            self._begin(self._step)
+        self._pipeline.load_state_dict(state)
 
     def __repr__(self) -> str:
-        fams = ", ".join(c.family for c in self._collectors)
-        return f"Monitor(step={self._step}, preset={self.config.preset!r}, families=[{fams}])"
+        fams = ", ".join(c.family for c in self._pipeline.collectors)
+        return f"Monitor(step={self._pipeline.step}, preset={self.config.preset!r}, families=[{fams}])"
 
 
-def _isfinite(x: float | None) -> bool:
-    return x is None or math.isfinite(x)
+def _sink_list(sinks: Any) -> list[Any]:
+    """``sinks=`` as a list: one sink or a sequence of them, each with ``write``, ``flush`` and ``close``."""
+    if sinks is None:
+        return []
+    if any(callable(getattr(sinks, m, None)) for m in ("write", "flush", "close")):
+        sinks = [sinks]  # a single sink
+    elif isinstance(sinks, (str, bytes)) or not isinstance(sinks, Iterable):
+        raise ConfigError(
+            f"Monitor: sinks= takes a sink or a list of sinks (e.g. [sw.sinks.JsonlSink('run.jsonl')]), "
+            f"got {type(sinks).__name__}"
+        )
+    out = list(sinks)
+    for i, sink in enumerate(out):
+        missing = [m for m in ("write", "flush", "close") if not callable(getattr(sink, m, None))]
+        if missing:
+            raise ConfigError(
+                f"Monitor: sinks[{i}] ({type(sink).__name__}) lacks {', '.join(missing)}; a sink "
+                "needs write(record), flush() and close()"
+            )
+    return out

@@ -121,8 +121,9 @@ def replay(
         records_by_path.append((path, list(read_jsonl(path))))
     target = sink if sink is not None else open_target(to)
     skip = getattr(target, "skip_logged", None)
-    if callable(skip):
-        keys = sorted({k for _, recs in records_by_path for r in recs for k in r.to_dict()})
+    if callable(skip):  # the keys the sink sends: its layer-key policy's choice, summaries included
+        select = getattr(getattr(target, "layer_keys", None), "select", None)
+        keys = sorted({k for _, recs in records_by_path for r in recs for k in (select(r) if select else r.to_dict())})
         skip(keys)
     sent = 0
     try:

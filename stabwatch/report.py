@@ -4,9 +4,10 @@
   HTML page comparing runs: a summary table, the loss and the global gradient norm (alerts marked on
   the step axis), a per-layer gradient-norm heat map per run (layers × steps, log10 colour scale),
   singular values, spectral radii, the Lyapunov exponent, the update ratio, an alert timeline, the
-  alert tables and each run's diagnosis. Plots are PNGs drawn by matplotlib (Agg backend, imported
-  only here: ``pip install stabwatch[plot]``) and embedded as base64 ``data:`` URIs, so the file has no
-  outside references. Every piece of text from the runs is HTML-escaped.
+  alert tables and each run's diagnosis. Plots are PNGs drawn by matplotlib through `stabwatch.plotting`
+  (bare figures on the Agg canvas: no pyplot, the user's backend and rcParams untouched; imported only
+  when a report is made: ``pip install stabwatch[plot]``) and embedded as base64 ``data:`` URIs, so the
+  file has no outside references. Every piece of text from the runs is HTML-escaped.
 * ``stabwatch diagnose RUN.jsonl`` — `stabwatch.diagnosis.diagnose` on a run file.
 
 Both take ``--rerun-rules`` to evaluate the default alert rules on the records afresh (for runs recorded
@@ -16,14 +17,11 @@ with alerts off, or to see what today's rules make of an old run).
 from __future__ import annotations
 
 import argparse
-import base64
 import html
-import io
 import itertools
 import json
 import logging
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,8 @@ from typing import Any
 
 from stabwatch.errors import StabwatchError
 from stabwatch.metrics import Alert, AlertReason, Severity, StabilityMetrics
+from stabwatch.numeric import fmt
+from stabwatch.plotting import figure_data_uri, new_figure, require_matplotlib
 
 __all__ = ["Run", "add_parser", "load_run", "render_report", "write_report"]
 
@@ -118,27 +118,14 @@ def load_run(path: str | Path, name: str | None = None, rerun_rules: bool = Fals
 
 
 # --- plotting ----------------------------------------------------------------------------------------
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise StabwatchError(
-            f"stabwatch report needs matplotlib for its plots ({exc}); install it with `pip install stabwatch[plot]`"
-        ) from exc
-    return plt
+_WHAT = "stabwatch report"
+_STYLES = ["-", "--", ":", "-."]
 
 
-def _png(fig: Any) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=96, bbox_inches="tight")
-    fig.clf()
-    import matplotlib.pyplot as plt
+def _colors() -> list[str]:
+    import matplotlib
 
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return list(matplotlib.rcParams["axes.prop_cycle"].by_key()["color"])
 
 
 def _finite(steps: list[int], values: list[float]) -> tuple[list[int], list[float]]:
@@ -160,7 +147,6 @@ def _mark_alerts(ax: Any, runs: Sequence[Run]) -> None:
 
 
 def _line_plot(
-    plt: Any,
     runs: Sequence[Run],
     metrics: Sequence[str],
     title: str,
@@ -170,9 +156,8 @@ def _line_plot(
     hline: float | None = None,
     logy: bool | None = None,
 ) -> str | None:
-    fig, ax = plt.subplots(figsize=(9, 3.4))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    styles = ["-", "--", ":", "-."]
+    fig, ax = new_figure((9, 3.4), _WHAT)
+    colors = _colors()
     any_data, positive = False, True
     for i, run in enumerate(runs):
         for j, metric in enumerate(metrics):
@@ -182,9 +167,8 @@ def _line_plot(
             any_data = True
             positive = positive and all(v > 0 for v in values)
             label = run.name if len(metrics) == 1 else f"{run.name}: {metric}"
-            ax.plot(steps, values, styles[j % len(styles)], color=colors[i % len(colors)], lw=1.1, label=label)
+            ax.plot(steps, values, _STYLES[j % len(_STYLES)], color=colors[i % len(colors)], lw=1.1, label=label)
     if not any_data:
-        plt.close(fig)
         return None
     if hline is not None:
         ax.axhline(hline, color="grey", lw=0.8, ls="--")
@@ -197,13 +181,12 @@ def _line_plot(
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    return _png(fig)
+    return figure_data_uri(fig)
 
 
-def _layer_plot(plt: Any, runs: Sequence[Run], metric: str, title: str, hline: float | None) -> str | None:
-    fig, ax = plt.subplots(figsize=(9, 3.4))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    styles = ["-", "--", ":", "-."]
+def _layer_plot(runs: Sequence[Run], metric: str, title: str, hline: float | None) -> str | None:
+    fig, ax = new_figure((9, 3.4), _WHAT)
+    colors = _colors()
     any_data = False
     for i, run in enumerate(runs):
         for j, (layer, (steps, values)) in enumerate(run.layer_series(metric).items()):
@@ -214,7 +197,7 @@ def _layer_plot(plt: Any, runs: Sequence[Run], metric: str, title: str, hline: f
             ax.plot(
                 steps,
                 values,
-                styles[j % len(styles)],
+                _STYLES[j % len(_STYLES)],
                 marker=".",
                 ms=3,
                 color=colors[i % len(colors)],
@@ -222,7 +205,6 @@ def _layer_plot(plt: Any, runs: Sequence[Run], metric: str, title: str, hline: f
                 label=f"{run.name}: {layer}",
             )
     if not any_data:
-        plt.close(fig)
         return None
     if hline is not None:
         ax.axhline(hline, color="grey", lw=0.8, ls="--")
@@ -230,10 +212,11 @@ def _layer_plot(plt: Any, runs: Sequence[Run], metric: str, title: str, hline: f
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best", ncol=2)
-    return _png(fig)
+    return figure_data_uri(fig)
 
 
-def _heatmap(plt: Any, run: Run) -> str | None:
+def _heatmap(run: Run) -> str | None:
+    import matplotlib
     import numpy as np
 
     per_layer = run.layer_series("grad_norm")
@@ -254,8 +237,8 @@ def _heatmap(plt: Any, run: Run) -> str | None:
                 warnings.simplefilter("ignore", RuntimeWarning)
                 grid = np.stack([np.nanmean(grid[:, a:b], axis=1) for a, b in itertools.pairwise(edges)], axis=1)
     layers = list(per_layer)
-    fig, ax = plt.subplots(figsize=(9, 0.9 + 0.28 * len(layers)))
-    cmap = plt.get_cmap("viridis").with_extremes(bad="#d0d0d0")
+    fig, ax = new_figure((9, 0.9 + 0.28 * len(layers)), _WHAT)
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d0d0d0")
     img = ax.imshow(
         np.ma.masked_invalid(grid),
         aspect="auto",
@@ -268,13 +251,13 @@ def _heatmap(plt: Any, run: Run) -> str | None:
     ax.set_xlabel("step")
     ax.set_title(f"{run.name}: gradient norm per layer (log10; grey = missing or non-finite)")
     fig.colorbar(img, ax=ax, label="log10 grad norm", pad=0.01)
-    return _png(fig)
+    return figure_data_uri(fig)
 
 
-def _timeline(plt: Any, runs: Sequence[Run]) -> str | None:
+def _timeline(runs: Sequence[Run]) -> str | None:
     if not any(run.alerts for run in runs):
         return None
-    fig, ax = plt.subplots(figsize=(9, 0.9 + 0.5 * len(runs)))
+    fig, ax = new_figure((9, 0.9 + 0.5 * len(runs)), _WHAT)
     for i, run in enumerate(runs):
         for sev in (Severity.INFO, Severity.WARNING, Severity.CRITICAL):
             pts = [a.step for a in run.alerts if a.severity is sev]
@@ -296,7 +279,7 @@ def _timeline(plt: Any, runs: Sequence[Run]) -> str | None:
     ax.set_title("alerts over time (colour = severity)")
     ax.grid(alpha=0.3, axis="x")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    return _png(fig)
+    return figure_data_uri(fig)
 
 
 # --- HTML --------------------------------------------------------------------------------------------
@@ -326,10 +309,10 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _img(b64: str | None, alt: str) -> str:
-    if b64 is None:
+def _img(uri: str | None, alt: str) -> str:
+    if uri is None:
         return f'<p class="muted">{_e(alt)}: no data in these runs.</p>'
-    return f'<img class="plot" alt="{_e(alt)}" src="data:image/png;base64,{b64}">'
+    return f'<img class="plot" alt="{_e(alt)}" src="{uri}">'
 
 
 def _summary_table(runs: Sequence[Run]) -> str:
@@ -344,8 +327,8 @@ def _summary_table(runs: Sequence[Run]) -> str:
             "<tr>"
             f"<td>{_e(run.name)}</td><td>{_e(run.path)}</td>"
             f"<td>{run.records[0].step}–{run.records[-1].step}</td><td>{len(run.records)}</td>"
-            f"<td>{_e(f'{losses[-1]:.4g}') if losses else '–'}</td>"
-            f"<td>{_e(f'{max(grads):.4g}') if grads else '–'}</td>"
+            f"<td>{fmt(losses[-1]) if losses else '–'}</td>"
+            f"<td>{fmt(max(grads)) if grads else '–'}</td>"
             f"<td class='critical'>{d.counts['critical']}</td><td class='warning'>{d.counts['warning']}</td>"
             f"<td class='info'>{d.counts['info']}</td><td>{_e(d.verdict)}</td>"
             "</tr>"
@@ -374,89 +357,92 @@ def _alert_table(run: Run) -> str:
 
 
 def render_report(runs: Sequence[Run], title: str = "stabwatch report") -> str:
-    """The HTML page comparing ``runs`` (see the module docstring)."""
+    """The HTML page comparing ``runs`` (see the module docstring).
+
+    Raises:
+        StabwatchError: no runs, something that is not a `Run`, or matplotlib missing (names the extra).
+    """
+    if isinstance(runs, Run):
+        runs = [runs]
     if not runs:
         raise StabwatchError("render_report: give at least one run")
-    plt = _pyplot()
+    bad = next((i for i, r in enumerate(runs) if not isinstance(r, Run)), None)
+    if bad is not None:
+        raise StabwatchError(
+            f"render_report: runs[{bad}] must be a stabwatch.report.Run (from load_run), got {type(runs[bad]).__name__}"
+        )
+    require_matplotlib(_WHAT)
     from stabwatch.diagnosis import diagnose
 
-    with plt.rc_context({"figure.max_open_warning": 0}):
-        sections = [
-            (
-                "Loss",
-                _img(
-                    _line_plot(
-                        plt, runs, ["loss"], "loss (alerts: red = critical, orange = warning)", "loss", marks=True
-                    ),
-                    "loss",
+    sections = [
+        (
+            "Loss",
+            _img(
+                _line_plot(runs, ["loss"], "loss (alerts: red = critical, orange = warning)", "loss", marks=True),
+                "loss",
+            ),
+        ),
+        (
+            "Gradient norm",
+            _img(
+                _line_plot(runs, ["grad_norm"], "global gradient norm", "‖g‖", marks=True),
+                "global gradient norm",
+            ),
+        ),
+        (
+            "Gradient norm per layer",
+            "".join(_img(_heatmap(run), f"{run.name}: gradient norm per layer") for run in runs),
+        ),
+        (
+            "Singular values",
+            _img(
+                _line_plot(
+                    runs,
+                    ["grad_max_sv", "grad_min_sv", "spectral_norm"],
+                    "gradient singular values (max, min non-zero) and largest weight spectral norm",
+                    "σ",
+                    logy=True,
                 ),
+                "singular values",
             ),
-            (
-                "Gradient norm",
-                _img(
-                    _line_plot(plt, runs, ["grad_norm"], "global gradient norm", "‖g‖", marks=True),
-                    "global gradient norm",
+        ),
+        (
+            "Spectral radii",
+            _img(
+                _layer_plot(runs, "spectral_radius", "spectral radius of recurrent weights (ρ = 1 dashed)", 1.0),
+                "spectral radii",
+            ),
+        ),
+        (
+            "Lyapunov exponent",
+            _img(
+                _line_plot(
+                    runs,
+                    ["lyapunov", "lyapunov_local"],
+                    "Lyapunov exponent of training (shadow replica; > 0: chaotic)",
+                    "λ",
+                    hline=0.0,
+                    logy=False,
                 ),
-            ),
-            (
-                "Gradient norm per layer",
-                "".join(_img(_heatmap(plt, run), f"{run.name}: gradient norm per layer") for run in runs),
-            ),
-            (
-                "Singular values",
-                _img(
-                    _line_plot(
-                        plt,
-                        runs,
-                        ["grad_max_sv", "grad_min_sv", "spectral_norm"],
-                        "gradient singular values (max, min non-zero) and largest weight spectral norm",
-                        "σ",
-                        logy=True,
-                    ),
-                    "singular values",
-                ),
-            ),
-            (
-                "Spectral radii",
-                _img(
-                    _layer_plot(
-                        plt, runs, "spectral_radius", "spectral radius of recurrent weights (ρ = 1 dashed)", 1.0
-                    ),
-                    "spectral radii",
-                ),
-            ),
-            (
                 "Lyapunov exponent",
-                _img(
-                    _line_plot(
-                        plt,
-                        runs,
-                        ["lyapunov", "lyapunov_local"],
-                        "Lyapunov exponent of training (shadow replica; > 0: chaotic)",
-                        "λ",
-                        hline=0.0,
-                        logy=False,
-                    ),
-                    "Lyapunov exponent",
-                ),
             ),
-            (
-                "Update ratio",
-                _img(
-                    _line_plot(
-                        plt,
-                        runs,
-                        ["update_ratio"],
-                        "update-to-weight ratio (1e-3 dashed)",
-                        "‖Δθ‖/‖θ‖",
-                        hline=1e-3,
-                        logy=True,
-                    ),
-                    "update ratio",
+        ),
+        (
+            "Update ratio",
+            _img(
+                _line_plot(
+                    runs,
+                    ["update_ratio"],
+                    "update-to-weight ratio (1e-3 dashed)",
+                    "‖Δθ‖/‖θ‖",
+                    hline=1e-3,
+                    logy=True,
                 ),
+                "update ratio",
             ),
-            ("Alerts over time", _img(_timeline(plt, runs), "alert timeline")),
-        ]
+        ),
+        ("Alerts over time", _img(_timeline(runs), "alert timeline")),
+    ]
     body = [
         f"<h1>{_e(title)}</h1>",
         f"<p class='muted' id='plot-status'>{len(runs)} run(s)</p>",
@@ -504,6 +490,8 @@ def write_report(
     Returns:
         The path written.
     """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
     if not paths:
         raise StabwatchError("stabwatch report: give at least one RUN.jsonl")
     runs = [load_run(p, n, rerun_rules) for p, n in zip(paths, _names(paths))]
@@ -535,11 +523,7 @@ def add_parser(sub: Any) -> None:
 
 
 def _report_main(args: argparse.Namespace) -> int:
-    try:
-        path = write_report(args.runs, args.out, args.title, args.rerun_rules)
-    except StabwatchError as exc:
-        print(f"stabwatch report: {exc}", file=sys.stderr)
-        return 2
+    path = write_report(args.runs, args.out, args.title, args.rerun_rules)  # errors: stabwatch.cli prints them
     print(f"stabwatch report: wrote {path}")
     return 0
 
@@ -549,11 +533,7 @@ def _diagnose_main(args: argparse.Namespace) -> int:
 
     out = []
     for path, name in zip(args.runs, _names(args.runs)):
-        try:
-            run = load_run(path, name, args.rerun_rules)
-        except StabwatchError as exc:
-            print(f"stabwatch diagnose: {exc}", file=sys.stderr)
-            return 2
+        run = load_run(path, name, args.rerun_rules)  # a StabwatchError: stabwatch.cli prints it, exit 2
         d = analyse(run.records, run.alerts)
         if args.json:
             out.append({"run": run.name, "path": run.path, **to_dict(d)})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from stabwatch.errors import StabwatchError
+from stabwatch.errors import ConfigError, check_int
 
 __all__ = ["Schedule", "every", "make_schedule", "never"]
 
@@ -14,12 +14,15 @@ Schedule = Callable[[int], bool]
 def every(n: int, offset: int = 0) -> Schedule:
     """Run at steps ``offset, offset + n, offset + 2n, ...``.
 
+    Raises:
+        ConfigError: ``n`` is not an int >= 1 or ``offset`` not an int >= 0.
+
     Example:
         >>> [s for s in range(10) if every(4)(s)]
         [0, 4, 8]
     """
-    if n < 1:
-        raise StabwatchError(f"a schedule period must be >= 1, got {n}")
+    check_int(n, "every.n (the schedule period)")
+    check_int(offset, "every.offset", minimum=0)
 
     def _schedule(step: int) -> bool:
         return step >= offset and (step - offset) % n == 0
@@ -39,17 +42,20 @@ def make_schedule(spec: int | Schedule | None, field: str = "every") -> Schedule
     Args:
         spec: ``None`` or ``0`` (off), a positive int period, or a callable ``step -> bool``.
         field: the name to quote in the error message.
+
+    Raises:
+        ConfigError: anything else (the message quotes ``field`` and what is allowed).
     """
     if spec is None or spec is False:
         return never
     if callable(spec):
         return spec
     if isinstance(spec, bool) or not isinstance(spec, int):
-        raise StabwatchError(
+        raise ConfigError(
             f"{field}: expected None/0 (off), a positive int period or a callable step -> bool, got {spec!r}"
         )
     if spec < 0:
-        raise StabwatchError(f"{field}: a schedule period must be >= 0 (0 = off), got {spec}")
+        raise ConfigError(f"{field}: a schedule period must be >= 0 (0 = off), got {spec}")
     if spec == 0:
         return never
     return every(spec)

@@ -12,8 +12,11 @@ import torch
 from torch import nn
 
 import stabwatch as sw
+from stabwatch.alerts.defaults import GRAD_FLOOR
 from stabwatch.diagnosis import analyse, diagnose, to_dict, trend
+from stabwatch.errors import StabwatchError
 from stabwatch.metrics import Alert, AlertReason, Severity, StabilityMetrics
+from stabwatch.numeric import fmt
 from tests.helpers import data, mlp
 
 
@@ -132,3 +135,72 @@ def test_monitor_diagnose_on_real_training():
 
 def test_empty_run():
     assert diagnose([]) == "stabwatch: no records yet."
+
+
+def _exploding_loss() -> list[StabilityMetrics]:
+    """A loss that falls for 190 steps and then explodes in the last 10 (fewer than a quarter of the run):
+    its ends say 'rising' (2.4 -> 1655), its quarter medians say 'falling' (1.35 -> 0.14)."""
+    return [
+        StabilityMetrics(step=s, loss=2.3 * math.exp(-s / 40) + 0.1 if s < 190 else 2.3 * 10 ** ((s - 189) / 3.5))
+        for s in range(200)
+    ]
+
+
+def test_trend_label_and_numbers_come_from_the_same_quarter_medians():
+    recs = _exploding_loss()
+    values = [r.loss for r in recs]
+    q = len(values) // 4
+    first_median, last_median = float(np.median(values[:q])), float(np.median(values[-q:]))
+    assert values[-1] > values[0] and last_median < 0.5 * first_median  # the ends and the medians disagree
+    t = next(t for t in analyse(recs).trends if t.metric == "loss")
+    assert t.label == "falling"
+    assert t.first_median == pytest.approx(first_median, rel=1e-12)
+    assert t.last_median == pytest.approx(last_median, rel=1e-12)
+    assert t.latest == values[-1]
+    line = str(t)
+    # the numbers next to the label are the medians it compares, and the label agrees with them
+    assert f"falling  median {fmt(first_median)} → {fmt(last_median)}" in line
+    assert f"{fmt(values[0])} → {fmt(values[-1])}" not in line
+    assert f"latest {fmt(values[-1])}" in line
+    assert "rising since step 150" in line  # where the run is heading now is still said
+    assert "median of the first quarter of the run → median of the last quarter" in diagnose(recs)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_trend_label_agrees_with_its_numbers(seed):
+    """Over random log-normal walks: 'rising' iff last/first median >= 2, 'falling' iff <= 1/2."""
+    rng = np.random.default_rng(seed)
+    values = np.exp(np.cumsum(rng.normal(0, 0.15, size=400)))
+    recs = [StabilityMetrics(step=s, grad_norm=float(v)) for s, v in enumerate(values)]
+    t = next(t for t in analyse(recs).trends if t.metric == "grad_norm")
+    ratio = t.last_median / t.first_median
+    assert t.label == ("rising" if ratio >= 2 else "falling" if ratio <= 0.5 else "stable")
+    assert ratio == pytest.approx(np.median(values[-100:]) / np.median(values[:100]), rel=1e-12)
+
+
+def test_a_recent_gradient_rise_below_the_floor_is_not_evidence_of_a_large_step():
+    """The relative 'grad_norm rising' evidence has the same absolute floor as the alert rules."""
+
+    def causes(scale: float) -> list[str]:
+        recs = [StabilityMetrics(step=s, grad_norm=scale * 1.05 ** max(0, s - 300)) for s in range(400)]
+        d = analyse(recs)
+        assert d.trends[0].recent == "rising" and d.trends[0].recent_from == 300  # the same trend either way
+        return [c.key for c in d.causes]
+
+    assert GRAD_FLOOR > 1e-6 * 1.05**99  # the tiny run never reaches the floor
+    assert causes(1e-6) == []
+    assert causes(1e-1) == ["step_size"]
+
+
+@pytest.mark.parametrize(
+    ("records", "alerts", "where"),
+    [
+        ([1, 2], None, "records[0]"),
+        ("run.jsonl", None, "records must be a list"),
+        ([StabilityMetrics(step=0)], ["alert"], "alerts[0]"),
+    ],
+)
+def test_diagnose_refuses_what_is_not_a_run(records, alerts, where):
+    for fn in (analyse, diagnose):
+        with pytest.raises(StabwatchError, match=re.escape(where)):
+            fn(records, alerts)

@@ -10,11 +10,10 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
-from pydantic import ValidationError
 from torch import nn
 
 import stabwatch as sw
-from stabwatch.collectors import GradientSpectrumCollector
+from stabwatch.collectors import GradSVCollector, NonfiniteCollector
 from tests.helpers import data, mlp, train
 
 
@@ -138,9 +137,9 @@ def test_reported_values_match_independent_computation():
     keys = rec.to_dict()
     assert {
         "grad/norm",
-        "grad/norm/0",
+        "grad_layers/norm/0",
         "update/ratio",
-        "weight/spectral_norm/2",
+        "weight_layers/spectral_norm/2",
         "monitor/overhead_ms",
     } <= set(keys)
     assert rec.overhead_ms is not None and rec.overhead_ms > 0
@@ -170,7 +169,7 @@ def test_gradient_spectrum_randomized_path_for_large_layers():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(300, 300), nn.Tanh(), nn.Linear(300, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    col = GradientSpectrumCollector(every=1, exact_max_dim=64)
+    col = GradSVCollector(every=1, exact_max_dim=64)
     with sw.Monitor(model, opt, preset="cheap", collectors=[col]) as mon:
         for _ in range(3):
             opt.zero_grad()
@@ -314,8 +313,62 @@ def test_bounded_records_and_flat_memory_over_10k_steps():
 )
 def test_bad_configuration_names_the_field(kwargs, match):
     model = mlp()
-    with pytest.raises(ValidationError, match=match):
+    with pytest.raises(sw.StabwatchError, match=match) as info:
         sw.Monitor(model, **kwargs)
+    assert isinstance(info.value, ValueError)  # a config error is also a ValueError
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"grad_sv_top_k": 5}, r"GradSVCollector\(top_k=...\)"),
+        ({"nonfinite_mode": "eager"}, r"NonfiniteCollector\(mode=...\)"),
+        ({"every": {"spectral": 10}}, "now called 'weight'"),
+        ({"every": [("grad", 1)]}, "must be a dict"),
+        ({"sinks": "run.jsonl"}, "takes a sink or a list of sinks"),
+        ({"sinks": [object()]}, "lacks write, flush, close"),
+        ({"collectors": [object()]}, "Collector instances"),
+    ],
+)
+def test_moved_and_mistyped_options_say_what_to_pass(kwargs, match):
+    with pytest.raises(sw.StabwatchError, match=match):
+        sw.Monitor(mlp(), **kwargs)
+
+
+def test_collector_options_are_validated_with_the_field_named():
+    from stabwatch.collectors import SpikingCollector
+
+    with pytest.raises(sw.StabwatchError, match="top_k=0") as info:
+        GradSVCollector(top_k=0)
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(sw.StabwatchError, match="'lazy' or 'eager'"):
+        NonfiniteCollector(mode="sometimes")
+    with pytest.raises(sw.StabwatchError, match="colour"):
+        GradSVCollector(colour="red")
+    with pytest.raises(sw.StabwatchError, match="dead_threshold < saturated_threshold"):
+        SpikingCollector(dead_threshold=0.5, saturated_threshold=0.4)
+
+
+def test_a_single_sink_needs_no_list(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with sw.Monitor(model, opt, sinks=sw.sinks.JsonlSink(tmp_path / "a.jsonl")) as mon:
+        model(torch.randn(4, 8)).sum().backward()
+        opt.step()
+        mon.step()
+    assert len((tmp_path / "a.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_collector_of_a_preset_family_replaces_the_presets():
+    from stabwatch.collectors import GradSVCollector, NonfiniteCollector
+
+    model = mlp()
+    mine = GradSVCollector(every=1, top_k=1)
+    mon = sw.Monitor(model, preset="default", collectors=[mine])
+    assert [c for c in mon.collectors if c.family == "grad_sv"] == [mine]
+    mon2 = sw.Monitor(model, preset="cheap", every={"grad": None, "weight": 5})
+    families = {c.family: c.every for c in mon2.collectors}
+    assert "grad" not in families and families["weight"] == 5
 
 
 def test_bad_model_and_optimizer_are_explained():
@@ -331,7 +384,7 @@ def test_bad_model_and_optimizer_are_explained():
 
 
 def test_failing_metric_is_logged_once_and_training_goes_on(caplog):
-    class Broken(GradientSpectrumCollector):
+    class Broken(GradSVCollector):
         family = "broken"
 
         def collect(self, step, readout, loss, batch):
@@ -427,7 +480,7 @@ def test_nonfinite_modes_name_the_same_module(mode):
         model.enc.weight.copy_(torch.eye(4))
         model.enc.bias.zero_()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    with sw.Monitor(model, opt, preset="cheap", nonfinite_mode=mode) as mon:
+    with sw.Monitor(model, opt, preset="cheap", collectors=[NonfiniteCollector(mode=mode)]) as mon:
         loss = model(torch.randn(8, 4).abs() + 1).mean()  # healthy step first
         loss.backward()
         opt.step()
@@ -452,7 +505,7 @@ def test_eager_mode_catches_a_nan_that_never_reaches_the_loss():
     model.add_module("log", MaskedLog())
     x = -torch.ones(3, 2) * 100
     for mode, expected in (("lazy", False), ("eager", True)):
-        with sw.Monitor(model, preset="cheap", nonfinite_mode=mode) as mon:
+        with sw.Monitor(model, preset="cheap", collectors=[NonfiniteCollector(mode=mode)]) as mon:
             with torch.no_grad():
                 out = model.log(x)
             assert torch.isnan(out).any()

@@ -48,7 +48,7 @@ def _train_rnn(path: Path) -> None:
     model = nn.ModuleDict({"rnn": rnn, "head": head})
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(0)
-    with sw.Monitor(model, opt, sinks=[sw.sinks.JsonlSink(path)], every={"spectral": 10}) as mon:
+    with sw.Monitor(model, opt, sinks=[sw.sinks.JsonlSink(path)], every={"weight": 10}) as mon:
         for _ in range(60):
             x = torch.randn(8, 12, 1, generator=g)
             opt.zero_grad()
@@ -219,3 +219,48 @@ def test_rerun_rules_on_a_run_recorded_without_alerts(tmp_path, capsys):
     assert any(a.rule == "grad_explode" and a.step >= 50 for a in rerun.alerts)
     assert main(["diagnose", "--rerun-rules", str(path)]) == 0
     assert "grad_explode" in capsys.readouterr().out
+
+
+def test_report_leaves_the_users_matplotlib_state_alone(tmp_path):
+    """Building a report must not switch the backend, import pyplot or change rcParams: it draws on bare
+    Agg figures. Run in a fresh interpreter whose backend is set to 'pdf' first."""
+    path = tmp_path / "run.jsonl"
+    _write_synthetic(path)
+    code = f"""
+import sys, matplotlib
+matplotlib.use("pdf")
+before = dict(matplotlib.rcParams)
+from stabwatch.report import write_report
+out = write_report([{str(path)!r}], {str(tmp_path / "r.html")!r})
+assert matplotlib.get_backend() == "pdf", matplotlib.get_backend()
+assert "matplotlib.pyplot" not in sys.modules
+assert dict(matplotlib.rcParams) == before
+print(out.read_text(encoding="utf-8").count('<img class="plot"'))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert int(proc.stdout.strip()) >= 4  # loss, grad norm, heat map, Lyapunov, ... were drawn
+
+
+def test_report_in_a_process_that_uses_pyplot(runs, tmp_path):
+    """With pyplot in use, the report neither closes nor adds pyplot figures, nor changes the backend."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    backend = matplotlib.get_backend()
+    fig = plt.figure()
+    try:
+        before = plt.get_fignums()
+        page = render_report([load_run(runs["weird"])])
+        assert plt.get_fignums() == before and plt.fignum_exists(fig.number)
+        assert matplotlib.get_backend() == backend
+        assert page.count("data:image/png;base64,") >= 4
+    finally:
+        plt.close(fig)
+
+
+def test_report_refuses_what_is_not_a_run(runs):
+    with pytest.raises(StabwatchError, match=r"runs\[1\] must be a stabwatch.report.Run"):
+        render_report([load_run(runs["weird"]), str(runs["weird"])])
+    # one path given as a string is one run, not one run per character
+    assert write_report(str(runs["weird"]), runs["weird"].parent / "one.html").is_file()

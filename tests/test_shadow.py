@@ -3,9 +3,11 @@ refuses settings that cannot work, and fails without killing training."""
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import math
+import threading
 import weakref
 
 import pytest
@@ -14,6 +16,7 @@ from torch import nn
 
 import stabwatch as sw
 from stabwatch.collectors import shadow as shadow_module
+from stabwatch.metrics import metric_key
 from tests.helpers import data, mlp, train
 
 
@@ -29,8 +32,22 @@ def _ce(model: nn.Module, batch) -> torch.Tensor:
     return nn.functional.cross_entropy(model(batch[0]), batch[1])
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _hook_fns(model: nn.Module) -> list[object]:
+    """Every module hook function on ``model`` (a read-only look at torch's hook dicts: fine in a test)."""
+    return [fn for m in model.modules() for attr in _HOOK_DICTS for fn in getattr(m, attr).values()]
+
+
 def _hook_count(model: nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+    return len(_hook_fns(model))
+
+
+def _is_stabwatch(fn: object) -> bool:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return (getattr(fn, "__module__", None) or "").startswith("stabwatch")
 
 
 def _bn_mlp(seed: int = 0) -> nn.Module:
@@ -56,11 +73,23 @@ def _assert_same_training(m0, o0, m1, o1):
             assert torch.equal(torch.as_tensor(s0[k][key]), torch.as_tensor(s1[k][key])), f"state {k}.{key}"
 
 
+def _with_user_hook(model: nn.Module) -> nn.Module:
+    """A user's forward hook that changes the output: part of the model, copied into the replica."""
+    model[0].register_forward_hook(lambda mod, inp, out: out * 1.5)
+    return model
+
+
 @pytest.mark.parametrize(
-    ("optim", "model_fn", "continuous"),
-    [("sgd", lambda: mlp(0, dropout=0.3), False), ("adam", _bn_mlp, False), ("amsgrad", _bn_mlp, True)],
+    ("optim", "model_fn", "continuous", "offload"),
+    [
+        ("sgd", lambda: mlp(0, dropout=0.3), False, False),  # SGD with momentum, dropout
+        ("sgd", lambda: _with_user_hook(mlp(0, dropout=0.3)), False, True),  # + a user hook, a kept replica
+        ("adam", _bn_mlp, False, False),  # Adam, dropout, BatchNorm
+        ("adam", lambda: _with_user_hook(_bn_mlp()), False, True),
+        ("amsgrad", _bn_mlp, True, False),
+    ],
 )
-def test_training_bit_identical_with_shadow(optim, model_fn, continuous):
+def test_training_bit_identical_with_shadow(optim, model_fn, continuous, offload):
     torch.manual_seed(123)
     m0 = model_fn()
     o0 = _optimizer(optim, m0)
@@ -70,7 +99,7 @@ def test_training_bit_identical_with_shadow(optim, model_fn, continuous):
 
     m1 = model_fn()
     o1 = _optimizer(optim, m1)
-    shadow = sw.Shadow(loss_fn=_ce, every=6, window=4, eps=1e-3, continuous=continuous, per_layer=True)
+    shadow = sw.Shadow(loss_fn=_ce, every=6, window=4, eps=1e-3, continuous=continuous, per_layer=True, offload=offload)
     torch.manual_seed(7)
     with sw.Monitor(m1, o1, preset="full", shadow=shadow) as mon:
         recs = train(m1, o1, 24, monitor=mon)
@@ -127,6 +156,95 @@ def test_user_hooks_are_kept_in_the_replica():
     h = torch.linalg.eigvalsh(2 * 9.0 / 32 * x.T @ x)  # the hook scales the Hessian by 3²
     exact = math.log(float((1 - 0.02 * h).abs().max()))
     assert shadow.estimates[0].lyapunov == pytest.approx(exact, abs=1e-6)  # without the hook: ≈ 9× off
+
+
+@pytest.mark.parametrize("exit_by", ["normal", "exception", "keyboard_interrupt"])
+def test_hooks_removed_and_replica_released_on_every_exit_with_a_window_open(exit_by):
+    model = mlp(0, dropout=0.2)
+    user = model[0].register_forward_hook(lambda mod, inp, out: None)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    before = _hook_fns(model)
+    shadow = sw.Shadow(loss_fn=_ce, every=100, window=50, offload=True)
+    refs: list[weakref.ref] = []
+
+    def body() -> None:
+        with sw.Monitor(model, opt, preset="full", shadow=shadow, alerts=False) as mon:
+            train(model, opt, 3, monitor=mon)
+            assert shadow.open
+            w = shadow._window
+            refs.extend(weakref.ref(obj) for obj in (w.replica.model, w.optimizer, *w.shadow_params))
+            assert any(_is_stabwatch(fn) for fn in _hook_fns(model))
+            del w
+            if exit_by == "exception":
+                raise RuntimeError("boom")
+            if exit_by == "keyboard_interrupt":
+                raise KeyboardInterrupt
+
+    if exit_by == "normal":
+        body()
+    else:
+        with pytest.raises(RuntimeError if exit_by == "exception" else KeyboardInterrupt):
+            body()
+    assert _hook_fns(model) == before  # the user's hook, nothing of stabwatch's
+    assert not shadow.open
+    gc.collect()
+    assert [r() for r in refs] == [None] * len(refs)  # replica, its optimizer and parameters released
+    user.remove()
+    assert _hook_count(model) == 0
+
+
+def test_replica_carries_the_users_hooks_and_none_of_stabwatchs_with_every_family_on():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.utils.spectral_norm(nn.Linear(32, 3)))
+    nn.utils.parametrizations.spectral_norm(model[0])
+    model[1].register_forward_hook(lambda mod, inp, out: out)
+    model.register_forward_pre_hook(lambda mod, args: None)
+    user = _hook_fns(model)
+    assert len(user) == 3  # the two lambdas and SpectralNorm's pre-hook
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    shadow = sw.Shadow(loss_fn=_ce, every=3, window=2)
+    with sw.Monitor(model, opt, preset="full", shadow=shadow, alerts=False) as mon:
+        on_model = _hook_fns(model)
+        for step in range(7):
+            if shadow.open:
+                copied = _hook_fns(shadow._window.replica.model)
+                assert not any(_is_stabwatch(fn) for fn in copied), step
+                # the user's lambdas (functions are shared by deepcopy) and a copy of the SpectralNorm hook
+                assert sorted(map(repr, map(type, copied))) == sorted(map(repr, map(type, user)))
+                assert {id(fn) for fn in user if getattr(fn, "__name__", "") == "<lambda>"} <= set(map(id, copied))
+            train(model, opt, 1, monitor=mon)
+            # the collectors' hooks (the shadow's own RNG hook among them) were paused and registered again
+            assert sorted(map(id, _hook_fns(model))) == sorted(map(id, on_model))
+        assert any(_is_stabwatch(fn) for fn in on_model)
+        assert shadow._windows_opened == 3
+    assert _hook_fns(model) == user
+
+
+def test_a_model_that_cannot_be_copied_fails_once_and_the_other_hooks_keep_working(caplog):
+    def run(copyable: bool):
+        model = mlp(0)
+        if not copyable:
+            model.lock = threading.Lock()  # copy.deepcopy refuses it
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        hooks_before = _hook_count(model)
+        shadow = sw.Shadow(loss_fn=_ce, every=2, window=1)
+        torch.manual_seed(0)
+        with sw.Monitor(model, opt, preset="full", shadow=shadow, alerts=False) as mon:
+            on_model = _hook_count(model)
+            recs = train(model, opt, 4, monitor=mon)
+            assert _hook_count(model) == on_model
+        assert _hook_count(model) == hooks_before
+        return recs
+
+    with caplog.at_level(logging.WARNING, logger="stabwatch"):
+        broken = run(False)
+    assert any("shadow" in r.getMessage() and "lock" in r.getMessage() for r in caplog.records)
+    assert all(r.shadow_divergence is None for r in broken)
+    fine = run(True)
+    skip = {"lyapunov", "lyapunov_local", "shadow_divergence", "overhead_ms", "layers", "extra", "alerts"}
+    for a, b in zip(fine, broken):  # the activation/non-finite hooks saw every step
+        assert a.model_dump(exclude=skip) == b.model_dump(exclude=skip)
+        assert {k: {m: v for m, v in d.items() if m != "shadow_divergence"} for k, d in a.layers.items()} == b.layers
 
 
 def test_dropout_masks_are_replayed(monkeypatch):
@@ -186,7 +304,7 @@ def test_per_layer_divergence_sums_in_quadrature():
         per_layer = [v["shadow_divergence"] for v in r.layers.values() if "shadow_divergence" in v]
         assert len(per_layer) == 3  # the three Linear layers
         assert math.sqrt(sum(v * v for v in per_layer)) == pytest.approx(r.shadow_divergence, rel=1e-9)
-        assert r.to_dict()["shadow/divergence/0"] == r.layers["0"]["shadow_divergence"]
+        assert r.to_dict()[metric_key("shadow/divergence", "0")] == r.layers["0"]["shadow_divergence"]
 
 
 def test_first_divergence_is_eps():
@@ -356,7 +474,16 @@ def test_replica_is_freed_between_windows_or_kept_on_cpu_with_offload():
     assert kept.estimates == freed.estimates
 
 
-def test_gradscaler_same_scale_and_training_unchanged():
+def test_gradscaler_same_scale_and_training_unchanged(monkeypatch):
+    replayed: list[float | None] = []
+    real_scale_step = shadow_module.ScaledStep
+
+    def recording(scale, device):
+        replayed.append(scale)
+        return real_scale_step(scale, device)
+
+    monkeypatch.setattr(shadow_module, "ScaledStep", recording)
+
     def run(use_shadow: bool, scaler_for_shadow: bool = True):
         torch.manual_seed(0)
         model = mlp(5)
@@ -368,34 +495,41 @@ def test_gradscaler_same_scale_and_training_unchanged():
             else None
         )
         x, y = data()
-        scales = []
+        scales, used = [], []
+        replayed.clear()
         with sw.Monitor(model, opt, shadow=shadow, preset="cheap", alerts=False) as mon:
             for _ in range(12):
                 opt.zero_grad()
                 loss = _ce(model, (x, y))
                 scaler.scale(loss).backward()
+                used.append(scaler.get_scale())  # the scale of this step's backward
                 scaler.step(opt)
                 scaler.update()
                 scales.append(scaler.get_scale())
                 mon.step(loss=loss, batch=(x, y))
-        return model, opt, shadow, scales
+        return model, opt, shadow, scales, used
 
-    m0, o0, _, s0 = run(False)
-    m1, o1, shadow, s1 = run(True)
+    m0, o0, _, s0, _ = run(False)
+    m1, o1, shadow, s1, used = run(True)
     _assert_same_training(m0, o0, m1, o1)
     assert s0 == s1 and len(set(s1)) > 1  # the scale changed during the run
-    _, _, unscaled, _ = run(True, scaler_for_shadow=False)
-    # float32 and powers-of-two scales: scaling and unscaling is exact, the estimates agree
-    for a, b in zip(shadow.estimates, unscaled.estimates):
-        assert a.lyapunov == pytest.approx(b.lyapunov, abs=1e-4)
-    assert len(shadow.estimates) == 3
+    assert replayed == used  # the replica used the real step's scale (before update()) at every step
+    _, _, unscaled, _, _ = run(True, scaler_for_shadow=False)
+    assert replayed == [None] * 12
+    # float32 and powers-of-two scales: scaling and unscaling are exact, the estimates are the same
+    assert len(shadow.estimates) == len(unscaled.estimates) == 3
+    assert shadow.estimates == unscaled.estimates
 
 
-def test_a_step_the_real_optimizer_skipped_is_skipped_by_the_shadow():
-    """GradScaler skips optimizer.step on overflow: the map is the identity and the shadow waits too."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_step_the_real_optimizer_skipped_is_skipped_by_the_shadow(fused):
+    """GradScaler skips optimizer.step on overflow: the map is the identity and the shadow waits too.
+
+    A fused optimizer is stepped even then (its kernel does nothing; the step hooks fire): the scaler's
+    backed-off scale tells the shadow."""
     torch.manual_seed(0)
     model = mlp(5)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=fused)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     shadow = sw.Shadow(loss_fn=_ce, every=10, window=4, eps=1e-3, scaler=scaler)
     x, y = data()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from stabwatch.functional.lyapunov import (
+    clamp_min_,
     difference_norms,
     global_norm,
     min_relative_eps,
@@ -134,3 +135,40 @@ def test_tangent_lyapunov_rejects_bad_arguments():
         tangent_lyapunov(lambda x: (A @ x,), s, [torch.zeros(2, dtype=torch.float64)], 10)
     with pytest.raises(ValueError, match="direction tensors"):
         tangent_lyapunov(lambda x: (A @ x,), s, v + v, 10)
+
+
+def test_clamp_min_in_place():
+    ts = [torch.tensor([-1.0, 0.5]), torch.tensor([[-2.0]], dtype=torch.float64)]
+    objects = list(ts)
+    clamp_min_(ts, 0.0)
+    assert [t is o for t, o in zip(ts, objects)] == [True, True]
+    assert ts[0].tolist() == [0.0, 0.5] and ts[1].tolist() == [[0.0]]
+    clamp_min_([])  # nothing to do
+
+
+def test_private_foreach_ops_match_per_tensor_math():
+    """The shadow's only private torch names: the fused ``torch._foreach_*`` kernels (no public multi-tensor
+    API exists). Pinned here, with the call forms the shadow uses, so a torch that renames or changes them
+    fails this test rather than the estimates."""
+    names = ["_foreach_norm", "_foreach_sub", "_foreach_sub_", "_foreach_mul_", "_foreach_add_", "_foreach_clamp_min_"]
+    missing = [n for n in names if not callable(getattr(torch, n, None))]
+    assert missing == [], f"torch {torch.__version__} lacks {missing}: stabwatch.functional.lyapunov needs a fallback"
+    a, b = _tensors(0), _tensors(1)
+    for got, t in zip(torch._foreach_norm(a, 2.0), a):
+        assert torch.equal(got, torch.linalg.vector_norm(t))
+    for got, x, y in zip(torch._foreach_sub(a, b), a, b):
+        assert torch.equal(got, x - y)
+    c = torch.tensor(0.37, dtype=torch.float64)  # a 0-d device scalar, as rescale_difference_ passes it
+    for dtype in (torch.float32, torch.float64):
+        sh = [t.clone() for t in a if t.dtype == dtype]
+        re = [t for t in b if t.dtype == dtype]
+        ref = [(x - y) * c.to(dtype) + y for x, y in zip(sh, re)]
+        torch._foreach_sub_(sh, re)
+        torch._foreach_mul_(sh, c.to(dtype))
+        torch._foreach_add_(sh, re)
+        for got, want in zip(sh, ref):
+            assert torch.equal(got, want)
+    clamped = [t.clone() for t in a]
+    torch._foreach_clamp_min_(clamped, 0.0)
+    for got, t in zip(clamped, a):
+        assert torch.equal(got, t.clamp_min(0.0))

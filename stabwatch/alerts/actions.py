@@ -15,9 +15,13 @@ from typing import Any
 
 import torch
 
-from stabwatch.alerts.base import _positive_float, _positive_int, _Window, fmt
-from stabwatch.errors import InstabilityError, StabwatchError
+from stabwatch.alerts.base import Window as _Window
+from stabwatch.errors import ConfigError, InstabilityError, StabwatchError
+from stabwatch.errors import check_int as _positive_int
+from stabwatch.errors import check_positive as _positive_float
+from stabwatch.functional.gradients import squared_norms
 from stabwatch.metrics import Alert, AlertReason, Severity
+from stabwatch.numeric import fmt
 
 __all__ = [
     "AlertCallbacks",
@@ -58,16 +62,18 @@ class AlertCallbacks:
     def __init__(self, callbacks: Callable[[Alert], Any] | Iterable[Callable[[Alert], Any]] | None = ()) -> None:
         if callbacks is None:
             callbacks = ()
+        if not callable(callbacks) and not isinstance(callbacks, Iterable):
+            raise ConfigError(f"on_alert: expected a callable fn(alert) or a list of them, got {callbacks!r}")
         items = [callbacks] if callable(callbacks) else list(callbacks)
         for i, cb in enumerate(items):
             if not callable(cb):
-                raise StabwatchError(f"on_alert[{i}]: expected a callable fn(alert), got {cb!r}")
+                raise ConfigError(f"on_alert[{i}]: expected a callable fn(alert), got {cb!r}")
         self.callbacks: list[Callable[[Alert], Any]] = items
         self._failed: set[int] = set()
 
     def add(self, callback: Callable[[Alert], Any]) -> None:
         if not callable(callback):
-            raise StabwatchError(f"on_alert: expected a callable fn(alert), got {callback!r}")
+            raise ConfigError(f"on_alert: expected a callable fn(alert), got {callback!r}")
         self.callbacks.append(callback)
 
     def __call__(self, alerts: Sequence[Alert]) -> None:
@@ -99,7 +105,7 @@ def parse_raise_on(value: Any) -> Severity | None:
     except ValueError:
         sev = None
     if sev is None or sev is Severity.INFO:
-        raise StabwatchError(f"raise_on: expected None, True, 'warning' or 'critical', got {value!r}")
+        raise ConfigError(f"raise_on: expected None, True, 'warning' or 'critical', got {value!r}")
     return sev
 
 
@@ -203,15 +209,15 @@ class StepGuard:
         self._snapshot = None
 
     # decision ---------------------------------------------------------------------------------------
-    def _grad_norm(self) -> float | None:
+    def _grad_norm(self, grad_scale: torch.Tensor | None = None) -> float | None:
         assert self.optimizer is not None
         grads = [p.grad.detach() for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
             return None
-        dev = grads[0].device
         with torch.no_grad():
-            norms = torch._foreach_norm(grads, 2.0)
-            total = torch.linalg.vector_norm(torch.stack([n.to(dev, torch.float64) for n in norms]))
+            total = squared_norms(grads).sum().sqrt()
+            if grad_scale is not None:  # still multiplied by GradScaler's scale (fused optimizers)
+                total = total / grad_scale.to(total.device, total.dtype)
         return float(total.item())
 
     def decide(self, norm: float | None, step: int = 0) -> str | None:
@@ -238,12 +244,13 @@ class StepGuard:
         return None
 
     # the hooks --------------------------------------------------------------------------------------
-    def before_step(self, step: int) -> None:
-        """Called in the optimizer's pre-step hook: decide, and snapshot when skipping."""
+    def before_step(self, step: int, grad_scale: torch.Tensor | None = None) -> None:
+        """Called when the step's gradients are final (`RecordPipeline.gradients_ready`): decide, and
+        snapshot when skipping. ``grad_scale``: the factor the gradients are still multiplied by."""
         self._snapshot = None
         if self.optimizer is None:
             return
-        norm = self._grad_norm()
+        norm = self._grad_norm(grad_scale)
         why = self.decide(norm, step)
         if why is None:
             return

@@ -23,41 +23,39 @@ Metric bindings (what `AlertEngine` feeds a rule with, see `Binding`):
 * ``"layers:<field>"``: every layer's value of that field, one stream per layer;
 * ``"layers_rel:<field>"``: every layer's value divided by the median over all layers at the same step
   (how far a layer is from the typical layer; needs at least 3 layers);
-* a flat key ``family/metric[/layer]`` as in `StabilityMetrics.to_dict` (``"grad/norm/fc1"``, or an
-  ``extra`` key such as ``"grad/sv_top1/fc1"``).
+* a flat key as in `StabilityMetrics.to_dict`: ``family/metric`` or ``family_layers/metric/<layer>``
+  (``"grad/norm"``, ``"grad_layers/norm/fc1"``, or an ``extra`` key such as ``"grad_sv_layers/top1/fc1"``).
 """
 
 from __future__ import annotations
 
 import bisect
 import collections
+import inspect
 import math
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, NamedTuple
 
-from stabwatch.errors import StabwatchError
-from stabwatch.metrics import FIELD_KEYS, Alert, AlertReason, Severity, StabilityMetrics, metric_key
+from stabwatch.errors import ConfigError, StabwatchError, check_choice, check_int, check_number
+from stabwatch.metrics import FIELD_KEYS, Alert, AlertReason, Severity, StabilityMetrics, metric_key, parse_key
+from stabwatch.numeric import median_sorted
 
-__all__ = ["Binding", "RecordView", "Rule", "Verdict", "fmt"]
+__all__ = [
+    "METRIC_FIELDS",
+    "Binding",
+    "RecordView",
+    "Rule",
+    "Verdict",
+    "Window",
+    "check_floor",
+    "check_unique_names",
+    "describe_span",
+    "to_scale",
+]
 
 #: record fields a rule can bind to (metrics; not step / layers / extra / alerts / text fields)
 METRIC_FIELDS: tuple[str, ...] = tuple(FIELD_KEYS)
 _KEY_TO_FIELD = {key: field for field, key in FIELD_KEYS.items()}
-
-
-def fmt(value: float) -> str:
-    """Format a number for an alert message: 4 significant digits, scientific when large or small.
-
-    Example:
-        >>> fmt(32000.0), fmt(0.00012), fmt(2.5), fmt(float("nan"))
-        ('3.2e+04', '1.2e-04', '2.5', 'nan')
-    """
-    if math.isnan(value) or math.isinf(value):
-        return str(value)
-    if value != 0 and (abs(value) >= 1e4 or abs(value) < 1e-3):
-        mantissa, exponent = f"{value:.2e}".split("e")
-        return f"{mantissa.rstrip('0').rstrip('.')}e{exponent}"
-    return f"{value:.4g}"
 
 
 class Verdict(NamedTuple):
@@ -102,14 +100,14 @@ class Binding:
     """Which values of a record a rule is fed (see the module docstring for the four forms).
 
     Raises:
-        StabwatchError: an unknown field name (the message lists the allowed ones).
+        ConfigError: an unknown field name (the message lists the allowed ones).
 
     Example:
         >>> b = Binding("layers:grad_norm")
         >>> r = StabilityMetrics(step=0, grad_norm=2.0, layers={"fc1": {"grad_norm": 1.5}, "fc2": {}})
         >>> b.values(RecordView(r))
         [('fc1', 1.5)]
-        >>> Binding("grad/norm/fc1").values(RecordView(r))
+        >>> Binding("grad_layers/norm/fc1").values(RecordView(r))
         [('fc1', 1.5)]
     """
 
@@ -117,7 +115,7 @@ class Binding:
 
     def __init__(self, spec: str) -> None:
         if not isinstance(spec, str) or not spec:
-            raise StabwatchError(f"rule metric must be a non-empty string, got {spec!r}")
+            raise ConfigError(f"rule metric must be a non-empty string, got {spec!r}")
         self.spec = spec
         self.layer: str | None = None
         self.field: str | None = None
@@ -128,11 +126,8 @@ class Binding:
                 return
         if "/" in spec:
             self.kind = "key"
-            parts = spec.split("/")
-            head = "/".join(parts[:2])
-            if head in _KEY_TO_FIELD:
-                self.field = _KEY_TO_FIELD[head]
-                self.layer = "/".join(parts[2:]) or None
+            name, self.layer = parse_key(spec)
+            self.field = _KEY_TO_FIELD.get(name)
             return
         if spec in METRIC_FIELDS:
             self.kind = "field"
@@ -148,7 +143,7 @@ class Binding:
     @staticmethod
     def _check_field(name: str, spec: str) -> str:
         if name not in METRIC_FIELDS:
-            raise StabwatchError(
+            raise ConfigError(
                 f"rule metric {spec!r}: unknown field {name!r}; allowed fields: {', '.join(METRIC_FIELDS)} "
                 "(or 'layers:<field>', 'layers_rel:<field>', or a flat key 'family/metric[/layer]')"
             )
@@ -180,8 +175,7 @@ class Binding:
             finite = sorted(abs(v) for _, v in pairs if math.isfinite(v))
             if len(finite) < 3:
                 return []
-            mid = len(finite) // 2
-            med = finite[mid] if len(finite) % 2 else 0.5 * (finite[mid - 1] + finite[mid])
+            med = median_sorted(finite)
             if med <= 0:
                 return []
             return [(layer, v / med) for layer, v in pairs]
@@ -194,7 +188,7 @@ class Binding:
                 return [(self.layer, vals[field])]
         value = record.extra.get(self.spec)
         if value is None:
-            value = view.flat().get(metric_key(self.spec))
+            value = view.flat().get(metric_key(*parse_key(self.spec)))
         return [(self.layer, value)]
 
 
@@ -217,8 +211,11 @@ def describe_span(n: int, first: int, last: int) -> str:
     return f"{n}-step" if last - first + 1 == n else f"{n}-value (steps {first}-{last})"
 
 
-class _Window:
+class Window:
     """The last ``size`` values with their steps, kept sorted too so the median costs O(1).
+
+    Shared by the rules that compare a value with its recent history (`RatioRule`, `SpikeRule`) and by
+    the skip-step guard.
 
     `push` is O(size) in the worst case (a `list` insert/delete, a memmove in C), which for the window
     sizes used here (<= a few hundred) is well under a microsecond per value.
@@ -245,10 +242,7 @@ class _Window:
             del self.sorted[bisect.bisect_left(self.sorted, old)]
 
     def median(self) -> float:
-        s = self.sorted
-        n = len(s)
-        mid = n // 2
-        return s[mid] if n % 2 else 0.5 * (s[mid - 1] + s[mid])
+        return median_sorted(self.sorted)
 
     def mad(self, center: float) -> float:
         """Median absolute deviation from ``center``, in O(log² n): the deviations below and above
@@ -276,7 +270,7 @@ class _Window:
         return {"values": list(self.values), "steps": list(self.steps)}
 
     @classmethod
-    def from_state(cls, size: int, state: dict[str, Any]) -> _Window:
+    def from_state(cls, size: int, state: dict[str, Any]) -> Window:
         w = cls(size)
         for step, value in zip(state["steps"], state["values"], strict=True):
             w.push(int(step), float(value))
@@ -309,38 +303,24 @@ def _kth_deviation(s: list[float], split: int, center: float, k: int) -> float:
     return max(best_lo, best_hi)
 
 
-def _severity(value: Severity | str, field: str = "severity") -> Severity:
-    try:
-        return Severity(value)
-    except ValueError:
-        raise StabwatchError(
-            f"{field}: expected one of {', '.join(s.value for s in Severity)}, got {value!r}"
-        ) from None
-
-
-def _reason(value: AlertReason | str) -> AlertReason:
-    try:
-        return AlertReason(value)
-    except ValueError:
-        raise StabwatchError(
-            f"reason: expected one of {', '.join(r.value for r in AlertReason)}, got {value!r}"
-        ) from None
-
-
-def _positive_int(value: Any, field: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise StabwatchError(f"{field}: expected an int >= {minimum}, got {value!r}")
-    return value
-
-
-def _positive_float(value: Any, field: str, allow_zero: bool = False) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise StabwatchError(f"{field}: expected a number, got {value!r}") from None
-    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-        raise StabwatchError(f"{field}: expected a finite number > {'=' if allow_zero else ''}0, got {value!r}")
+def check_floor(value: Any, field: str, upward: bool = True) -> float | None:
+    """The ``floor=`` option of the relative rules: ``None`` or a finite number >= 0, and only for a rule
+    that watches for values going up (``upward``)."""
+    if value is None:
+        return None
+    v = check_number(value, field)
+    if v is None or not math.isfinite(v) or v < 0:
+        raise ConfigError(f"{field}: expected None or a finite number >= 0, got {value!r}")
+    if not upward:
+        raise ConfigError(f"{field}: a floor (how high a value must be) only applies to a rule watching for a rise")
     return v
+
+
+def to_scale(value: float, log: bool) -> float | None:
+    """What a rule judges: ``ln(value)`` on log scale (``None`` for a value <= 0: skipped), else ``value``."""
+    if not log:
+        return value
+    return math.log(value) if value > 0 else None
 
 
 class Rule:
@@ -359,6 +339,9 @@ class Rule:
         cooldown: minimum number of steps between two alerts of the same stream.
         clear_after: consecutive calm observations that end an episode.
         report_recovery: emit a ``recovered`` info alert when an episode ends.
+
+    Raises:
+        ConfigError: an option out of range, or one the rule does not have (the message lists them).
     """
 
     #: the rule type's default reason and name
@@ -379,18 +362,37 @@ class Rule:
         cooldown: int = 0,
         clear_after: int = 1,
         report_recovery: bool = True,
+        **unknown: Any,
     ) -> None:
+        kind = type(self).__name__
+        if unknown:
+            raise ConfigError(
+                f"{kind}: unknown option(s) {', '.join(sorted(unknown))}; options: {', '.join(self._options())}"
+            )
         self.binding = self._bind(metric)
         self.metric = metric
         self.name = str(name) if name else f"{self.default_name}:{metric}"
-        self.severity = _severity(severity)
-        self.reason = _reason(reason) if reason is not None else self.default_reason
+        self.severity = Severity(check_choice(severity, f"{kind}.severity", [v.value for v in Severity]))
+        self.reason = (
+            self.default_reason
+            if reason is None
+            else AlertReason(check_choice(reason, f"{kind}.reason", [v.value for v in AlertReason]))
+        )
         self.suggestion = str(suggestion)
-        self.patience = _positive_int(patience, f"{type(self).__name__}.patience")
-        self.cooldown = _positive_int(cooldown, f"{type(self).__name__}.cooldown", minimum=0)
-        self.clear_after = _positive_int(clear_after, f"{type(self).__name__}.clear_after")
+        self.patience = check_int(patience, f"{kind}.patience")
+        self.cooldown = check_int(cooldown, f"{kind}.cooldown", minimum=0)
+        self.clear_after = check_int(clear_after, f"{kind}.clear_after")
         self.report_recovery = bool(report_recovery)
         self._streams: dict[str | None, _Stream] = {}
+
+    @classmethod
+    def _options(cls) -> list[str]:
+        """The keyword options of this rule type (its own and `Rule`'s), for error messages."""
+        names: list[str] = []
+        for klass in (cls, Rule):
+            params = inspect.signature(klass.__init__).parameters.values()
+            names += [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in names]
+        return names
 
     # --- what a subclass provides ------------------------------------------------------------------
     def _bind(self, metric: str) -> Binding:
@@ -423,15 +425,26 @@ class Rule:
             s = self._streams[layer] = _Stream(self._new_state())
         return s
 
-    def check(self, step: int, value: Any, layer: str | None = None) -> Verdict | None:
-        """Judge one value and advance the detector, without the alert lifecycle (used by `AllOf`)."""
+    def _judge(self, step: int, value: Any, layer: str | None) -> tuple[_Stream, Verdict] | None:
         if value is None:
             return None
-        v = float(value)
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            where = f" (layer {layer!r})" if layer is not None else ""
+            raise StabwatchError(
+                f"rule {self.name!r}: the value at step {step}{where} must be a number or None, got {value!r}"
+            ) from None
         if not self.accepts_nonfinite and not math.isfinite(v):
             return None
         s = self._stream(layer)
-        return self._check(s.det, step, v, s.active)
+        verdict = self._check(s.det, step, v, s.active)
+        return None if verdict is None else (s, verdict)
+
+    def check(self, step: int, value: Any, layer: str | None = None) -> Verdict | None:
+        """Judge one value and advance the detector, without the alert lifecycle (used by `AllOf`)."""
+        judged = self._judge(step, value, layer)
+        return None if judged is None else judged[1]
 
     def update(self, step: int, value: Any, layer: str | None = None) -> Alert | None:
         """Feed one value; returns the alert it raises (or its recovery), else ``None``.
@@ -441,16 +454,8 @@ class Rule:
             value: the value (``None`` = not measured at this step: skipped).
             layer: the stream (module path) for per-layer rules; ``None`` for a global value.
         """
-        if value is None:
-            return None
-        v = float(value)
-        if not self.accepts_nonfinite and not math.isfinite(v):
-            return None
-        s = self._stream(layer)
-        verdict = self._check(s.det, step, v, s.active)
-        if verdict is None:
-            return None
-        return self._advance(s, step, verdict, layer)
+        judged = self._judge(step, value, layer)
+        return None if judged is None else self._advance(judged[0], step, judged[1], layer)
 
     def _advance(self, s: _Stream, step: int, verdict: Verdict, layer: str | None) -> Alert | None:
         if verdict.triggered:
@@ -558,19 +563,30 @@ class Rule:
         return {"type": type(self).__name__, "streams": streams}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned."""
-        kind = state.get("type")
+        """Restore what `state_dict` returned.
+
+        Raises:
+            StabwatchError: ``state`` is for another rule type or is not what `state_dict` returns.
+        """
+        kind = state.get("type") if isinstance(state, dict) else None
         if kind is not None and kind != type(self).__name__:
             raise StabwatchError(f"rule {self.name!r}: state is for a {kind}, this rule is a {type(self).__name__}")
-        self._streams = {}
-        for item in state["streams"]:
-            s = _Stream(self._load_state(item["det"]))
-            s.active = bool(item["active"])
-            s.streak = int(item["streak"])
-            s.calm = int(item["calm"])
-            s.last_alert = None if item["last_alert"] is None else int(item["last_alert"])
-            s.since = None if item["since"] is None else int(item["since"])
-            self._streams[item["layer"]] = s
+        streams = {}
+        try:
+            for item in state["streams"]:
+                s = _Stream(self._load_state(item["det"]))
+                s.active = bool(item["active"])
+                s.streak = int(item["streak"])
+                s.calm = int(item["calm"])
+                s.last_alert = None if item["last_alert"] is None else int(item["last_alert"])
+                s.since = None if item["since"] is None else int(item["since"])
+                streams[item["layer"]] = s
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise StabwatchError(
+                f"rule {self.name!r}: load_state_dict expects what state_dict() returns "
+                f"({{'type': ..., 'streams': [...]}}); {type(exc).__name__}: {exc}"
+            ) from None
+        self._streams = streams
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, metric={self.metric!r}, severity={self.severity.value!r})"
@@ -580,5 +596,5 @@ def check_unique_names(rules: Iterable[Rule]) -> None:
     seen: set[str] = set()
     for rule in rules:
         if rule.name in seen:
-            raise StabwatchError(f"two alert rules are named {rule.name!r}; give each rule a unique name=")
+            raise ConfigError(f"two alert rules are named {rule.name!r}; give each rule a unique name=")
         seen.add(rule.name)

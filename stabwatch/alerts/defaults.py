@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stabwatch.alerts.base import Rule
+from stabwatch.alerts.base import Rule, check_floor
 from stabwatch.alerts.rules import (
     NonFiniteRule,
     RatioRule,
@@ -14,22 +14,39 @@ from stabwatch.alerts.rules import (
 from stabwatch.metrics import AlertReason as R
 from stabwatch.metrics import Severity as S
 
-__all__ = ["default_rules"]
+__all__ = ["GRAD_FLOOR", "UPDATE_FLOOR", "default_rules"]
+
+#: absolute floor of the relative gradient-explosion rules (``grad_explode``, ``grad_rising``,
+#: ``grad_explode_layer``): a gradient norm below it is not an explosion, whatever its ratio to its past.
+#: At a learning rate <= 0.1 such a gradient moves the weights by <= 1e-3 per SGD step; far below where
+#: clipping is set in practice (max_norm 0.5-5). A dead network whose gradient creeps from 1e-6 to 1e-3
+#: stays quiet; one going from 0.1 to 10 alerts as before.
+GRAD_FLOOR = 1e-2
+#: absolute floor of ``update_jump``: a step that moves the weights by less than 0.1% of their norm (the
+#: healthy level is about 1e-3) is not dangerous, whatever it jumped from.
+UPDATE_FLOOR = 1e-3
 
 _LR = "lower the learning rate (try ÷10) or add warm-up"
 _CLIP = "clip gradients (torch.nn.utils.clip_grad_norm_ at ~2× the typical norm)"
 
 
-def default_rules(*, per_layer: bool = True) -> list[Rule]:
+def default_rules(
+    *, per_layer: bool = True, grad_floor: float | None = GRAD_FLOOR, update_floor: float | None = UPDATE_FLOOR
+) -> list[Rule]:
     """A fresh instance of the default rules (each `Monitor` gets its own state).
 
     Args:
         per_layer: include the per-layer rules (one state per layer).
+        grad_floor: absolute floor of the relative gradient-explosion rules, global and per layer
+            (`GRAD_FLOOR`; ``None``: purely relative).
+        update_floor: absolute floor of the update-ratio jump rule (`UPDATE_FLOOR`; ``None``: none).
 
     Example:
         >>> [r.name for r in default_rules()][:4]
         ['non_finite', 'grad_explode', 'grad_rising', 'grad_vanish']
     """
+    grad_floor = check_floor(grad_floor, "default_rules.grad_floor")
+    update_floor = check_floor(update_floor, "default_rules.update_floor")
     rules: list[Rule] = [
         NonFiniteRule(),
         RatioRule(
@@ -39,6 +56,7 @@ def default_rules(*, per_layer: bool = True) -> list[Rule]:
             instant_factor=50.0,
             window=50,
             min_history=10,
+            floor=grad_floor,
             name="grad_explode",
             reason=R.EXPLODING_GRADIENT,
             severity=S.CRITICAL,
@@ -49,6 +67,7 @@ def default_rules(*, per_layer: bool = True) -> list[Rule]:
             window=100,
             factor=10.0,
             min_t=8.0,
+            floor=grad_floor,
             name="grad_rising",
             reason=R.EXPLODING_GRADIENT,
             severity=S.WARNING,
@@ -105,6 +124,7 @@ def default_rules(*, per_layer: bool = True) -> list[Rule]:
             patience=2,
             window=20,
             min_history=10,
+            floor=update_floor,
             name="update_jump",
             reason=R.UPDATE_RATIO,
             severity=S.WARNING,
@@ -140,6 +160,7 @@ def default_rules(*, per_layer: bool = True) -> list[Rule]:
                 instant_factor=50.0,
                 window=50,
                 min_history=10,
+                floor=grad_floor,
                 name="grad_explode_layer",
                 reason=R.EXPLODING_GRADIENT,
                 severity=S.WARNING,

@@ -8,12 +8,18 @@ from typing import Any
 
 from stabwatch.alerts.actions import AlertCallbacks, log_alert
 from stabwatch.alerts.base import RecordView, Rule, check_unique_names
-from stabwatch.errors import InstabilityError, StabwatchError
+from stabwatch.errors import ConfigError, InstabilityError, StabwatchError
 from stabwatch.metrics import Alert, StabilityMetrics
 
 __all__ = ["AlertEngine"]
 
 log = logging.getLogger("stabwatch.alerts")
+
+
+class _UnknownRuleError(StabwatchError, KeyError):
+    """``engine[name]`` for a name the engine does not have (a `StabwatchError` and a `KeyError`)."""
+
+    __str__ = StabwatchError.__str__  # the message as written, not KeyError's quoted repr
 
 
 class AlertEngine:
@@ -60,7 +66,7 @@ class AlertEngine:
     def add(self, rule: Rule) -> AlertEngine:
         """Add a rule (its name must be new)."""
         if not isinstance(rule, Rule):
-            raise StabwatchError(f"AlertEngine: expected a stabwatch.alerts Rule, got {type(rule).__name__} ({rule!r})")
+            raise ConfigError(f"AlertEngine: expected a stabwatch.alerts Rule, got {type(rule).__name__} ({rule!r})")
         check_unique_names([*self._rules, rule])
         for r in [rule, *getattr(rule, "children", [])]:
             if r.binding is not None:
@@ -82,7 +88,8 @@ class AlertEngine:
         for rule in self._rules:
             if rule.name == name:
                 return rule
-        raise KeyError(f"no alert rule named {name!r}; rules: {', '.join(r.name for r in self._rules)}")
+        names = ", ".join(r.name for r in self._rules)
+        raise _UnknownRuleError(f"AlertEngine: no alert rule named {name!r}; rules: {names}")
 
     def __iter__(self) -> Iterator[Rule]:
         return iter(self._rules)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, fields
 from typing import Any
 
-from stabwatch.analysis._errors import _ConfigError
+from stabwatch.errors import ConfigError
 
 __all__ = ["AnalyzerConfig"]
 
@@ -49,7 +50,8 @@ class AnalyzerConfig:
             memory ``O(N*T*k)`` instead of ``O(N*T*P)``. ``0`` always projects.
 
     Raises:
-        StabwatchError: (also a `ValueError`) when a value is out of range.
+        ConfigError: (a `StabwatchError` and a `ValueError`) when a value is out of range or a keyword is
+            not a setting; the message names the field and what is allowed.
 
     Example:
         >>> AnalyzerConfig(n_trajectories=3).perturbation_scale
@@ -72,30 +74,54 @@ class AnalyzerConfig:
     def __post_init__(self) -> None:
         scale = self.perturbation_scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise _ConfigError(f"perturbation_scale must be a finite positive number, got {scale!r}")
+            raise ConfigError(f"perturbation_scale must be a finite positive number, got {scale!r}")
         if scale <= 0:
-            raise _ConfigError(f"perturbation_scale must be positive, got {scale!r} (try 0.01)")
+            raise ConfigError(f"perturbation_scale must be positive, got {scale!r} (try 0.01)")
         self._check_int("n_trajectories", 2, "at least 2 replicas are needed to measure a spread")
-        self._check_int("n_pca_components", 1, "")
-        self._check_int("record_interval", 1, "")
-        self._check_int("projection_dim", 1, "")
+        self._check_int("n_pca_components", 1)
+        self._check_int("record_interval", 1)
+        self._check_int("projection_dim", 1)
         self._check_int("max_exact_bytes", 0, "0 always uses the random projection")
         if not _is_int(self.seed):
-            raise _ConfigError(f"seed must be an int, got {self.seed!r}")
+            raise ConfigError(f"seed must be an int, got {self.seed!r}")
         device = str(self.device)
         if not _DEVICE_RE.match(device):
-            raise _ConfigError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
+            raise ConfigError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
         self.device = device
         for name in ("track_gradients", "verbose", "renormalize", "same_data_order"):
             if not isinstance(getattr(self, name), bool):
-                raise _ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
-    def _check_int(self, name: str, minimum: int, hint: str) -> None:
+    def _check_int(self, name: str, minimum: int, hint: str = "") -> None:
         value = getattr(self, name)
         if not _is_int(value) or value < minimum:
             extra = f" ({hint})" if hint else ""
-            raise _ConfigError(f"{name} must be at least {minimum}, got {value!r}{extra}")
+            raise ConfigError(f"{name} must be at least {minimum}, got {value!r}{extra}")
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a plain dict (for reports and logs)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class _UnknownSettingError(ConfigError, TypeError):
+    """A keyword that is not a setting: a `ConfigError`, and the `TypeError` a dataclass raised for it (as
+    deep-lyapunov's ``AnalyzerConfig`` does), so ``except TypeError`` keeps working."""
+
+
+def _refuse_unknown_keywords(init: Any) -> Any:
+    """Wrap the dataclass ``__init__`` so that a misspelt setting is a `ConfigError` listing the settings
+    (not the bare ``TypeError`` Python raises for an unexpected keyword)."""
+    names = [f.name for f in fields(AnalyzerConfig)]
+
+    @functools.wraps(init)
+    def __init__(self: AnalyzerConfig, *args: Any, **kwargs: Any) -> None:
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown or len(args) > len(names):
+            given = f"unknown setting(s) {', '.join(unknown)}" if unknown else f"{len(args)} positional settings"
+            raise _UnknownSettingError(f"AnalyzerConfig: {given}; the settings are {', '.join(names)}")
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+AnalyzerConfig.__init__ = _refuse_unknown_keywords(AnalyzerConfig.__init__)  # type: ignore[method-assign]

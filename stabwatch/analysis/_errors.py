@@ -1,9 +1,10 @@
 """Error and warning types of `stabwatch.analysis`.
 
-Every failure is a `stabwatch.errors.StabwatchError`. The private subclasses below also derive from the
-built-in type that `deep-lyapunov` raised for the same situation (`ValueError` for a bad setting,
-`RuntimeError` for a call in the wrong state, `ImportError` for a missing optional dependency), so code
-written against that package keeps catching what it caught before.
+Every failure is a `stabwatch.errors.StabwatchError`, and also the built-in type that `deep-lyapunov`
+raised for the same situation, so code written against that package keeps catching what it caught
+before: a bad setting is the package-wide `stabwatch.errors.ConfigError` (a `ValueError`), a missing
+optional dependency `stabwatch.errors.MissingExtraError` (an `ImportError`), and a call in the wrong
+state `_StateError` below (a `RuntimeError`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import sys
 import warnings
 
-from stabwatch.errors import StabwatchError
+from stabwatch.errors import ConfigError, StabwatchError
 
 __all__ = ["AnalysisWarning"]
 
@@ -24,16 +25,12 @@ class AnalysisWarning(UserWarning):
     """
 
 
-class _ConfigError(StabwatchError, ValueError):
-    """A setting is out of range."""
+#: a setting is out of range (the package-wide type; this name is kept for the modules that use it)
+_ConfigError = ConfigError
 
 
 class _StateError(StabwatchError, RuntimeError):
     """A method was called in the wrong state (e.g. `record_checkpoint` before `start_recording`)."""
-
-
-class _MissingExtraError(StabwatchError, ImportError):
-    """An optional dependency (matplotlib) is not installed."""
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))

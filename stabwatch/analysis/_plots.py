@@ -1,9 +1,9 @@
 """Plots of `AnalysisResults` (matplotlib, imported lazily: ``pip install stabwatch[plot]``).
 
-New figures use the Agg canvas directly (no pyplot, no GUI, nothing global touched) unless the
-caller has already imported ``matplotlib.pyplot``, in which case they are made with
-``plt.subplots`` so that ``plt.show()`` / ``plt.savefig()`` work as they did with deep-lyapunov.
-Passing ``ax=`` draws into the caller's axes.
+New figures use the Agg canvas directly (`stabwatch.plotting.new_figure`: no pyplot, no GUI, nothing
+global touched) unless the caller has already imported ``matplotlib.pyplot``, in which case they are
+made with ``plt.subplots`` so that ``plt.show()`` / ``plt.savefig()`` work as they did with
+deep-lyapunov. Passing ``ax=`` draws into the caller's axes.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stabwatch.analysis._errors import _MissingExtraError
+from stabwatch import plotting
+from stabwatch.numeric import fmt
+from stabwatch.plotting import require_matplotlib
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -27,33 +29,17 @@ _GREEN = "#2e7d32"
 _RED = "#c62828"
 
 
-def require_matplotlib() -> Any:
-    """Import matplotlib or raise a `StabwatchError` that says how to install it."""
-    try:
-        import matplotlib
-    except ImportError as exc:
-        raise _MissingExtraError(
-            "plotting needs matplotlib, which is not installed: pip install stabwatch[plot]"
-        ) from exc
-    return matplotlib
-
-
 def new_figure(figsize: tuple[float, float], use_pyplot: bool | None = None) -> tuple[Figure, Axes]:
     """A figure with one axes: pyplot-managed if pyplot is in use, else a bare Agg figure."""
-    require_matplotlib()
     if use_pyplot is None:
         use_pyplot = "matplotlib.pyplot" in sys.modules
     if use_pyplot:
+        require_matplotlib()
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=figsize)
         return fig, ax
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
-    return fig, fig.add_subplot()
+    return plotting.new_figure(figsize)
 
 
 def _target(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
@@ -99,7 +85,8 @@ def plot_trajectories(
     ax.set_ylabel(axis_label(c2))
     ax.set_title(
         f"Replica trajectories, PCA of the weight cloud ({results.pca_method})\n"
-        f"spread ratio {results.convergence_ratio:.3g}x, effective dim. {results.effective_dimensionality:.2f}"
+        f"spread ratio {fmt(results.convergence_ratio, 3)}x, "
+        f"effective dim. {fmt(results.effective_dimensionality, 3)}"
     )
     ax.legend(loc="best", fontsize=8)
     ax.grid(True, alpha=0.3)
@@ -121,8 +108,8 @@ def plot_convergence(results: AnalysisResults, ax: Axes | None = None, **kwargs:
     ax.set_xlabel("epoch" if not results.renormalized else "epoch (renormalised, accumulated growth)")
     ax.set_ylabel("spread s(t): RMS pairwise distance, full weight space")
     ax.set_title(
-        f"Spread of the replicas ({results.behavior}): ratio {results.convergence_ratio:.3g}x, "
-        f"λ = {results.lyapunov:.4g}/epoch"
+        f"Spread of the replicas ({results.behavior}): ratio {fmt(results.convergence_ratio, 3)}x, "
+        f"λ = {fmt(results.lyapunov)}/epoch"
     )
     ax.legend(loc="best")
     ax.grid(True, alpha=0.3, which="both")
@@ -146,9 +133,9 @@ def plot_lyapunov(results: AnalysisResults, ax: Axes | None = None, **kwargs: An
     ax.bar(mids, local, width=widths, color=colors, alpha=0.75, yerr=yerr, capsize=3, **kwargs)
     ax.axhline(0.0, color="black", linewidth=1)
     low, high = results.lyapunov_ci
-    label = f"global λ = {results.lyapunov:.4g}"
+    label = f"global λ = {fmt(results.lyapunov)}"
     if np.isfinite([low, high]).all():
-        label += f" [{low:.3g}, {high:.3g}]"
+        label += f" [{fmt(low, 3)}, {fmt(high, 3)}]"
         ax.axhspan(low, high, color="tab:blue", alpha=0.12)
     ax.axhline(results.lyapunov, color="tab:blue", linestyle="--", linewidth=2, label=label)
     ax.set_xlabel("epoch (interval midpoint)")

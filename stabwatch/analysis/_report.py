@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import logging
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stabwatch.analysis._errors import _ConfigError
-from stabwatch.analysis._plots import (
-    new_figure,
-    plot_convergence,
-    plot_lyapunov,
-    plot_trajectories,
-    require_matplotlib,
-)
+from stabwatch.analysis._plots import plot_convergence, plot_lyapunov, plot_trajectories
+from stabwatch.errors import ConfigError
+from stabwatch.numeric import fmt
+from stabwatch.plotting import figure_data_uri, figure_png, new_figure, require_matplotlib
 
 if TYPE_CHECKING:
     from stabwatch.analysis._results import AnalysisResults
@@ -33,13 +27,9 @@ _PLOTS = (
 )
 
 
-def _fmt(x: float, spec: str = ".4g") -> str:
-    return format(x, spec) if math.isfinite(x) else str(x)
-
-
 def _summary_rows(r: AnalysisResults) -> list[tuple[str, str, str]]:
     low, high = r.lyapunov_ci
-    ci = f" [{_fmt(low)}, {_fmt(high)}]" if math.isfinite(low) and math.isfinite(high) else ""
+    ci = f" [{fmt(low)}, {fmt(high)}]" if math.isfinite(low) and math.isfinite(high) else ""
     verdict = (
         "replicas came together: training is reproducible"
         if r.behavior == "convergent"
@@ -48,10 +38,10 @@ def _summary_rows(r: AnalysisResults) -> list[tuple[str, str, str]]:
     if ci and low <= 0.0 <= high:
         verdict += " (interval contains 0: not significant)"
     return [
-        ("Convergence ratio s(T)/s(0)", f"{_fmt(r.convergence_ratio)}x", verdict),
-        ("Lyapunov exponent (1/epoch)", _fmt(r.lyapunov) + ci, f"{r.ci_level:.0%} jackknife interval"),
+        ("Convergence ratio s(T)/s(0)", f"{fmt(r.convergence_ratio)}x", verdict),
+        ("Lyapunov exponent (1/epoch)", fmt(r.lyapunov) + ci, f"{r.ci_level:.0%} jackknife interval"),
         ("Behaviour", r.behavior, "renormalised (Benettin)" if r.renormalized else "raw spread"),
-        ("Effective dimensionality", _fmt(r.effective_dimensionality, ".3g"), f"PCA: {r.pca_method}"),
+        ("Effective dimensionality", fmt(r.effective_dimensionality, 3), f"PCA: {r.pca_method}"),
         ("Replicas / checkpoints / parameters", f"{r.n_trajectories} / {r.n_checkpoints} / {r.n_parameters:,}", ""),
     ]
 
@@ -61,8 +51,8 @@ def _local_rows(r: AnalysisResults) -> list[tuple[str, str, str]]:
     t = r.checkpoint_times
     for k, lam in enumerate(r.local_lyapunov):
         low, high = r.local_lyapunov_ci[k]
-        ci = f"[{_fmt(low)}, {_fmt(high)}]" if math.isfinite(low) and math.isfinite(high) else "n/a"
-        rows.append((f"{_fmt(t[k], 'g')} → {_fmt(t[k + 1], 'g')}", _fmt(lam), ci))
+        ci = f"[{fmt(low)}, {fmt(high)}]" if math.isfinite(low) and math.isfinite(high) else "n/a"
+        rows.append((f"{fmt(t[k], 6)} → {fmt(t[k + 1], 6)}", fmt(lam), ci))
     return rows
 
 
@@ -70,15 +60,13 @@ def _render_plots(r: AnalysisResults, out: Path, embed: bool) -> dict[str, str]:
     """PNG of each plot: base64 text when embedded, else the file name written next to the report."""
     refs: dict[str, str] = {}
     for name, plot, size, _ in _PLOTS:
-        fig, ax = new_figure(size, use_pyplot=False)
+        fig, ax = new_figure(size, "the stability report")
         plot(r, ax=ax)
         fig.tight_layout()
         if embed:
-            buf = io.BytesIO()
-            fig.savefig(buf, format="png", dpi=120)
-            refs[name] = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+            refs[name] = figure_data_uri(fig, dpi=120, tight=False)
         else:
-            fig.savefig(out / f"{name}.png", dpi=120)
+            (out / f"{name}.png").write_bytes(figure_png(fig, dpi=120, tight=False))
             refs[name] = f"{name}.png"
     return refs
 
@@ -144,14 +132,14 @@ def save_report(r: AnalysisResults, output_dir: Any, *, embed_images: bool = Tru
     """Write ``metrics.json``, the plots and ``report.html`` / ``report.md``; return the report path."""
     kind = {"html": "html", "markdown": "markdown", "md": "markdown"}.get(str(fmt).lower())
     if kind is None:
-        raise _ConfigError(f"format must be 'html' or 'markdown', got {fmt!r}")
+        raise ConfigError(f"save_report: format must be 'html' or 'markdown', got {fmt!r}")
     out = Path(output_dir)
     if out.suffix.lower() in {".json", ".html", ".htm", ".md", ".txt", ".png"}:
-        raise _ConfigError(
-            f"output_dir {str(output_dir)!r} looks like a file (extension {out.suffix!r}); "
+        raise ConfigError(
+            f"save_report: output_dir {str(output_dir)!r} looks like a file (extension {out.suffix!r}); "
             "give a directory, e.g. 'stability_report/'"
         )
-    require_matplotlib()
+    require_matplotlib("the stability report")
     out.mkdir(parents=True, exist_ok=True)
     images = _render_plots(r, out, embed_images)
     r.to_json(out / "metrics.json")

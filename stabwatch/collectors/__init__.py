@@ -1,65 +1,76 @@
 """Metric families: one module per family, each a `Collector` subclass.
 
-``FAMILIES`` maps a family name (the key of ``Monitor(every={...})``) to its collector class; presets
-give each family a period (``None`` = off).
+A family's name is its module's name, its class's prefix and the first segment of the keys it emits
+(``grad`` -> `stabwatch.collectors.grad` -> `GradCollector` -> ``grad/norm``, per layer
+``grad_layers/norm/<module>``; see `stabwatch.metrics.metric_key`). ``FAMILIES`` maps a family
+name (the key of ``Monitor(every={...})``) to its collector class; a preset is a list of configured
+collectors (``PRESETS[name]()`` makes a fresh one). Each collector declares its own options
+(``GradSVCollector(every=10, top_k=5)``).
 """
 
 from __future__ import annotations
 
-from stabwatch.collectors.activations import ActivationCollector
-from stabwatch.collectors.base import Collector, MonitorContext, Readout
-from stabwatch.collectors.gradients import GradientCollector
-from stabwatch.collectors.nonfinite import NonFiniteCollector
-from stabwatch.collectors.spectrum import GradientSpectrumCollector
+from collections.abc import Callable
+
+from stabwatch.collectors.activation import ActivationCollector
+from stabwatch.collectors.base import Collector, CollectorOptions, MonitorContext, Readout
+from stabwatch.collectors.grad import GradCollector
+from stabwatch.collectors.grad_sv import GradSVCollector
+from stabwatch.collectors.nonfinite import NonfiniteCollector
 from stabwatch.collectors.spiking import SpikingCollector
-from stabwatch.collectors.updates import UpdateCollector
-from stabwatch.collectors.weights import WeightSpectrumCollector
+from stabwatch.collectors.update import UpdateCollector
+from stabwatch.collectors.weight import WeightCollector
 
 __all__ = [
     "FAMILIES",
     "PRESETS",
     "ActivationCollector",
     "Collector",
-    "GradientCollector",
-    "GradientSpectrumCollector",
+    "CollectorOptions",
+    "GradCollector",
+    "GradSVCollector",
     "MonitorContext",
-    "NonFiniteCollector",
+    "NonfiniteCollector",
     "Readout",
     "SpikingCollector",
     "UpdateCollector",
-    "WeightSpectrumCollector",
+    "WeightCollector",
 ]
 
-#: family name -> collector class (constructed with ``every=<period>``)
+#: family name -> collector class: the one registry line a new family adds
 FAMILIES: dict[str, type[Collector]] = {
-    "grad": GradientCollector,
-    "nonfinite": NonFiniteCollector,
-    "update": UpdateCollector,
-    "grad_sv": GradientSpectrumCollector,
-    "spectral": WeightSpectrumCollector,
-    "activation": ActivationCollector,
-    "spiking": SpikingCollector,
+    cls.family: cls
+    for cls in (
+        GradCollector,
+        NonfiniteCollector,
+        UpdateCollector,
+        GradSVCollector,
+        WeightCollector,
+        ActivationCollector,
+        SpikingCollector,
+    )
 }
 
-#: preset -> {family: period or None (off)}. "full" computes every family at every step.
-PRESETS: dict[str, dict[str, int | None]] = {
-    "cheap": {
-        "grad": 1,
-        "nonfinite": 1,
-        "update": 50,
-        "grad_sv": None,
-        "spectral": None,
-        "activation": None,
-        "spiking": None,
-    },
-    "default": {
-        "grad": 1,
-        "nonfinite": 1,
-        "update": 10,
-        "grad_sv": 100,
-        "spectral": 100,
-        "activation": 50,
-        "spiking": 10,
-    },
-    "full": {family: 1 for family in FAMILIES},
-}
+
+def _cheap() -> list[Collector]:
+    return [GradCollector(1), NonfiniteCollector(1), UpdateCollector(50)]
+
+
+def _default() -> list[Collector]:
+    return [
+        GradCollector(1),
+        NonfiniteCollector(1),
+        UpdateCollector(10),
+        GradSVCollector(100),
+        WeightCollector(100),
+        ActivationCollector(50),
+        SpikingCollector(10),
+    ]
+
+
+def _full() -> list[Collector]:
+    return [cls(1) for cls in FAMILIES.values()]
+
+
+#: preset name -> a function making its list of configured collectors (fresh instances per monitor)
+PRESETS: dict[str, Callable[[], list[Collector]]] = {"cheap": _cheap, "default": _default, "full": _full}

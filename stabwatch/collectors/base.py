@@ -8,17 +8,33 @@ readout to the host in one copy and builds the record. Collectors never call ``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from stabwatch.errors import validated
 from stabwatch.schedules import Schedule, make_schedule
 
-__all__ = ["Collector", "MonitorContext", "Readout"]
+__all__ = ["Collector", "CollectorOptions", "MonitorContext", "Readout"]
+
+
+class CollectorOptions(BaseModel):
+    """Base of a family's options model: a subclass lists the family's own settings as fields.
+
+    Unknown names are refused (`stabwatch.errors.ConfigError` naming the field and the allowed ones).
+    """
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, frozen=True)
+
+
+#: marks "no schedule given": the family's `Collector.default_every` applies
+_DEFAULT: Any = object()
 
 log = logging.getLogger("stabwatch")
 
@@ -35,18 +51,44 @@ class MonitorContext:
     model: nn.Module
     optimizer: torch.optim.Optimizer | None
     generator: torch.Generator
+    #: keep per-layer values (``Monitor(per_layer=False)`` lets collectors skip them)
+    per_layer: bool = True
     params: list[tuple[str, nn.Parameter]] = field(default_factory=list)
     param_owner: dict[int, str] = field(default_factory=dict)
     module_order: list[str] = field(default_factory=list)
     #: owner modules of the parameters, in first-seen order, and each parameter's index into it
     layers: list[str] = field(default_factory=list)
     param_layer: list[int] = field(default_factory=list)
+    #: the factor the gradients are still multiplied by when the optimizer reads them (a fused or
+    #: capturable optimizer stepped by ``GradScaler`` unscales inside its kernel), else ``None``
+    grad_scale: torch.Tensor | None = None
+    #: the collectors attached through this context (filled by the pipeline)
+    collectors: list[Collector] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def hooks_paused(self) -> Iterator[None]:
+        """Take every collector's module hooks off the model for the duration of the block.
+
+        Used to copy the model without stabwatch's hooks (the shadow replica). Hooks are registered
+        again through the public ``register_*`` API afterwards, also when the block raised.
+        """
+        paused = [c for c in self.collectors if c.suspend_hooks()]
+        try:
+            yield
+        finally:
+            for c in paused:
+                c.resume_hooks()
 
     @classmethod
     def build(
-        cls, model: nn.Module, optimizer: torch.optim.Optimizer | None, generator: torch.Generator
+        cls,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        generator: torch.Generator,
+        *,
+        per_layer: bool = True,
     ) -> MonitorContext:
-        ctx = cls(model=model, optimizer=optimizer, generator=generator)
+        ctx = cls(model=model, optimizer=optimizer, generator=generator, per_layer=per_layer)
         seen: set[int] = set()
         layer_index: dict[str, int] = {}
         for mod_name, module in model.named_modules():
@@ -129,7 +171,10 @@ class Readout:
 class Collector:
     """Base class of a metric family.
 
-    Subclasses set `family` and override what they need:
+    Subclasses set `family` (the ``Monitor(every={...})`` key, the module name and the first segment of
+    the keys it emits), `default_every` (its period when a preset does not say), an `Options` model (a
+    `CollectorOptions` subclass: the family's own settings, validated at construction and set as
+    attributes of the same names) and override what they need:
 
     * `setup(ctx)` — register hooks with `self.hook(handle)` (removed on `detach`);
     * `before_optimizer_step()` / `after_optimizer_step()` — run inside the optimizer's step hooks;
@@ -143,12 +188,22 @@ class Collector:
     family: ClassVar[str] = "base"
     #: True when `collect` must run every step even if the family is unscheduled (e.g. non-finite).
     always_collect: ClassVar[bool] = False
+    #: the period used when none is given
+    default_every: ClassVar[int] = 1
+    #: the family's own settings (fields of a `CollectorOptions` subclass)
+    Options: ClassVar[type[CollectorOptions]] = CollectorOptions
 
-    def __init__(self, every: int | Schedule | None = 1) -> None:
-        self.schedule: Schedule = make_schedule(every, field=f"every[{self.family!r}]")
+    def __init__(self, every: int | Schedule | None = _DEFAULT, **options: Any) -> None:
+        self.every: int | Schedule | None = self.default_every if every is _DEFAULT else every
+        self.schedule: Schedule = make_schedule(self.every, field=f"every[{self.family!r}]")
+        self.options = validated(self.Options, type(self).__name__, **options)
+        for name in type(self.options).model_fields:
+            setattr(self, name, getattr(self.options, name))
         self.active = False
         self.ctx: MonitorContext | None = None
         self._handles: list[Any] = []
+        self._hook_specs: list[tuple[Callable[..., Any], Callable[..., Any], dict[str, Any], Any]] = []
+        self._suspended = False
         self._failed_once = False
         self.elapsed = 0.0  # seconds spent in this collector's hooks since the last record
 
@@ -161,6 +216,11 @@ class Collector:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if not self._suspended:
+            for _, _, _, handle in self._hook_specs:
+                handle.remove()
+        self._hook_specs.clear()
+        self._suspended = False
         self.teardown()
         self.ctx = None
         self.active = False
@@ -188,6 +248,37 @@ class Collector:
     def hooks(self, handles: Iterable[Any]) -> None:
         for h in handles:
             self.hook(h)
+
+    def add_hook(self, register: Callable[..., Any], fn: Callable[..., Any], **kwargs: Any) -> Any:
+        """Register ``fn`` with ``register`` (e.g. ``module.register_forward_hook``) and keep the handle.
+
+        Hooks added this way can be paused (`suspend_hooks` / `resume_hooks`, see
+        `MonitorContext.hooks_paused`) and are removed by `detach`.
+        """
+        handle = register(fn, **kwargs)
+        self._hook_specs.append((register, fn, kwargs, handle))
+        return handle
+
+    def suspend_hooks(self) -> bool:
+        """Remove the hooks added with `add_hook` (kept for `resume_hooks`); ``True`` if there were any."""
+        if self._suspended or not self._hook_specs:
+            return False
+        for _, _, _, handle in self._hook_specs:
+            handle.remove()
+        self._suspended = True
+        return True
+
+    def resume_hooks(self) -> None:
+        """Register again the hooks that `suspend_hooks` removed."""
+        if not self._suspended:
+            return
+        self._hook_specs = [(reg, fn, kw, reg(fn, **kw)) for reg, fn, kw, _ in self._hook_specs]
+        self._suspended = False
+
+    def reschedule(self, every: int | Schedule | None) -> None:
+        """Replace the schedule (``None``/0: off; a positive period; a callable ``step -> bool``)."""
+        self.schedule = make_schedule(every, field=f"every[{self.family!r}]")
+        self.every = every
 
     def scheduled(self, step: int) -> bool:
         return bool(self.schedule(step))

@@ -20,14 +20,15 @@ Sets the record's ``nonfinite`` (bool) and ``nonfinite_source`` (module path, ``
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from stabwatch.collectors.base import Collector, MonitorContext, Readout
+from stabwatch.collectors.base import Collector, CollectorOptions, MonitorContext, Readout
 
-__all__ = ["NonFiniteCollector", "first_tensor"]
+__all__ = ["NonfiniteCollector", "first_tensor"]
 
 _FINITE_PRESERVING = (
     nn.ReLU,
@@ -76,7 +77,7 @@ def first_tensor(out: Any) -> torch.Tensor | None:
     return None
 
 
-class NonFiniteCollector(Collector):
+class NonfiniteCollector(Collector):
     """Detect NaN/Inf in loss, gradients and activations, and name where it appeared first.
 
     Args:
@@ -94,15 +95,14 @@ class NonFiniteCollector(Collector):
 
     family = "nonfinite"
     always_collect = True
+    default_every = 1
 
-    def __init__(self, every: Any = 1, mode: str = "lazy", max_held: int = 4096) -> None:
-        super().__init__(every)
-        if mode not in ("lazy", "eager"):
-            from stabwatch.errors import StabwatchError
+    class Options(CollectorOptions):
+        mode: Literal["lazy", "eager"] = "lazy"
+        max_held: int = Field(default=4096, ge=0)
 
-            raise StabwatchError(f"nonfinite mode: expected 'lazy' or 'eager', got {mode!r}")
-        self.mode = mode
-        self.max_held = max_held
+    mode: str
+    max_held: int
 
     def setup(self, ctx: MonitorContext) -> None:
         self._names: list[str] = []
@@ -115,7 +115,7 @@ class NonFiniteCollector(Collector):
             if not any(True for _ in m.children()) and not isinstance(m, _FINITE_PRESERVING)
         ):
             self._names.append(name or "(root)")
-            self.hook(module.register_forward_hook(self.guard(self._make_hook(i))))
+            self.add_hook(module.register_forward_hook, self.guard(self._make_hook(i)))
 
     def _reset(self) -> None:
         self._calls: list[int] = []

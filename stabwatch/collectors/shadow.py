@@ -16,15 +16,16 @@ full-batch gradient descent on least squares, θ ↦ (I − ηH)θ + ηb, so λ 
 
 The real model's training is unchanged bit for bit on CPU: the replica has its own tensors and optimizer,
 the monitor's hooks are not copied into it, and the global RNG is restored after each shadow step.
+
+This module is the policy: when windows open and close, the perturbation, the renormalisation, the
+log-growth sums and the transient. The mechanism (copying the model without the monitor's hooks, pairing
+its tensors, cloning the optimizer, replaying the RNG and the AMP loss scale) is
+`stabwatch.collectors._replica`, each piece tested on its own in ``tests/test_shadow_replica.py``.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import copy
-import functools
-import inspect
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -34,9 +35,23 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from stabwatch.collectors._replica import (
+    Replica,
+    RngState,
+    ScaledStep,
+    StatePairs,
+    clone_optimizer,
+    follow_hyperparameters,
+    fused_step_skipped,
+    is_grad_scaler,
+    isolated_rng,
+    loss_scale,
+    paired_state,
+)
 from stabwatch.collectors.base import Collector, MonitorContext, Readout
 from stabwatch.errors import StabwatchError
 from stabwatch.functional.lyapunov import (
+    clamp_min_,
     difference_norms,
     global_norm,
     min_relative_eps,
@@ -47,24 +62,6 @@ from stabwatch.functional.lyapunov import (
 __all__ = ["Shadow", "ShadowEstimate"]
 
 log = logging.getLogger("stabwatch")
-
-#: Module attributes holding hooks; stabwatch's own hooks are left out of the replica.
-_HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_pre_hooks",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-    "_state_dict_hooks",
-    "_state_dict_pre_hooks",
-    "_load_state_dict_pre_hooks",
-    "_load_state_dict_post_hooks",
-)
-
-#: Optimizer-state entries that are non-negative by construction (second moments, accumulators). After a
-#: rescale with factor > 1 the shadow's copy could dip below zero; it is clamped at 0.
-_NONNEGATIVE_STATE = frozenset(
-    {"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta", "exp_inf", "max_exp_avg_sqs"}
-)
 
 #: offset of the shadow's generator seed from the monitor's seed
 _SEED_OFFSET = 0x5AD0
@@ -89,73 +86,12 @@ class ShadowEstimate(NamedTuple):
     steps: int
 
 
-def _is_stabwatch(fn: Any) -> bool:
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    module = getattr(fn, "__module__", None) or ""
-    return module == "stabwatch" or module.startswith("stabwatch.")
-
-
-@contextlib.contextmanager
-def _stabwatch_hooks_hidden(model: nn.Module) -> Iterator[None]:
-    """Hide stabwatch's hooks while ``model`` is copied (user hooks, e.g. spectral norm, are kept).
-
-    The hook dicts are swapped for filtered copies and the original objects put back afterwards, so
-    hook order and the monitor's handles are untouched.
-    """
-    saved: list[tuple[nn.Module, str, Any]] = []
-    try:
-        for module in model.modules():
-            for attr in _HOOK_DICTS:
-                hooks = module.__dict__.get(attr)
-                if hooks and any(_is_stabwatch(fn) for fn in hooks.values()):
-                    saved.append((module, attr, hooks))
-                    module.__dict__[attr] = collections.OrderedDict(
-                        (k, fn) for k, fn in hooks.items() if not _is_stabwatch(fn)
-                    )
-        yield
-    finally:
-        for module, attr, hooks in reversed(saved):
-            module.__dict__[attr] = hooks
-
-
-def _owners(model: nn.Module, params: list[torch.Tensor]) -> tuple[list[str], list[int]]:
-    """Module paths owning ``params`` (in first-seen order) and each parameter's index into them."""
-    owner_of: dict[int, str] = {}
-    for mod_name, module in model.named_modules():
-        for p in module.parameters(recurse=False):
-            owner_of.setdefault(id(p), mod_name or "(root)")
-    layers: list[str] = []
-    index: dict[str, int] = {}
-    owner_idx: list[int] = []
-    for p in params:
-        owner = owner_of.get(id(p), "(root)")
-        if owner not in index:
-            index[owner] = len(layers)
-            layers.append(owner)
-        owner_idx.append(index[owner])
-    return layers, owner_idx
-
-
-@dataclass
-class _Replica:
-    """The shadow model, kept between windows when ``offload=True``."""
-
-    model: nn.Module
-    #: (real, shadow) module pairs, to follow train/eval switches
-    modules: list[tuple[nn.Module, nn.Module]]
-    #: (real, shadow) for every parameter and buffer, to refresh a kept replica
-    tensors: list[tuple[torch.Tensor, torch.Tensor]]
-    #: id(real parameter) -> shadow parameter
-    param_map: dict[int, nn.Parameter]
-
-
 @dataclass
 class _Window:
     """A shadow in flight: its replica, optimizer and the renormalisation bookkeeping."""
 
     start: int
-    replica: _Replica
+    replica: Replica
     optimizer: torch.optim.Optimizer
     real_params: list[torch.Tensor]
     shadow_params: list[torch.Tensor]
@@ -167,7 +103,6 @@ class _Window:
     n: int = 0  # map steps taken
     n_start: int = 0  # step count when averaging started
     last_mark: int = 0  # step count of the last renormalisation
-    rng_handle: Any = None
     stop: int = -1
 
 
@@ -191,7 +126,7 @@ class Shadow(Collector):
       transient);
     * ``shadow/lyapunov_local`` (``lyapunov_local``): the exponent of the interval that just ended (at
       renormalisation steps);
-    * ``shadow/divergence/<module>`` (``layers[module]["shadow_divergence"]``, with ``per_layer=True``):
+    * ``shadow_layers/divergence/<module>`` (``layers[module]["shadow_divergence"]``, with ``per_layer=True``):
       ``‖θ̃_l − θ_l‖ / ‖θ‖`` for the parameters module ``l`` owns (their squares sum to the global one's).
 
     Finished windows are kept in `estimates` (`ShadowEstimate`).
@@ -199,7 +134,8 @@ class Shadow(Collector):
     Cost: while a window is open, one extra forward + backward + optimizer step per step and one copy of
     the model and optimizer state; the duty cycle is ``window / every``. Spawning deep-copies the model
     (``offload=True`` keeps the copy's structure on the CPU between windows and refreshes its tensors).
-    No host sync per step except with a ``scaler`` (the shadow checks its own unscaled gradients).
+    No host sync per step except with a ``scaler`` (its scale is read with ``GradScaler.get_scale()``, and
+    the replica's ``GradScaler`` step checks its gradients for overflow).
 
     Args:
         loss_fn: ``loss_fn(model, batch) -> loss`` computing the training loss of ``model`` on ``batch``
@@ -216,8 +152,10 @@ class Shadow(Collector):
             dropped).
         per_layer: also emit the per-module divergence.
         offload: keep the replica on the CPU between windows instead of freeing it.
-        scaler: the ``torch.amp.GradScaler`` of the training loop: the shadow's loss is scaled by the same
-            scale the real step used, its gradients unscaled the same way.
+        scaler: the ``torch.amp.GradScaler`` of the training loop (read through ``get_scale()`` and
+            ``is_enabled()``): the replica's loss is scaled by the scale the real step used and unscaled
+            by a ``GradScaler`` holding it, the real step's arithmetic. With a fused optimizer call
+            ``Monitor.step`` after ``scaler.update()`` (a skipped step shows in the backed-off scale).
         step_fn: instead of ``loss_fn``, ``step_fn(model, optimizer, batch)`` performing one full training
             step on the replica (for clipping, closures, several backward passes).
         saturation: warn (once) when the divergence exceeds this fraction of ‖θ‖.
@@ -292,7 +230,7 @@ class Shadow(Collector):
             raise StabwatchError(f"Shadow: transient ({transient}) must be < window ({window}), or no step is averaged")
         if not isinstance(saturation, (int, float)) or not saturation > 0:
             raise StabwatchError(f"Shadow: saturation must be > 0, got {saturation!r}")
-        if scaler is not None and not hasattr(scaler, "_scale"):
+        if scaler is not None and not is_grad_scaler(scaler):
             raise StabwatchError(f"Shadow: scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         self.loss_fn = loss_fn
         self.step_fn = step_fn
@@ -308,14 +246,14 @@ class Shadow(Collector):
         #: finished windows, oldest first
         self.estimates: list[ShadowEstimate] = []
         self._window: _Window | None = None
-        self._cached: _Replica | None = None
+        self._cached: Replica | None = None
         self._generator: torch.Generator | None = None
         self._reset_run_state()
 
     def _reset_run_state(self) -> None:
-        self._rng_state: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+        self._rng_state: RngState | None = None
         self._real_steps = 0
-        self._scale: torch.Tensor | None = None
+        self._scale: float | None = None
         self._closed_now: tuple[int, int, int] | None = None
         self._warned: set[str] = set()
         self._spawned = False
@@ -363,6 +301,10 @@ class Shadow(Collector):
         # probes (and training's global RNG) exactly as they are without the shadow
         self._generator = torch.Generator().manual_seed((ctx.generator.initial_seed() + _SEED_OFFSET) % 2**63)
         self._reset_run_state()
+        # the RNG state at the start of the real forward pass, for the replica's dropout masks: first among
+        # the root's pre-hooks; registered through the base class, so it is paused while the model is copied
+        # and removed on detach (it returns at once while no window is open)
+        self.add_hook(ctx.model.register_forward_pre_hook, self.guard(self._capture_rng), prepend=True)
 
     def teardown(self) -> None:
         self._close(keep=False)
@@ -372,8 +314,8 @@ class Shadow(Collector):
     def before_optimizer_step(self) -> None:
         if self._window is None or self.scaler is None:
             return
-        scale = getattr(self.scaler, "_scale", None)
-        self._scale = scale.detach().clone() if isinstance(scale, torch.Tensor) else None
+        # the scale of this step's backward: update() has not run yet (one host sync per shadow step)
+        self._scale = loss_scale(self.scaler)
 
     def after_optimizer_step(self) -> None:
         if self._window is not None:
@@ -382,8 +324,7 @@ class Shadow(Collector):
     def _capture_rng(self, module: nn.Module, args: Any) -> None:
         if self._window is None or self._rng_state is not None:
             return
-        cuda = [torch.cuda.get_rng_state(d) for d in self._cuda_devices]
-        self._rng_state = (torch.get_rng_state(), cuda)
+        self._rng_state = RngState.capture(self._cuda_devices)
 
     # ----------------------------------------------------------------------------------- the window
     def begin_step(self, step: int) -> None:
@@ -398,78 +339,32 @@ class Shadow(Collector):
             self._spawned = True
             self._open(step)
 
-    def _replica(self, model: nn.Module) -> _Replica:
+    @contextlib.contextmanager
+    def _monitor_hooks_paused(self) -> Iterator[None]:
+        """Every collector's model hooks off the model (this one's too, even if the context does not list it)."""
+        ctx = self.ctx
+        assert ctx is not None
+        with ctx.hooks_paused():
+            own = self.suspend_hooks()
+            try:
+                yield
+            finally:
+                if own:
+                    self.resume_hooks()
+
+    def _replica(self, model: nn.Module) -> Replica:
         cached, self._cached = self._cached, None
         if cached is not None:
-            with torch.no_grad():
-                for real, sh in cached.tensors:
-                    if sh.device == real.device and sh.dtype == real.dtype and sh.shape == real.shape:
-                        sh.copy_(real)
-                    else:
-                        sh.data = real.detach().clone()
+            cached.refresh()
             return cached
-        with _stabwatch_hooks_hidden(model):
-            shadow = copy.deepcopy(model)
-        real_mods, shadow_mods = list(model.modules()), list(shadow.modules())
-        if len(real_mods) != len(shadow_mods):
-            raise StabwatchError(
-                f"Shadow: copying {type(model).__name__} gave {len(shadow_mods)} modules instead of "
-                f"{len(real_mods)}; the model cannot be replicated with copy.deepcopy"
-            )
-        param_map: dict[int, nn.Parameter] = {}
-        tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
-        seen: set[int] = set()
-        for mr, ms in zip(real_mods, shadow_mods):
-            for name, p in mr._parameters.items():
-                if p is not None and id(p) not in seen:
-                    seen.add(id(p))
-                    sp = ms._parameters[name]
-                    assert sp is not None
-                    param_map[id(p)] = sp
-                    tensors.append((p, sp))
-            for name, b in mr._buffers.items():
-                sb = ms._buffers.get(name)
-                if b is not None and sb is not None and id(b) not in seen:
-                    seen.add(id(b))
-                    tensors.append((b, sb))
-        for p in shadow.parameters():
-            p.grad = None
-        return _Replica(shadow, list(zip(real_mods, shadow_mods)), tensors, param_map)
-
-    def _make_optimizer(self, real: torch.optim.Optimizer, replica: _Replica) -> torch.optim.Optimizer:
-        groups = []
-        for g in real.param_groups:
-            group = {k: v for k, v in g.items() if k != "params"}
-            group["params"] = [replica.param_map[id(p)] for p in g["params"]]
-            groups.append(group)
-        # the constructor's keyword arguments (some defaults, e.g. AdamW's decoupled_weight_decay, are
-        # not); every hyperparameter also rides in the groups and in the loaded state dict
-        accepted = inspect.signature(type(real).__init__).parameters
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
-            kwargs = dict(real.defaults)
-        else:
-            kwargs = {k: v for k, v in real.defaults.items() if k in accepted}
-        try:
-            opt = type(real)(groups, **kwargs)
-        except (TypeError, ValueError) as exc:
-            raise StabwatchError(
-                f"Shadow: could not build a second {type(real).__name__} for the replica "
-                f"({type(real).__name__}(param_groups, **defaults) raised: {exc})"
-            ) from exc
-        state = real.state_dict()
-        cloned = {
-            idx: {k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in s.items()}
-            for idx, s in state["state"].items()
-        }
-        opt.load_state_dict({"state": cloned, "param_groups": state["param_groups"]})
-        return opt
+        return Replica.build(model, without=self._monitor_hooks_paused)
 
     def _open(self, step: int) -> None:
         ctx = self.ctx
         assert ctx is not None and ctx.optimizer is not None
         with torch.no_grad():
             replica = self._replica(ctx.model)
-            opt = self._make_optimizer(ctx.optimizer, replica)
+            opt = clone_optimizer(ctx.optimizer, replica.param_map)
             # the training state: parameters the optimizer updates (a frozen one would be a neutral
             # direction that never shrinks)
             real_params = [p for g in ctx.optimizer.param_groups for p in g["params"] if p.requires_grad]
@@ -492,7 +387,7 @@ class Shadow(Collector):
                 sp.add_(dp)
             d0 = difference_norms(shadow_params, real_params).square().sum().sqrt()
         dev = d0.device
-        layers, owner_idx = _owners(ctx.model, real_params)
+        layers, owner_idx = self._owners(real_params)
         window = _Window(
             start=step,
             replica=replica,
@@ -505,7 +400,6 @@ class Shadow(Collector):
             d_start=d0,
             started=self.transient == 0,
         )
-        window.rng_handle = ctx.model.register_forward_pre_hook(self.guard(self._capture_rng), prepend=True)
         self._window = window
         self._windows_opened += 1
 
@@ -513,16 +407,9 @@ class Shadow(Collector):
         w, self._window = self._window, None
         if w is None:
             return
-        if w.rng_handle is not None:
-            w.rng_handle.remove()
         w.optimizer.state.clear()
         if keep and self.offload:
-            with torch.no_grad():
-                for _, sh in w.replica.tensors:
-                    if sh.device.type != "cpu":
-                        sh.data = sh.data.to("cpu")
-                for p in w.replica.model.parameters():
-                    p.grad = None
+            w.replica.offload("cpu")
             self._cached = w.replica
 
     def _drop(self, why: str) -> None:
@@ -532,27 +419,19 @@ class Shadow(Collector):
 
     # --------------------------------------------------------------------------------- shadow step
     def _advance(self, w: _Window, batch: Any) -> None:
+        """One training step of the replica: the real step's batch, hyperparameters, modes, RNG and scale."""
         ctx = self.ctx
         assert ctx is not None and ctx.optimizer is not None
-        for g_shadow, g_real in zip(w.optimizer.param_groups, ctx.optimizer.param_groups):
-            for k, v in g_real.items():
-                if k != "params":
-                    g_shadow[k] = v
-        for mr, ms in w.replica.modules:
-            ms.training = mr.training
-        devices = [torch.device("cuda", d) for d in self._cuda_devices]
-        with torch.random.fork_rng(devices=devices, enabled=True), torch.enable_grad():
-            if self._rng_state is not None:
-                cpu, cuda = self._rng_state
-                torch.set_rng_state(cpu)
-                for d, s in zip(self._cuda_devices, cuda):
-                    torch.cuda.set_rng_state(s, d)
-            elif "rng" not in self._warned:
-                self._warned.add("rng")
-                log.warning(
-                    "stabwatch: Shadow saw no forward pass of the model's root module this step; random "
-                    "layers (dropout) of the shadow draw different numbers than the real model"
-                )
+        follow_hyperparameters(w.optimizer, ctx.optimizer)
+        w.replica.follow_modes()
+        if self._rng_state is None and "rng" not in self._warned:
+            self._warned.add("rng")
+            log.warning(
+                "stabwatch: Shadow saw no forward pass of the model's root module this step; random "
+                "layers (dropout) of the shadow draw different numbers than the real model"
+            )
+        replay = self._rng_state.replayed() if self._rng_state is not None else isolated_rng(self._cuda_devices)
+        with replay, torch.enable_grad():
             if self.step_fn is not None:
                 self.step_fn(w.replica.model, w.optimizer, batch)
                 w.optimizer.zero_grad(set_to_none=True)  # hold one copy of model and state, not grads
@@ -565,58 +444,39 @@ class Shadow(Collector):
                     "Shadow: loss_fn(model, batch) must return a differentiable loss tensor of the model "
                     f"it is given; got {type(loss).__name__}"
                 )
-            scale = self._scale
-            (loss * scale.to(loss.dtype) if scale is not None else loss).backward()
-            grads = [p.grad for p in w.shadow_params if p.grad is not None]
-            if not grads:
+            amp = ScaledStep(self._scale, loss.device)
+            amp.backward(loss)
+            if all(p.grad is None for p in w.shadow_params):
                 raise StabwatchError(
                     "Shadow: loss_fn produced no gradient for the replica; it must compute the loss with "
                     "its `model` argument, not the real model"
                 )
-            if scale is not None:
-                found = torch.zeros(1, device=scale.device)
-                inv = scale.double().reciprocal().float()
-                by_device: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-                for g in grads:
-                    by_device.setdefault((g.device, g.dtype), []).append(g)
-                for (device, _), gs in by_device.items():
-                    f = found.to(device)
-                    torch._amp_foreach_non_finite_check_and_unscale_(gs, f, inv.to(device))
-                    found += f.to(found.device)
-                if float(found) != 0.0:
-                    raise StabwatchError(
-                        "Shadow: the replica's scaled gradients overflowed while the real step's did "
-                        "not; the shadow no longer follows the same map (eps or window too large)"
-                    )
-            w.optimizer.step()
+            if not amp.step(w.optimizer):
+                raise StabwatchError(
+                    "Shadow: the replica's scaled gradients overflowed while the real step's did not; the "
+                    "shadow no longer follows the same map (eps or window too large)"
+                )
             w.optimizer.zero_grad(set_to_none=True)
 
-    def _state_pairs(self, w: _Window) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    def _state_pairs(self, w: _Window) -> StatePairs:
         """Floating optimizer-state tensors shaped like their parameter: (shadow, real, non-negative)."""
         ctx = self.ctx
         assert ctx is not None and ctx.optimizer is not None
-        sh_list: list[torch.Tensor] = []
-        re_list: list[torch.Tensor] = []
-        nonneg: list[torch.Tensor] = []
-        for rp, sp in zip(w.real_params, w.shadow_params):
-            rs = ctx.optimizer.state.get(rp)
-            ss = w.optimizer.state.get(sp)
-            if not rs or not ss:
-                continue
-            for key, rv in rs.items():
-                sv = ss.get(key)
-                if (
-                    isinstance(rv, torch.Tensor)
-                    and isinstance(sv, torch.Tensor)
-                    and rv.is_floating_point()
-                    and rv.shape == rp.shape
-                    and sv.shape == rv.shape
-                ):
-                    sh_list.append(sv)
-                    re_list.append(rv)
-                    if key in _NONNEGATIVE_STATE:
-                        nonneg.append(sv)
-        return sh_list, re_list, nonneg
+        return paired_state(ctx.optimizer, w.optimizer, w.real_params, w.shadow_params)
+
+    def _owners(self, params: list[torch.Tensor]) -> tuple[list[str], list[int]]:
+        """Module paths owning ``params`` (in first-seen order) and each parameter's index into them."""
+        assert self.ctx is not None
+        layers: list[str] = []
+        index: dict[str, int] = {}
+        owner_idx: list[int] = []
+        for p in params:
+            owner = self.ctx.param_owner.get(id(p), "(root)")
+            if owner not in index:
+                index[owner] = len(layers)
+                layers.append(owner)
+            owner_idx.append(index[owner])
+        return layers, owner_idx
 
     def collect(self, step: int, readout: Readout, loss: torch.Tensor | None, batch: Any) -> None:
         w = self._window
@@ -624,6 +484,9 @@ class Shadow(Collector):
             return
         if self._real_steps == 0:
             return  # the real optimizer did not step (e.g. AMP skipped it): the map is the identity
+        assert self.ctx is not None and self.ctx.optimizer is not None
+        if fused_step_skipped(self.ctx.optimizer, self.scaler, self._scale):
+            return  # a fused optimizer was called but did nothing (overflow): the identity too
         if self._real_steps > 1:
             self._drop(
                 f"the optimizer stepped {self._real_steps} times in step {step}; the shadow replays "
@@ -664,8 +527,7 @@ class Shadow(Collector):
                     w.log_sum = w.log_sum + growth
                 sh_state, re_state, nonneg = self._state_pairs(w)
                 rescale_difference_(w.shadow_params + sh_state, w.real_params + re_state, self.eps * theta / d)
-                if nonneg:
-                    torch._foreach_clamp_min_(nonneg, 0.0)
+                clamp_min_(nonneg, 0.0)
                 w.d_start = difference_norms(w.shadow_params, w.real_params).square().sum().sqrt()
                 w.last_mark = w.n
             if transient_end:
@@ -739,7 +601,7 @@ class Shadow(Collector):
             return None
         names = {id(p): name for name, p in ctx.model.named_parameters()}
         with torch.no_grad():
-            diffs = torch._foreach_sub(w.shadow_params, w.real_params)
+            diffs = [s - r for s, r in zip(w.shadow_params, w.real_params)]
             norm = global_norm(diffs)
             return {
                 names.get(id(rp), f"param{i}"): (d / norm.to(d.dtype)).clone()

@@ -56,13 +56,14 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
-from stabwatch.collectors.base import Collector, MonitorContext, Readout
+from stabwatch.collectors.base import Collector, CollectorOptions, MonitorContext, Readout
 from stabwatch.errors import StabwatchError
 from stabwatch.functional.spiking import layer_firing_statistics, layer_membrane_statistics, sample_dims
 
@@ -489,29 +490,33 @@ class SpikingCollector(Collector):
 
     family = "spiking"
 
-    def __init__(
-        self,
-        every: Any = 10,
-        adapters: Sequence[SpikingAdapter] = (),
-        dead_threshold: float = 0.01,
-        saturated_threshold: float = 0.9,
-        training_only: bool = True,
-    ) -> None:
-        super().__init__(every)
-        if not (0.0 <= dead_threshold < saturated_threshold):
-            raise StabwatchError(
-                f"spiking: need 0 <= dead_threshold < saturated_threshold, got dead_threshold={dead_threshold} "
-                f"and saturated_threshold={saturated_threshold}"
-            )
-        for i, a in enumerate(adapters):
-            if not isinstance(a, SpikingAdapter):
-                raise StabwatchError(
-                    f"spiking_adapters[{i}] must be a stabwatch SpikingAdapter, got {type(a).__name__}"
+    default_every = 10
+
+    class Options(CollectorOptions):
+        adapters: tuple[Any, ...] = ()
+        dead_threshold: float = Field(default=0.01, ge=0.0)
+        saturated_threshold: float = Field(default=0.9, gt=0.0)
+        training_only: bool = True
+
+        @model_validator(mode="after")
+        def _check(self) -> SpikingCollector.Options:
+            if not (self.dead_threshold < self.saturated_threshold):
+                raise ValueError(
+                    f"need dead_threshold < saturated_threshold, got dead_threshold={self.dead_threshold} "
+                    f"and saturated_threshold={self.saturated_threshold}"
                 )
-        self.adapters = list(adapters)
-        self.dead_threshold = float(dead_threshold)
-        self.saturated_threshold = float(saturated_threshold)
-        self.training_only = training_only
+            for i, a in enumerate(self.adapters):
+                if not isinstance(a, SpikingAdapter):
+                    raise ValueError(f"adapters[{i}] must be a stabwatch SpikingAdapter, got {type(a).__name__}")
+            return self
+
+    adapters: tuple[SpikingAdapter, ...]
+    dead_threshold: float
+    saturated_threshold: float
+    training_only: bool
+
+    def __init__(self, every: Any = 10, **options: Any) -> None:
+        super().__init__(every, **options)
         self.layers: list[str] = []
         self.layer_adapters: dict[str, str] = {}
         self._sums: list[_LayerSums] = []
@@ -532,7 +537,7 @@ class SpikingCollector(Collector):
             path = name or "(root)"
             self.layers.append(path)
             self.layer_adapters[path] = adapter.name
-            self.hook(module.register_forward_hook(self._make_hook(index, adapter)))
+            self.add_hook(module.register_forward_hook, self._make_hook(index, adapter))
         self._sums = [_LayerSums() for _ in self.layers]
         if self.layers:
             log.debug("stabwatch: spiking layers %s", self.layer_adapters)

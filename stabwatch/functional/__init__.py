@@ -1,31 +1,25 @@
 """Pure math: tensors in, tensors (or floats) out. No hooks, no state, no host syncs.
 
 Every function here is tested against ``torch.linalg`` / numpy references or an analytic result. The
-collectors call these; users can too.
+collectors call these; users can too. Each module's public names are re-exported here (``__all__`` is
+their union):
+
+* `stabwatch.functional.gradients` — squared and global norms, per-layer reduction, update ratios;
+* `stabwatch.functional.spectral` — exact, batched and randomized singular values, condition numbers,
+  spectral norms and radii;
+* `stabwatch.functional.activations` — activation statistics;
+* `stabwatch.functional.spiking` — spike counts, firing and membrane statistics;
+* `stabwatch.functional.lyapunov` — the shadow replica's difference norms, renormalisation and the
+  tangent (JVP) reference estimate.
 """
 
-from stabwatch.functional.activations import activation_statistics
-from stabwatch.functional.gradients import gradient_norm, squared_norms, update_ratio
-from stabwatch.functional.spectral import (
-    batched_singular_values,
-    block_krylov_singular_values,
-    condition_number,
-    randomized_singular_values,
-    singular_values,
-    spectral_norm,
-    spectral_radius,
-)
+from stabwatch.functional import activations, gradients, lyapunov, spectral, spiking
+from stabwatch.functional.activations import *  # noqa: F403
+from stabwatch.functional.gradients import *  # noqa: F403
+from stabwatch.functional.lyapunov import *  # noqa: F403
+from stabwatch.functional.spectral import *  # noqa: F403
+from stabwatch.functional.spiking import *  # noqa: F403
 
-__all__ = [
-    "activation_statistics",
-    "batched_singular_values",
-    "block_krylov_singular_values",
-    "condition_number",
-    "gradient_norm",
-    "randomized_singular_values",
-    "singular_values",
-    "spectral_norm",
-    "spectral_radius",
-    "squared_norms",
-    "update_ratio",
-]
+__all__ = sorted(
+    {*activations.__all__, *gradients.__all__, *lyapunov.__all__, *spectral.__all__, *spiking.__all__}
+)

@@ -4,6 +4,11 @@ Pure functions: tensors in, tensors out; no hooks, no module state. The `stabwat
 them on the flattened training state s = (θ, optimizer state); `tangent_lyapunov` is the independent
 reference (a Jacobian-vector-product estimate) the tests compare the shadow with.
 
+The fused multi-tensor kernels used here (``torch._foreach_norm``, ``_foreach_sub(_)``, ``_foreach_mul_``,
+``_foreach_add_``, ``_foreach_clamp_min_``) are the shadow's only private torch names (there is no public
+multi-tensor API); `tests/test_shadow_functional.py` pins each against per-tensor math, so a change in
+torch fails there first.
+
 The estimator (Benettin et al. 1980). Advance the real state s_t and a shadow s̃_t = s_t + δ_t with the
 same map F_t. Every ``m`` steps measure d = ‖δ‖, add ``log(d / d_0)`` to a float64 sum and rescale the
 whole difference back to the target size d_0:
@@ -25,6 +30,7 @@ import torch
 
 __all__ = [
     "TangentEstimate",
+    "clamp_min_",
     "difference_norms",
     "global_norm",
     "min_relative_eps",
@@ -106,6 +112,17 @@ def rescale_difference_(
         torch._foreach_sub_(sh, re)
         torch._foreach_mul_(sh, c)
         torch._foreach_add_(sh, re)
+
+
+def clamp_min_(tensors: Sequence[torch.Tensor], floor: float = 0.0) -> None:
+    """Clamp every tensor from below in place, ``t ← max(t, floor)`` (e.g. second moments after a rescale).
+
+    Example:
+        >>> ts = [torch.tensor([-1.0, 2.0])]; clamp_min_(ts); ts[0]
+        tensor([0., 2.])
+    """
+    if tensors:
+        torch._foreach_clamp_min_(list(tensors), floor)
 
 
 def random_direction(

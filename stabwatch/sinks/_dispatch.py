@@ -22,6 +22,9 @@ Nothing is dropped and training never waits on a network call:
   sink that is still failing gets ``close_timeout`` seconds, after which what is left stays in its spill
   file and a warning says where and how to replay it (``stabwatch replay SPILL --to URI``).
 
+The spill file itself (append, read back in order, compact, disk errors) is `stabwatch.sinks._spill.SpillQueue`;
+this module keeps only the threads, the queues and the back-off.
+
 Spill files are created only when needed, as ``<spill_dir>/<SinkClass>-<pid>-<time>-<n>.jsonl``;
 ``spill_dir`` is the sink's ``spill_dir`` attribute, else the ``STABWATCH_SPILL_DIR`` environment
 variable, else ``./stabwatch-spill``. It is checked for writability when the dispatcher is built.
@@ -36,7 +39,6 @@ from __future__ import annotations
 
 import atexit
 import collections
-import contextlib
 import logging
 import os
 import threading
@@ -44,10 +46,11 @@ import time
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from stabwatch.errors import StabwatchError
 from stabwatch.metrics import StabilityMetrics
+from stabwatch.sinks._spill import SpillQueue
 
 __all__ = ["Dispatcher", "describe_monitor", "resolve_spill_dir"]
 
@@ -129,6 +132,8 @@ class _SinkWorker:
         spill_root = resolve_spill_dir(getattr(sink, "spill_dir", None) or spill_dir)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.spill_path = spill_root / f"{self.name}-{os.getpid()}-{stamp}-{id(self) % 10_000:04d}-{index}.jsonl"
+        # while the spill queue is active (and not broken), _mem is empty: the file holds the head
+        self._spill = SpillQueue(self.spill_path, owner=self.name)
         self.queue_size = max(1, int(queue_size))
         self.batch_size = max(1, int(batch_size))
         self.close_timeout = float(getattr(sink, "close_timeout", close_timeout))
@@ -137,15 +142,6 @@ class _SinkWorker:
         self.backoff_max = backoff_max
         self._cond = threading.Condition(threading.Lock())
         self._mem: collections.deque[StabilityMetrics] = collections.deque()
-        # spill file: lines [read, count) are undelivered, in order; while active, mem is empty
-        self._spilling = False
-        self._spill_out: IO[bytes] | None = None
-        self._spill_in: IO[bytes] | None = None
-        self._spill_count = 0
-        self._spill_read = 0
-        self._spill_offset = 0
-        self._spill_error_logged = False
-        self._spill_broken = False
         self._inflight: list[StabilityMetrics] | None = None
         self._inflight_in_spill = False
         self._pending_since: float | None = None
@@ -160,10 +156,14 @@ class _SinkWorker:
         self._flush_done = 0
         self._wrote_since_flush = False
         self.delivered = 0
-        self.spilled = 0
         self.unsent = 0
         self._thread = threading.Thread(target=self._run, name=f"stabwatch-{self.name}-{index}", daemon=True)
         self._started = False
+
+    @property
+    def spilled(self) -> int:
+        """Records written to the spill file so far."""
+        return self._spill.written
 
     # producer side (training thread) -------------------------------------------------------------
     def start(self) -> None:
@@ -173,12 +173,11 @@ class _SinkWorker:
 
     def put(self, record: StabilityMetrics) -> None:
         with self._cond:
-            if self._spilling and not self._spill_broken:
-                self._spill_write([record])
-                self._cond.notify()
-            elif len(self._mem) >= self.queue_size and not self._spill_broken:
+            spill = self._spill
+            if not spill.broken and (spill.active or len(self._mem) >= self.queue_size):
                 self._activate_spill()
-                self._spill_write([record])
+                if not spill.append([record]):
+                    self._mem.append(record)  # the file failed: memory keeps it, after the file's
                 self._cond.notify()
             else:
                 self._mem.append(record)
@@ -189,82 +188,15 @@ class _SinkWorker:
     # spill file (all under self._cond) --------------------------------------------------------------
     def _activate_spill(self) -> None:
         """Move the in-flight batch (if it came from memory) and the memory queue to the spill file."""
-        if self._spilling or self._spill_broken:
-            return
-        try:
-            self.spill_path.parent.mkdir(parents=True, exist_ok=True)
-            self._spill_out = open(self.spill_path, "wb")  # noqa: SIM115
-            self._spill_in = open(self.spill_path, "rb")  # noqa: SIM115
-        except OSError as exc:
-            self._spill_failed(exc)
+        if self._spill.active or self._spill.broken:
             return
         moving_inflight = self._inflight is not None and not self._inflight_in_spill
         head = [*(self._inflight or [] if moving_inflight else []), *self._mem]
-        try:
-            self._spill_out.write("".join(r.to_json_line() + "\n" for r in head).encode("utf-8"))
-            self._spill_out.flush()
-        except OSError as exc:
-            self._spill_failed(exc)
-            for f in (self._spill_out, self._spill_in):
-                f.close()
-            self._spill_out = self._spill_in = None
+        if not self._spill.start(head):
             return
-        self._spilling = True
-        self._spill_count, self._spill_read, self._spill_offset = len(head), 0, 0
-        self.spilled += len(head)
         self._mem.clear()
         if moving_inflight:
             self._inflight_in_spill = True
-
-    def _spill_failed(self, exc: OSError) -> None:
-        self._spill_broken = True
-        if not self._spill_error_logged:
-            self._spill_error_logged = True
-            log.error(
-                "stabwatch: cannot write the spill file %s (%s); %s's undelivered records are kept in "
-                "memory from now on",
-                self.spill_path,
-                exc,
-                self.name,
-            )
-
-    def _spill_write(self, records: Sequence[StabilityMetrics]) -> None:
-        """Append to the spill file; if that fails, keep the records in memory (after the file's)."""
-        if not records:
-            return
-        if not self._spilling or self._spill_out is None or self._spill_broken:
-            self._mem.extend(records)
-            return
-        data = "".join(r.to_json_line() + "\n" for r in records).encode("utf-8")
-        try:
-            self._spill_out.write(data)
-            self._spill_out.flush()
-        except OSError as exc:
-            self._spill_failed(exc)
-            self._mem.extend(records)
-            return
-        self._spill_count += len(records)
-        self.spilled += len(records)
-
-    def _spill_read_lines(self, n: int) -> tuple[list[bytes], int]:
-        assert self._spill_in is not None
-        self._spill_in.seek(self._spill_offset)
-        lines = [self._spill_in.readline() for _ in range(n)]
-        return lines, self._spill_in.tell()
-
-    def _spill_advance(self, n: int) -> None:
-        _, self._spill_offset = self._spill_read_lines(n)
-        self._spill_read += n
-
-    def _deactivate_spill(self) -> None:
-        for f in (self._spill_out, self._spill_in):
-            if f is not None:
-                f.close()
-        self._spill_out = self._spill_in = None
-        self._spilling = False
-        self._spill_count = self._spill_read = self._spill_offset = 0
-        with contextlib.suppress(OSError):
-            self.spill_path.unlink()
 
     def _finalize_spill(self) -> int:
         """Leave exactly the undelivered records in the spill file; return how many there are."""
@@ -273,41 +205,20 @@ class _SinkWorker:
         self._finalized = True
         if (self._inflight and not self._inflight_in_spill) or self._mem:
             self._activate_spill()
-        if self._spilling and not self._spill_broken and self._mem:
-            self._spill_write(list(self._mem))
+        if self._spill.active and self._mem and self._spill.append(list(self._mem)):
             self._mem.clear()
         lost = len(self._mem) + (len(self._inflight or []) if not self._inflight_in_spill else 0)
         if lost:
             log.error("stabwatch: %d record(s) for %s could not be written to any file", lost, self.name)
-        if not self._spilling:
-            self.unsent = lost
-            return self.unsent
-        unsent = self._spill_count - self._spill_read
-        if unsent and (self._spill_read or self._spill_broken):
-            try:
-                lines, _ = self._spill_read_lines(unsent)
-                tmp = self.spill_path.with_suffix(".jsonl.tmp")
-                tmp.write_bytes(b"".join(lines))
-                os.replace(tmp, self.spill_path)
-            except OSError as exc:
-                log.error("stabwatch: compacting the spill file %s failed: %s", self.spill_path, exc)
-        for f in (self._spill_out, self._spill_in):
-            if f is not None:
-                f.close()
-        self._spill_out = self._spill_in = None
-        self._spilling = False
-        if not unsent:
-            with contextlib.suppress(OSError):
-                self.spill_path.unlink()
-        self.unsent = unsent + lost
+        self.unsent = self._spill.finalize() + lost
         return self.unsent
 
     # worker side -----------------------------------------------------------------------------------
     def _available(self) -> int:
-        if self._spilling:
-            n = self._spill_count - self._spill_read
-            if n == 0 and self._spill_broken and self._inflight is None:
-                self._deactivate_spill()  # the file is drained: go on with what was kept in memory
+        if self._spill.active:
+            n = self._spill.pending
+            if n == 0 and self._spill.broken and self._inflight is None:
+                self._spill.discard()  # the file is drained: go on with what was kept in memory
             else:
                 return n
         return len(self._mem)
@@ -365,7 +276,10 @@ class _SinkWorker:
                     )
                     if ready:
                         self._pending_since = None
-                        return self._take(min(n, self.batch_size))
+                        batch = self._take(min(n, self.batch_size))
+                        if batch:
+                            return batch
+                        continue  # only unreadable spill lines were left: they were skipped
                     self._cond.wait(timeout=max(1e-3, self.linger_s - (now - self._pending_since)))
                     continue
                 if flush_pending or (self._wrote_since_flush and self._closing):
@@ -389,9 +303,10 @@ class _SinkWorker:
                         self._cond.acquire()
 
     def _take(self, k: int) -> list[StabilityMetrics]:
-        if self._spilling:
-            lines, _ = self._spill_read_lines(k)
-            batch = [StabilityMetrics.from_json_line(line.decode("utf-8")) for line in lines]
+        if self._spill.active:
+            batch = self._spill.peek(k)
+            if not batch:
+                return batch
             self._inflight_in_spill = True
         else:
             batch = [self._mem.popleft() for _ in range(k)]
@@ -433,14 +348,14 @@ class _SinkWorker:
                 self._wrote_since_flush = True
                 self.delivered += done
                 if self._inflight_in_spill:
-                    self._spill_advance(done)
+                    self._spill.advance(done)
             if error is None:
                 self._inflight = None
                 if self._failing:
                     self._failing = False
                     log.warning("stabwatch: %s is delivering again; spilled records are being re-sent", self.name)
-                if self._spilling and self._spill_read == self._spill_count:
-                    self._deactivate_spill()
+                if self._spill.active and self._spill.pending == 0:
+                    self._spill.discard()
                 self._cond.notify_all()
                 return True
             self._inflight = batch[done:]

@@ -8,9 +8,9 @@ thousand series). `LayerKeyPolicy` selects what is sent; the keys themselves sti
 Modes, applied per quantity (``grad_norm``, ``update_ratio``, ...) over the L layers that report it:
 
 * ``"all"`` — every per-layer key.
-* ``"top_k"`` — the ``k`` layers with the largest value, ``family/metric/<layer>``.
+* ``"top_k"`` — the ``k`` layers with the largest value, ``family_layers/metric/<layer>``.
 * ``"quantiles"`` — summaries across layers instead of the layers: for each ``q`` in `quantiles`,
-  ``family/metric/layers:p<100q>`` holding the linear-interpolated quantile
+  ``family_layers/metric/layers:p<100q>`` holding the linear-interpolated quantile
   ``x_(i) + (h - i)(x_(i+1) - x_(i))`` with ``h = q (L - 1)`` over the sorted finite values
   (``layers:min`` for q = 0, ``layers:max`` for q = 1).
 * ``"none"`` — no per-layer keys (global keys only).
@@ -21,13 +21,17 @@ Modes, applied per quantity (``grad_norm``, ``update_ratio``, ...) over the L la
 Whatever the mode, a layer whose value is NaN or ±inf is always sent under its own key: a
 non-finite value is a finding, and the layer name is the point.
 
+The summaries are keys of the per-layer scheme (`metric_key` with the "layer" ``layers:p50``), so they
+keep the scheme prefix-free: ``grad_layers/norm/layers:p50`` sits beside ``grad_layers/norm/<layer>``,
+never below the global ``grad/norm``.
+
 Example:
     >>> from stabwatch.metrics import StabilityMetrics
     >>> rec = StabilityMetrics(step=0, grad_norm=3.0,
     ...                        layers={f"l{i}": {"grad_norm": float(i)} for i in range(5)})
     >>> sorted(LayerKeyPolicy("top_k", k=2).select(rec))
-    ['grad/norm', 'grad/norm/l3', 'grad/norm/l4']
-    >>> LayerKeyPolicy("quantiles", quantiles=(0.0, 0.5, 1.0)).select(rec)["grad/norm/layers:p50"]
+    ['grad/norm', 'grad_layers/norm/l3', 'grad_layers/norm/l4']
+    >>> LayerKeyPolicy("quantiles", quantiles=(0.0, 0.5, 1.0)).select(rec)["grad_layers/norm/layers:p50"]
     2.0
 """
 
@@ -37,7 +41,7 @@ import math
 from collections.abc import Sequence
 from typing import Literal
 
-from stabwatch.errors import StabwatchError
+from stabwatch.errors import ConfigError
 from stabwatch.metrics import FIELD_KEYS, StabilityMetrics, metric_key
 
 __all__ = ["LayerKeyPolicy", "resolve_policy"]
@@ -83,14 +87,19 @@ class LayerKeyPolicy:
         max_layers: int = 64,
     ) -> None:
         if mode not in _MODES:
-            raise StabwatchError(f"LayerKeyPolicy mode: expected one of {', '.join(_MODES)}; got {mode!r}")
+            raise ConfigError(f"LayerKeyPolicy mode={mode!r}: expected one of {', '.join(map(repr, _MODES))}")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise StabwatchError(f"LayerKeyPolicy k: expected a positive int, got {k!r}")
-        qs = tuple(float(q) for q in quantiles)
+            raise ConfigError(f"LayerKeyPolicy k={k!r}: expected a positive int")
+        try:
+            qs = tuple(float(q) for q in quantiles)
+        except (TypeError, ValueError):
+            qs = ()
         if not qs or any(not 0.0 <= q <= 1.0 for q in qs):
-            raise StabwatchError(f"LayerKeyPolicy quantiles: expected values in [0, 1], got {quantiles!r}")
+            raise ConfigError(
+                f"LayerKeyPolicy quantiles={quantiles!r}: expected a non-empty sequence of numbers in [0, 1]"
+            )
         if isinstance(max_layers, bool) or not isinstance(max_layers, int) or max_layers < 0:
-            raise StabwatchError(f"LayerKeyPolicy max_layers: expected an int >= 0, got {max_layers!r}")
+            raise ConfigError(f"LayerKeyPolicy max_layers={max_layers!r}: expected an int >= 0")
         self.mode: Mode = mode
         self.k = k
         self.quantiles = qs
@@ -130,11 +139,16 @@ class LayerKeyPolicy:
 
 
 def resolve_policy(spec: LayerKeyPolicy | str | None) -> LayerKeyPolicy:
-    """A `LayerKeyPolicy` from a policy, a mode name, or ``None`` (the default ``"auto"``)."""
+    """A `LayerKeyPolicy` from a policy, a mode name, or ``None`` (the default ``"auto"``).
+
+    Raises:
+        ConfigError: anything else (the message lists the mode names).
+    """
     if spec is None:
         return LayerKeyPolicy()
     if isinstance(spec, LayerKeyPolicy):
         return spec
-    if isinstance(spec, str):
+    if isinstance(spec, str) and spec in _MODES:
         return LayerKeyPolicy(spec)  # type: ignore[arg-type]
-    raise StabwatchError(f"layer_keys: expected a LayerKeyPolicy or one of {', '.join(_MODES)}; got {spec!r}")
+    modes = ", ".join(map(repr, _MODES))
+    raise ConfigError(f"layer_keys={spec!r}: expected a LayerKeyPolicy or one of {modes}")

@@ -36,11 +36,14 @@ Example: a 20-line custom sink that keeps the gradient norm of every step in a C
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import os
+from typing import Any, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from stabwatch.metrics import StabilityMetrics
 
-__all__ = ["Sink"]
+__all__ = ["Sink", "SinkOptions"]
 
 
 @runtime_checkable
@@ -52,3 +55,28 @@ class Sink(Protocol):
     def flush(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+class SinkOptions(BaseModel):
+    """The constructor arguments every stabwatch sink shares, validated with `stabwatch.errors.validated`.
+
+    A sink subclasses it with its own arguments, so a bad value raises a `ConfigError` that names the
+    argument, the value given and what is allowed.
+
+    Attributes:
+        spill_dir: where the dispatcher spills undelivered records (``None``: ``$STABWATCH_SPILL_DIR``,
+            else ``./stabwatch-spill``).
+        close_timeout: seconds closing keeps retrying a failing tracker.
+    """
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, strict=False)
+
+    spill_dir: str | os.PathLike[str] | None = None
+    close_timeout: float = Field(default=30.0, ge=0.0, allow_inf_nan=False)
+
+    @field_validator("spill_dir", mode="before")
+    @classmethod
+    def _check_spill_dir(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, str | os.PathLike):
+            raise ValueError("expected a folder path (str or os.PathLike) or None")
+        return value

@@ -11,12 +11,29 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, Literal
 
-from stabwatch.errors import StabwatchError
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from stabwatch.errors import StabwatchError, validated
 from stabwatch.metrics import StabilityMetrics
 
 __all__ = ["JsonlSink", "read_jsonl"]
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    path: str | os.PathLike[str]
+    mode: Literal["w", "a"] = "w"
+    flush_every: int = Field(default=50, ge=1)
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _check_path(cls, value: Any) -> Any:
+        if not isinstance(value, str | os.PathLike) or not os.fspath(value):
+            raise ValueError("expected a file path (str or os.PathLike)")
+        return value
 
 
 class JsonlSink:
@@ -27,6 +44,10 @@ class JsonlSink:
         mode: ``"w"`` (truncate, the default) or ``"a"`` (append).
         flush_every: flush to the OS every N records (``close``/``flush`` always do).
 
+    Raises:
+        ConfigError: a bad argument (the message names it and what is allowed).
+        StabwatchError: the file cannot be opened for writing.
+
     Example:
         >>> import tempfile, os
         >>> d = tempfile.mkdtemp(); sink = JsonlSink(os.path.join(d, "run.jsonl"))
@@ -36,17 +57,16 @@ class JsonlSink:
     """
 
     def __init__(self, path: str | os.PathLike[str], mode: str = "w", flush_every: int = 50) -> None:
-        if mode not in ("w", "a"):
-            raise StabwatchError(f"JsonlSink mode: expected 'w' or 'a', got {mode!r}")
-        self.path = Path(path)
+        opts = validated(_Options, "JsonlSink", path=path, mode=mode, flush_every=flush_every)
+        self.path = Path(opts.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file: IO[str] | None = open(self.path, mode, encoding="utf-8")  # noqa: SIM115
+            self._file: IO[str] | None = open(self.path, opts.mode, encoding="utf-8")  # noqa: SIM115
         except OSError as exc:
             raise StabwatchError(
                 f"JsonlSink: cannot open {str(self.path)!r} for writing ({exc.strerror}); choose a writable path"
             ) from exc
-        self.flush_every = max(1, int(flush_every))
+        self.flush_every = opts.flush_every
         self._since_flush = 0
 
     def write(self, record: StabilityMetrics) -> None:

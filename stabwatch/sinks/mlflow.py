@@ -1,4 +1,4 @@
-"""`MlflowSink`: stabwatch metrics in an MLflow run.
+"""`MlflowSink`: stabwatch metrics in an MLflow run, through MLflow's public client only.
 
 What goes where:
 
@@ -9,23 +9,43 @@ What goes where:
   and ``stabwatch.alerts.count``; at close every alert in the artifact ``stabwatch/alerts.json``;
 * at close, a figure of the global metrics → the artifact ``stabwatch/metrics.png`` (needs matplotlib).
 
-MLflow's limits are respected: at most 1000 entities (metrics + tags) per ``log_batch`` request; keys use
-only the characters MLflow accepts (`metric_key` makes them); tag values are cut to 5000 characters.
+Every call goes through ``mlflow.MlflowClient`` (``log_batch``, ``get_run``, ``create_run``,
+``set_terminated``, ``log_dict``, ``log_figure``), so any tracking URI MLflow supports works: a server
+(``http(s)://``), ``sqlite:///PATH.db``, or a local folder (MLflow 3 wants ``MLFLOW_ALLOW_FILE_STORE=true``
+for that). MLflow's limits are respected: at most 1000 entities (metrics + tags) per ``log_batch``; keys
+use only the characters MLflow accepts and no key is a path prefix of another (`metric_key`; the file
+store needs that); tag values are cut to 5000 characters.
 
-Exactly once. The sink sends a batch of records as consecutive ``log_batch`` requests, each carrying the
-run tag ``stabwatch.sink_seq = <token>:<n>`` (MLflow's SQL store writes a batch's tags after its
-metrics). If a request fails (server down, timeout, connection reset), the sink does not know whether it
-was stored; before sending anything else it reads that tag back: equal to the failed request's value
-means the request arrived and is skipped, anything else means it is sent again. Requests go out with
-no HTTP-level retry (MLflow's own client retries a POST whose answer was lost, which would duplicate it),
-a ``request_timeout`` and the dispatcher's back-off in between.
+HTTP timeouts and retries are MLflow's own, set by its documented environment variables
+``MLFLOW_HTTP_REQUEST_TIMEOUT`` (default 120 s) and ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` (default 7,
+with ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR`` 2: about four minutes before a request to a dead server
+fails). The sink does not change them: they are process-wide and also govern the user's own MLflow
+calls. Lower them to notice an outage sooner; either way training never waits (the sink runs on the
+dispatcher's thread) and nothing is lost or duplicated. At construction, an ``http(s)`` server is first
+probed with a plain TCP connect (`connect_timeout`), so a wrong URI fails in seconds, not minutes.
+
+Exactly once, on two layers:
+
+* **Resent requests are identical.** A record's metrics carry the wall time at which the sink first
+  tried to send it, kept until it is stored, so a resend — MLflow's own HTTP retry after a lost answer,
+  or the dispatcher's retry — carries the same ``(key, step, value, timestamp)`` rows, which MLflow's
+  SQL store (behind a server, or ``sqlite:``) stores once (it is the table's primary key).
+* **A request whose fate is unknown is not resent if it arrived.** The sink sends a batch of records as
+  consecutive ``log_batch`` requests, each carrying the run tag ``stabwatch.sink_seq = <token>:<n>``
+  (the stores write a batch's tags after its metrics). If a request fails, the sink reads that tag back
+  (``get_run``) before sending anything else: equal to the failed request's value means it was stored
+  and is skipped; anything else means it is sent again. This is what keeps MLflow's file store, which
+  appends rows without a key, free of duplicates.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
+import re
+import socket
 import time
 import uuid
 from collections.abc import Sequence
@@ -33,9 +53,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from stabwatch.errors import StabwatchError
-from stabwatch.metrics import FIELD_KEYS, Alert, StabilityMetrics, metric_key
+from pydantic import Field, StrictBool
+
+from stabwatch.errors import StabwatchError, validated
+from stabwatch.metrics import FIELD_KEYS, Alert, StabilityMetrics
 from stabwatch.sinks._keys import LayerKeyPolicy, resolve_policy
+from stabwatch.sinks.base import SinkOptions
 
 __all__ = ["MlflowSink"]
 
@@ -47,6 +70,7 @@ _MAX_TAGS = 100
 _MAX_TAG_VALUE = 5000
 _SEQ_TAG = "stabwatch.sink_seq"
 _HISTORY_CAP = 4000
+_STAMPS_CAP = 100_000
 
 
 def _import_mlflow() -> Any:
@@ -57,44 +81,40 @@ def _import_mlflow() -> Any:
     return mlflow
 
 
-def _fast_rest_store(uri: str, timeout: float) -> Any:
-    """A RestStore whose requests have a timeout and no HTTP-level retry (see the module docstring)."""
-    from mlflow.store.tracking.rest_store import RestStore
-
+def _sync_kwargs(client: Any) -> dict[str, Any]:
+    """``{"synchronous": True}`` where ``log_batch`` has it (MLflow >= 2.8), so errors surface in the call."""
     try:
-        from mlflow.utils.credentials import get_default_host_creds
-    except ImportError:  # MLflow 2.x
-        from mlflow.tracking._tracking_service.utils import (  # type: ignore[no-redef,attr-defined]
-            _get_default_host_creds as get_default_host_creds,
-        )
-    from mlflow.utils.proto_json_utils import parse_dict
-    from mlflow.utils.rest_utils import http_request, verify_rest_response
+        parameters = inspect.signature(client.log_batch).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"synchronous": True} if "synchronous" in parameters else {}
 
-    class _Store(RestStore):  # type: ignore[misc]
-        def _call_endpoint(  # type: ignore[override]
-            self, api: Any, json_body: Any = None, endpoint: Any = None, *args: Any, **kwargs: Any
-        ) -> Any:
-            info = getattr(self, "_METHOD_TO_INFO", None)
-            if info is None or api not in info or args or kwargs.get("response_proto") is not None:
-                return super()._call_endpoint(api, json_body, endpoint, *args, **kwargs)
-            default_endpoint, method = info[api]
-            body = json.loads(json_body) if json_body is not None else None
-            call = {"params": body} if method == "GET" else {"json": body}
-            response = http_request(
-                self.get_host_creds(),
-                endpoint or default_endpoint,
-                method,
-                max_retries=0,
-                backoff_factor=0,
-                timeout=timeout,
-                **call,
-            )
-            response = verify_rest_response(response, endpoint or default_endpoint)
-            proto = api.Response()
-            parse_dict(js_dict=json.loads(response.text or "{}"), message=proto)
-            return proto
 
-    return _Store(lambda: get_default_host_creds(uri))
+def _probe_server(uri: str, timeout: float) -> None:
+    """Raise `StabwatchError` when nothing accepts a TCP connection at an http(s) tracking URI.
+
+    Skipped when a proxy is configured for the host (the server may not be reachable directly).
+    """
+    import urllib.request
+
+    parsed = urlparse(uri)
+    host = parsed.hostname or "127.0.0.1"
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    if urllib.request.getproxies().get(parsed.scheme) and not urllib.request.proxy_bypass(host):
+        return
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise StabwatchError(
+            f"MlflowSink: nothing answers at tracking_uri {uri!r} ({type(exc).__name__}: {exc}); is an MLflow "
+            f"server running there? Start one with `mlflow server --host {host} --port {port}`"
+        ) from exc
+
+
+def _name(text: str) -> str:
+    """A param or tag name MLflow accepts (params and tags are not metrics: `metric_key` is not for them)."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", text)[:250]
 
 
 def _replay_uri(tracking_uri: str, run_id: str) -> str:
@@ -108,6 +128,16 @@ def _replay_uri(tracking_uri: str, run_id: str) -> str:
     return f"{base}?run_id={run_id}"
 
 
+class _Options(SinkOptions):
+    tracking_uri: str | None = None
+    experiment: str | None = Field(default=None, min_length=1)
+    run_id: str | None = Field(default=None, min_length=1)
+    run_name: str | None = None
+    tags: dict[str, Any] | None = None
+    log_figures: StrictBool = True
+    connect_timeout: float = Field(default=5.0, gt=0.0, allow_inf_nan=False)
+
+
 class MlflowSink:
     """Log stabwatch records to MLflow.
 
@@ -115,7 +145,8 @@ class MlflowSink:
     creates a run in `experiment` and ends it at `close`. It never ends a run it did not start.
 
     Args:
-        tracking_uri: MLflow tracking URI (default: ``mlflow.get_tracking_uri()``). Checked at
+        tracking_uri: MLflow tracking URI (default: ``mlflow.get_tracking_uri()``): ``http(s)://HOST:PORT``
+            of a server, ``sqlite:///PATH.db``, or a local folder / ``file:`` URI (file store). Checked at
             construction: an unreachable server or an unsupported URI raises `StabwatchError`.
         experiment: experiment name for a new run (created if missing; default: the
             ``MLFLOW_EXPERIMENT_NAME``/``MLFLOW_EXPERIMENT_ID`` environment variables, else MLflow's
@@ -125,89 +156,108 @@ class MlflowSink:
         tags: extra tags of a run the sink creates.
         layer_keys: which per-layer keys to send: a `LayerKeyPolicy` or a mode name (default ``"auto"``).
         log_figures: at close, log a figure of the global metrics (needs matplotlib).
-        request_timeout: seconds per HTTP request.
+        connect_timeout: seconds the construction check waits for an http(s) server to accept a
+            connection. Request timeouts and retries are MLflow's (see the module docstring).
         spill_dir: where the dispatcher spills undelivered records (default ``./stabwatch-spill``).
         close_timeout: how long closing keeps retrying a server that is down.
+
+    Raises:
+        ConfigError: a bad argument (the message names it and what is allowed).
+        StabwatchError: mlflow is not installed, or the tracking URI or run cannot be used.
 
     Example:
         >>> import tempfile, stabwatch as sw
         >>> db = "sqlite:///" + tempfile.mkdtemp() + "/mlflow.db"
         >>> sink = sw.sinks.MlflowSink(tracking_uri=db, experiment="demo", log_figures=False)
-        >>> sink.write(sw.StabilityMetrics(step=0, loss=0.5, grad_norm=1.5))
+        >>> sink.write(sw.StabilityMetrics(step=0, loss=0.5, grad_norm=1.5, layers={"fc1": {"grad_norm": 1.0}}))
         >>> sink.close()
         >>> from mlflow import MlflowClient
-        >>> [m.value for m in MlflowClient(db).get_metric_history(sink.run_id, "grad/norm")]
+        >>> client = MlflowClient(db)
+        >>> [m.value for m in client.get_metric_history(sink.run_id, "grad/norm")]
         [1.5]
+        >>> [m.value for m in client.get_metric_history(sink.run_id, "grad_layers/norm/fc1")]
+        [1.0]
     """
 
     def __init__(
         self,
-        tracking_uri: str | None = None,
+        tracking_uri: str | os.PathLike[str] | None = None,
         experiment: str | None = None,
         run_id: str | None = None,
         *,
         run_name: str | None = None,
-        tags: dict[str, str] | None = None,
+        tags: dict[str, Any] | None = None,
         layer_keys: LayerKeyPolicy | str | None = None,
         log_figures: bool = True,
-        request_timeout: float = 10.0,
+        connect_timeout: float = 5.0,
         spill_dir: str | os.PathLike[str] | None = None,
         close_timeout: float = 30.0,
     ) -> None:
+        opts = validated(
+            _Options,
+            "MlflowSink",
+            tracking_uri=os.fspath(tracking_uri) if isinstance(tracking_uri, os.PathLike) else tracking_uri,
+            experiment=experiment,
+            run_id=run_id,
+            run_name=run_name,
+            tags=tags,
+            log_figures=log_figures,
+            connect_timeout=connect_timeout,
+            spill_dir=spill_dir,
+            close_timeout=close_timeout,
+        )
+        self.layer_keys = resolve_policy(layer_keys)
         mlflow = _import_mlflow()
         from mlflow import MlflowClient
 
-        self.layer_keys = resolve_policy(layer_keys)
-        self.log_figures = bool(log_figures)
-        self.request_timeout = float(request_timeout)
-        self.spill_dir = spill_dir
-        self.close_timeout = float(close_timeout)
+        self.log_figures = opts.log_figures
+        self.connect_timeout = opts.connect_timeout
+        self.spill_dir = opts.spill_dir
+        self.close_timeout = opts.close_timeout
         self.linger_s = 0.2
-        active = mlflow.active_run() if tracking_uri is None else None
-        uri = str(tracking_uri) if tracking_uri is not None else mlflow.get_tracking_uri()
+        active = mlflow.active_run() if opts.tracking_uri is None else None
+        uri = opts.tracking_uri if opts.tracking_uri is not None else str(mlflow.get_tracking_uri())
         self.tracking_uri = uri
         scheme = urlparse(uri).scheme
-        self._http = scheme in ("http", "https")
+        http = scheme in ("http", "https")
         if scheme == "sqlite":
             self._check_sqlite_path(uri)
+        if http:
+            _probe_server(uri, self.connect_timeout)
         try:
             self.client = MlflowClient(uri)
-            if self._http:
-                self._store = _fast_rest_store(uri, self.request_timeout)
-            else:
-                self._store = self.client._tracking_client.store
-        except StabwatchError:
-            raise
         except Exception as exc:
             raise StabwatchError(
                 f"MlflowSink: cannot use tracking_uri {uri!r} ({type(exc).__name__}: {exc}); expected "
                 "http(s)://HOST:PORT of an MLflow server, sqlite:///PATH.db or a local folder"
             ) from exc
+        self._sync = _sync_kwargs(self.client)
         self._owns_run = False
         try:
-            if run_id is not None:
-                self.run_id = self._store.get_run(run_id).info.run_id
+            if opts.run_id is not None:
+                self.run_id = str(self.client.get_run(opts.run_id).info.run_id)
             elif active is not None:
-                self.run_id = active.info.run_id
+                self.run_id = str(active.info.run_id)
             else:
-                self.run_id = self._create_run(experiment, run_name, tags or {})
+                self.run_id = self._create_run(opts.experiment, opts.run_name, opts.tags or {})
                 self._owns_run = True
         except Exception as exc:
-            hint = (
-                f"is an MLflow server running there? Start one with `mlflow server --host "
-                f"{urlparse(uri).hostname or '127.0.0.1'} --port {urlparse(uri).port or 5000}`"
-                if self._http
-                else "check the path and run id"
-            )
+            if http:
+                hint = "is it an MLflow server?"
+            elif "filesystem tracking backend" in str(exc) or "MLFLOW_ALLOW_FILE_STORE" in str(exc):
+                hint = "set MLFLOW_ALLOW_FILE_STORE=true to use a file store, or use sqlite:///PATH.db"
+            else:
+                hint = "check the path and the run id"
             raise StabwatchError(
-                f"MlflowSink: cannot open {'run ' + repr(run_id) if run_id else 'a run'} at tracking_uri "
-                f"{uri!r} ({type(exc).__name__}: {str(exc)[:300]}); {hint}"
+                f"MlflowSink: cannot open {'run ' + repr(opts.run_id) if opts.run_id else 'a run'} at "
+                f"tracking_uri {uri!r} ({type(exc).__name__}: {str(exc)[:300]}); {hint}"
             ) from exc
         self.replay_uri = _replay_uri(uri, self.run_id)
         self._token = uuid.uuid4().hex[:12]
         self._seq = 0
         self._head_done = 0  # entities of the next batch's head already stored
         self._unknown: tuple[str, int] | None = None  # (seq tag, size) of a request with unknown fate
+        self._stamps: dict[int, int] = {}  # step -> ms timestamp of records tried but not yet stored
         self._params: list[Any] = []
         self._alerts: list[Alert] = []
         self._alert_count = 0
@@ -231,9 +281,7 @@ class MlflowSink:
                 "writable folder; choose another tracking_uri"
             )
 
-    def _create_run(self, experiment: str | None, run_name: str | None, tags: dict[str, str]) -> str:
-        from mlflow.entities import RunTag
-
+    def _create_run(self, experiment: str | None, run_name: str | None, tags: dict[str, Any]) -> str:
         import stabwatch
 
         if experiment is None and os.environ.get("MLFLOW_EXPERIMENT_ID"):
@@ -243,18 +291,10 @@ class MlflowSink:
             if name is None:
                 experiment_id = "0"
             else:
-                exp = self._store.get_experiment_by_name(name)
-                experiment_id = exp.experiment_id if exp is not None else self._store.create_experiment(name)
-        all_tags = {"stabwatch.version": stabwatch.__version__, **tags}
-        if run_name:
-            all_tags["mlflow.runName"] = run_name
-        run = self._store.create_run(
-            experiment_id=experiment_id,
-            user_id=os.environ.get("USER", "stabwatch"),
-            start_time=int(time.time() * 1000),
-            tags=[RunTag(k, str(v)) for k, v in all_tags.items()],
-            run_name=run_name,
-        )
+                exp = self.client.get_experiment_by_name(name)
+                experiment_id = exp.experiment_id if exp is not None else self.client.create_experiment(name)
+        all_tags = {"stabwatch.version": stabwatch.__version__, **{k: str(v) for k, v in tags.items()}}
+        run = self.client.create_run(experiment_id, tags=all_tags, run_name=run_name)
         return str(run.info.run_id)
 
     # sink protocol ---------------------------------------------------------------------------------
@@ -262,7 +302,7 @@ class MlflowSink:
         """Queue the monitor configuration as params ``stabwatch.<name>`` (sent with the next batch)."""
         from mlflow.entities import Param
 
-        self._params = [Param(metric_key(f"stabwatch.{k}"), str(v)[:6000]) for k, v in params.items()]
+        self._params = [Param(_name(f"stabwatch.{k}"), str(v)[:6000]) for k, v in params.items()]
 
     def skip_logged(self, keys: Sequence[str]) -> None:
         """Skip (key, step) pairs the run already holds (`stabwatch replay` uses it against duplicates)."""
@@ -286,7 +326,7 @@ class MlflowSink:
         pos = min(self._head_done, len(entities))
         if self._unknown is not None:
             seq_value, size = self._unknown
-            landed = self._call(self._store.get_run, self.run_id).data.tags.get(_SEQ_TAG) == seq_value
+            landed = self._call(self.client.get_run, self.run_id).data.tags.get(_SEQ_TAG) == seq_value
             self._unknown = None
             if landed:
                 pos = min(pos + size, len(entities))
@@ -306,12 +346,9 @@ class MlflowSink:
             from mlflow.entities import RunTag
 
             try:
-                self._call(
-                    self._store.log_batch,
-                    self.run_id,
-                    [e for k, e in chunk if k == "m"],
-                    [],
-                    [e for k, e in chunk if k == "t"] + [RunTag(_SEQ_TAG, seq_value)],
+                self._log_batch(
+                    metrics=[e for k, e in chunk if k == "m"],
+                    tags=[e for k, e in chunk if k == "t"] + [RunTag(_SEQ_TAG, seq_value)],
                 )
             except Exception:
                 self._unknown = (seq_value, len(chunk))
@@ -319,6 +356,8 @@ class MlflowSink:
                 raise
             pos += len(chunk)
         self._head_done = 0
+        for record in records:
+            self._stamps.pop(record.step, None)
         self._remember(records)
 
     def flush(self) -> None:
@@ -349,15 +388,7 @@ class MlflowSink:
             self._save_locally(alerts)
         if self._owns_run:
             try:
-                from mlflow.entities import RunStatus
-
-                self._call(
-                    self._store.update_run_info,
-                    self.run_id,
-                    RunStatus.FINISHED,
-                    int(time.time() * 1000),
-                    None,
-                )
+                self._call(self.client.set_terminated, self.run_id, "FINISHED")
             except Exception as exc:  # noqa: BLE001
                 log.warning("stabwatch: MlflowSink could not end run %s: %s", self.run_id, exc)
 
@@ -365,18 +396,22 @@ class MlflowSink:
         return f"MlflowSink(tracking_uri={self.tracking_uri!r}, run_id={self.run_id!r})"
 
     # internals -------------------------------------------------------------------------------------
-    def _call(self, fn: Any, *args: Any) -> Any:
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            out = fn(*args)
+            out = fn(*args, **kwargs)
         except Exception:
             self._healthy = False
             raise
         self._healthy = True
         return out
 
+    def _log_batch(self, *, metrics: Sequence[Any] = (), params: Sequence[Any] = (), tags: Sequence[Any] = ()) -> None:
+        """One synchronous ``MlflowClient.log_batch`` request."""
+        self._call(self.client.log_batch, self.run_id, metrics=metrics, params=params, tags=tags, **self._sync)
+
     def _send_params(self) -> None:
         try:
-            self._call(self._store.log_batch, self.run_id, [], self._params, [])
+            self._log_batch(params=self._params)
         except Exception as exc:
             if "INVALID_PARAMETER_VALUE" in str(exc) or "Changing param" in str(exc):
                 log.warning(
@@ -394,23 +429,27 @@ class MlflowSink:
         """The batch as a flat list of ("m", Metric) / ("t", RunTag), record by record.
 
         Each record's entities depend only on the record and on what earlier batches delivered, so a
-        retried batch that starts with the same records has the same prefix (what `_head_done` counts).
+        retried batch that starts with the same records has the same prefix (what `_head_done` counts),
+        and the same rows: a record keeps the timestamp of its first attempt until it is stored.
         """
         from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)
+        if len(self._stamps) > _STAMPS_CAP:  # records that were never retried (cannot happen with the dispatcher)
+            self._stamps.clear()
         out: list[tuple[str, Any]] = []
         count = self._alert_count
         for record in records:
+            stamp = self._stamps.setdefault(record.step, now)
             for key, value in self.layer_keys.select(record).items():
                 if record.step in self._skip.get(key, ()):
                     continue
-                out.append(("m", Metric(key, value, now, record.step)))
+                out.append(("m", Metric(key, value, stamp, record.step)))
             tags: dict[str, str] = {}
             for alert in record.alerts:
                 count += 1
                 text = str(alert)[:_MAX_TAG_VALUE]
-                tags[metric_key(f"stabwatch.alert.{alert.rule}")] = text
+                tags[_name(f"stabwatch.alert.{alert.rule}")] = text
                 tags["stabwatch.alert.last"] = text
                 tags["stabwatch.alerts.count"] = str(count)
             out.extend(("t", RunTag(k, v)) for k, v in tags.items())

@@ -13,11 +13,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from stabwatch.errors import StabwatchError
+from pydantic import Field, field_validator
+
+from stabwatch.errors import StabwatchError, validated
 from stabwatch.metrics import StabilityMetrics
 from stabwatch.sinks._keys import LayerKeyPolicy, resolve_policy
+from stabwatch.sinks.base import SinkOptions
 
 __all__ = ["TensorBoardSink"]
+
+
+class _Options(SinkOptions):
+    log_dir: str | os.PathLike[str]
+    flush_secs: int = Field(default=30, ge=1)
+
+    @field_validator("log_dir", mode="before")
+    @classmethod
+    def _check_log_dir(cls, value: Any) -> Any:
+        if not isinstance(value, str | os.PathLike) or not os.fspath(value):
+            raise ValueError("expected a folder path (str or os.PathLike)")
+        return value
 
 
 class TensorBoardSink:
@@ -29,6 +44,10 @@ class TensorBoardSink:
         flush_secs: how often the writer flushes on its own (``flush``/``close`` always do).
         spill_dir: where the dispatcher spills undelivered records.
         close_timeout: how long closing keeps retrying.
+
+    Raises:
+        ConfigError: a bad argument (the message names it and what is allowed).
+        StabwatchError: tensorboard is not installed, or `log_dir` cannot be written.
 
     Example:
         >>> import tempfile, stabwatch as sw
@@ -50,6 +69,15 @@ class TensorBoardSink:
         spill_dir: str | os.PathLike[str] | None = None,
         close_timeout: float = 30.0,
     ) -> None:
+        opts = validated(
+            _Options,
+            "TensorBoardSink",
+            log_dir=log_dir,
+            flush_secs=flush_secs,
+            spill_dir=spill_dir,
+            close_timeout=close_timeout,
+        )
+        self.layer_keys = resolve_policy(layer_keys)
         try:
             import tensorboard  # noqa: F401
         except ImportError as exc:
@@ -58,7 +86,7 @@ class TensorBoardSink:
             ) from exc
         from torch.utils.tensorboard import SummaryWriter
 
-        self.log_dir = Path(log_dir)
+        self.log_dir = Path(opts.log_dir)
         try:
             self.log_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -68,11 +96,10 @@ class TensorBoardSink:
             ) from exc
         if not os.access(self.log_dir, os.W_OK):
             raise StabwatchError(f"TensorBoardSink: log_dir {str(self.log_dir)!r} is not writable")
-        self.layer_keys = resolve_policy(layer_keys)
-        self.spill_dir = spill_dir
-        self.close_timeout = float(close_timeout)
+        self.spill_dir = opts.spill_dir
+        self.close_timeout = opts.close_timeout
         self.replay_uri = f"tensorboard://{self.log_dir.absolute()}"
-        self._writer: Any = SummaryWriter(log_dir=str(self.log_dir), flush_secs=flush_secs)
+        self._writer: Any = SummaryWriter(log_dir=str(self.log_dir), flush_secs=opts.flush_secs)
         self._head_done = 0  # items of the next batch's head already written
 
     def log_config(self, params: dict[str, str]) -> None:

@@ -23,17 +23,19 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
-from stabwatch.errors import StabwatchError
+from pydantic import Field
+
+from stabwatch.errors import StabwatchError, validated
 from stabwatch.metrics import Severity, StabilityMetrics
 from stabwatch.sinks._keys import LayerKeyPolicy, resolve_policy
+from stabwatch.sinks.base import SinkOptions
 
 __all__ = ["WandbSink"]
 
 log = logging.getLogger("stabwatch")
 
-_MODES = (None, "online", "offline", "disabled", "shared")
 _LEVELS = {Severity.INFO: "INFO", Severity.WARNING: "WARN", Severity.CRITICAL: "ERROR"}
 
 
@@ -43,6 +45,13 @@ def _import_wandb() -> Any:
     except ImportError as exc:
         raise StabwatchError("WandbSink needs the wandb package: pip install 'stabwatch[wandb]'") from exc
     return wandb
+
+
+class _Options(SinkOptions):
+    project: str | None = Field(default=None, min_length=1)
+    mode: Literal["online", "offline", "disabled", "shared"] | None = None
+    step_metric: str = Field(default="stabwatch/step", min_length=1)
+    alert_cooldown_s: float = Field(default=300.0, ge=0.0, allow_inf_nan=False)
 
 
 class WandbSink:
@@ -61,6 +70,10 @@ class WandbSink:
         spill_dir: where the dispatcher spills undelivered records.
         close_timeout: how long closing keeps retrying.
         **init_kwargs: passed to ``wandb.init`` (``name``, ``dir``, ``id``, ``resume``, ``settings`` ...).
+
+    Raises:
+        ConfigError: a bad argument (the message names it and what is allowed).
+        StabwatchError: wandb is not installed, ``wandb.init`` failed, or ``dir`` cannot be written.
     """
 
     def __init__(
@@ -76,9 +89,18 @@ class WandbSink:
         close_timeout: float = 30.0,
         **init_kwargs: Any,
     ) -> None:
+        opts = validated(
+            _Options,
+            "WandbSink",
+            project=project,
+            mode=mode,
+            step_metric=step_metric,
+            alert_cooldown_s=alert_cooldown_s,
+            spill_dir=spill_dir,
+            close_timeout=close_timeout,
+        )
+        self.layer_keys = resolve_policy(layer_keys)
         wandb = _import_wandb()
-        if mode not in _MODES:
-            raise StabwatchError(f"WandbSink mode: expected one of {', '.join(str(m) for m in _MODES)}; got {mode!r}")
         if "dir" in init_kwargs and init_kwargs["dir"] is not None:
             folder = str(init_kwargs["dir"])
             try:
@@ -87,11 +109,10 @@ class WandbSink:
                 raise StabwatchError(f"WandbSink dir {folder!r} cannot be created ({exc.strerror})") from exc
             if not os.access(folder, os.W_OK):
                 raise StabwatchError(f"WandbSink dir {folder!r} is not writable; pass dir=... elsewhere")
-        self.layer_keys = resolve_policy(layer_keys)
-        self.step_metric = step_metric
-        self.alert_cooldown_s = float(alert_cooldown_s)
-        self.spill_dir = spill_dir
-        self.close_timeout = float(close_timeout)
+        self.step_metric = opts.step_metric
+        self.alert_cooldown_s = opts.alert_cooldown_s
+        self.spill_dir = opts.spill_dir
+        self.close_timeout = opts.close_timeout
         self._owns_run = False
         if run is None and wandb.run is not None:
             run = wandb.run

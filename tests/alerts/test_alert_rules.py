@@ -24,11 +24,12 @@ from stabwatch.alerts import (
     ThresholdRule,
     TrendRule,
 )
-from stabwatch.alerts.base import Binding, RecordView, Rule, fmt
+from stabwatch.alerts.base import Binding, RecordView, Rule
 from stabwatch.alerts.rules.spike import MAD_TO_SIGMA
 from stabwatch.alerts.rules.trend import fit_slope
 from stabwatch.errors import StabwatchError
 from stabwatch.metrics import AlertReason, Severity, StabilityMetrics
+from stabwatch.numeric import fmt
 
 NAN = float("nan")
 
@@ -252,7 +253,7 @@ def test_trend_running_sums_equal_direct_fit():
         xs, ys = [*xs, i][-37:], [*ys, y][-37:]
         if v is not None:
             slope, t = fit_slope([float(x) for x in xs], ys)
-            assert f"t = {t:.1f}" in v.text and f"{slope:+.3g} per step" in v.text
+            assert f"t = {t:.1f}" in v.text and f"{fmt(slope, 3, signed=True)} per step" in v.text
 
 
 def test_fit_slope_against_numpy():
@@ -358,11 +359,12 @@ def test_layers_rel_binding_divides_by_the_layer_median():
 
 
 def test_flat_key_and_extra_bindings():
-    r = _rec(0, grad_norm=3.0, layers={"enc.0": {"grad_norm": 1.5}}, extra={"grad/sv_top1/enc.0": 7.0})
+    r = _rec(0, grad_norm=3.0, layers={"enc.0": {"grad_norm": 1.5}}, extra={"grad_sv/top1/enc.0": 7.0})
     assert Binding("grad/norm").values(RecordView(r)) == [(None, 3.0)]
-    assert Binding("grad/norm/enc.0").values(RecordView(r)) == [("enc.0", 1.5)]
-    assert Binding("grad/sv_top1/enc.0").values(RecordView(r)) == [(None, 7.0)]
-    assert Binding("grad/norm/missing").values(RecordView(r)) == [("missing", None)]
+    assert Binding("grad_layers/norm/enc.0").values(RecordView(r)) == [("enc.0", 1.5)]
+    assert Binding("grad_sv_layers/top1/enc.0").values(RecordView(r)) == [("enc.0", 7.0)]
+    assert Binding("grad_sv/top1/enc.0").values(RecordView(r)) == [("enc.0", 7.0)]  # the raw extra form
+    assert Binding("grad_layers/norm/missing").values(RecordView(r)) == [("missing", None)]
 
 
 @pytest.mark.parametrize(
@@ -378,14 +380,14 @@ def test_flat_key_and_extra_bindings():
         ),
         (lambda: ThresholdRule("layers:nope", above=1), "unknown field 'nope'"),
         (lambda: ThresholdRule("loss"), "above= and/or below="),
-        (lambda: ThresholdRule("loss", above=1, clear=2), "clear=2.0 must be <= above"),
+        (lambda: ThresholdRule("loss", above=1, clear=2), "clear: 2.0 must be <= above=1.0"),
         (lambda: RatioRule("loss", factor=1), "factor: expected a number > 1"),
         (lambda: RatioRule("loss", window=5, min_history=10), "min_history"),
         (lambda: RatioRule("loss", direction="sideways"), "direction"),
         (lambda: SpikeRule("loss", method="median"), "method: expected 'mad' or 'ewma'"),
         (lambda: TrendRule("loss", factor=0.5), "factor: expected a number > 1"),
         (lambda: SustainedRule("loss", above=1, patience=3, within=2), "within"),
-        (lambda: ThresholdRule("loss", above=1, severity="fatal"), "severity: expected one of info, warning"),
+        (lambda: ThresholdRule("loss", above=1, severity="fatal"), "severity: expected .info., .warning. or .critical., got .fatal."),
         (lambda: ThresholdRule("loss", above=1, patience=0), "patience: expected an int >= 1"),
         (lambda: AllOf(ThresholdRule("loss", above=1)), "two or more rules"),
     ],
@@ -477,14 +479,14 @@ def test_state_is_plain_data_and_memory_stays_bounded():
 
 
 def test_window_mad_by_bisection_matches_sorting():
-    from stabwatch.alerts.base import _Window
+    from stabwatch.alerts.base import Window
 
     rng = np.random.default_rng(0)
     for _ in range(2000):
         n = int(rng.integers(1, 40))
         pool = [float(v) for v in rng.normal(size=3)]  # ties, too
         values = [float(rng.choice(pool)) if rng.random() < 0.3 else float(rng.normal()) for _ in range(n)]
-        w = _Window(30)
+        w = Window(30)
         for step, v in enumerate(values):
             w.push(step, v)
         kept = values[-30:]

@@ -65,8 +65,8 @@ def read_jsonl(path: Path) -> Series:
 
 
 def same(a: float, b: float, *, float32: bool = False, inf_as_max: bool = False) -> bool:
-    if inf_as_max and math.isinf(a):
-        a = math.copysign(1.7976931348623157e308, a)
+    if inf_as_max and math.isinf(a) and b == math.copysign(1.7976931348623157e308, a):
+        return True  # MLflow's SQL store keeps ±inf as ±max float (its file store keeps ±inf)
     if math.isnan(a) or math.isnan(b):
         return math.isnan(a) and math.isnan(b)
     if float32:

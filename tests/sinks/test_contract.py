@@ -49,7 +49,7 @@ def make_records(n: int = N_STEPS) -> list[StabilityMetrics]:
                 nonfinite=step == 11,
                 spectral_norm=float("inf") if step == 30 else 1.0 + step / 100,
                 layers=layers,
-                extra={"grad_sv/top1": 2.0 + step},
+                extra={"grad_sv/top1/encoder.0": 2.0 + step, "analysis/spread": 0.5},
                 alerts=alerts,
             )
         )
@@ -65,24 +65,36 @@ def expected(records: list[StabilityMetrics]) -> dict[str, list[tuple[int, float
     return out
 
 
-SINKS = ["jsonl", "mlflow-server", "mlflow-sqlite", "wandb", "tensorboard"]
+SINKS = [
+    "jsonl",
+    pytest.param("mlflow-server", marks=[pytest.mark.server, pytest.mark.slow]),
+    "mlflow-sqlite",
+    "mlflow-file",
+    "wandb",
+    "tensorboard",
+]
 
 
 @pytest.mark.parametrize("kind", SINKS)
-def test_every_key_of_every_step_arrives_once(kind: str, tmp_path: Path, request: pytest.FixtureRequest):
+def test_every_key_of_every_step_arrives_once(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+):
     records = make_records()
     want = expected(records)
-    assert len(want) == 5 + 2 * len(LAYERS) + 1  # global fields, per-layer, extra
+    assert len(want) == 5 + 2 * len(LAYERS) + 2  # global fields, per-layer, extras
+    assert "grad_sv_layers/top1/encoder.0" in want and "grad_layers/norm/head" in want
     if kind == "jsonl":
         sink = JsonlSink(tmp_path / "run.jsonl")
     elif kind.startswith("mlflow"):
         from stabwatch.sinks import MlflowSink
 
-        uri = (
-            request.getfixturevalue("live_mlflow").uri
-            if kind == "mlflow-server"
-            else f"sqlite:///{tmp_path / 'mlflow.db'}"
-        )
+        if kind == "mlflow-server":
+            uri = request.getfixturevalue("live_mlflow").uri
+        elif kind == "mlflow-file":  # MLflow 3 keeps its file store behind this switch
+            monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+            uri = (tmp_path / "mlruns").as_uri()
+        else:
+            uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
         sink = MlflowSink(tracking_uri=uri, experiment="contract", log_figures=False)
     elif kind == "wandb":
         from stabwatch.sinks import WandbSink

@@ -29,23 +29,23 @@ def test_quantiles_match_numpy_and_nonfinite_layers_are_kept():
     finite = np.array([v["grad_norm"] for v in rec.layers.values() if np.isfinite(v["grad_norm"])])
     names = {0.0: "layers:min", 0.25: "layers:p25", 0.5: "layers:p50", 0.9: "layers:p90", 1.0: "layers:max"}
     for q in qs:
-        assert out[f"grad/norm/{names[q]}"] == pytest.approx(float(np.quantile(finite, q)), rel=1e-12)
-    assert np.isnan(out["grad/norm/blocks.3"])  # a non-finite layer is a finding: always sent
-    assert not any(k.startswith("grad/norm/blocks.") and k != "grad/norm/blocks.3" for k in out)
+        assert out[f"grad_layers/norm/{names[q]}"] == pytest.approx(float(np.quantile(finite, q)), rel=1e-12)
+    assert np.isnan(out["grad_layers/norm/blocks.3"])  # a non-finite layer is a finding: always sent
+    assert not any(k.startswith("grad_layers/norm/blocks.") and k != "grad_layers/norm/blocks.3" for k in out)
 
 
 def test_top_k_keeps_the_largest_layers():
     rec = _record(30, seed=1)
     out = LayerKeyPolicy("top_k", k=4).select(rec)
     ups = sorted(((v["update_ratio"], n) for n, v in rec.layers.items()), reverse=True)[:4]
-    assert {k for k in out if k.startswith("update/ratio/")} == {f"update/ratio/{n}" for _, n in ups}
+    assert {k for k in out if k.startswith("update_layers/ratio/")} == {f"update_layers/ratio/{n}" for _, n in ups}
 
 
 def test_auto_depends_on_the_layer_count_only():
     small, big = _record(10), _record(200)
     assert LayerKeyPolicy().select(small) == small.to_dict()
     out = LayerKeyPolicy(max_layers=64, k=5).select(big)
-    layer_keys = [k for k in out if k.startswith("grad/norm/")]
+    layer_keys = [k for k in out if k.startswith("grad_layers/norm/")]
     assert len(layer_keys) == 4 + 5 + 1  # quantiles + top-k + the NaN layer
     assert len(out) < 40
 

@@ -1,10 +1,13 @@
-"""MlflowSink against real MLflow stores: a server killed and restarted mid-run, lost responses,
-request limits, run ownership, replay, and errors at construction."""
+"""MlflowSink against real MLflow stores — a server (sqlite behind ``mlflow server``), the file store and
+sqlite: a full run read back key by key, a server killed and restarted mid-run, answers lost on the way
+back (MLflow's own HTTP retry and the sink's), request limits, run ownership, replay, and errors at
+construction. Fakes only inject faults; what is stored is read back with ``MlflowClient``."""
 
 from __future__ import annotations
 
 import logging
 import re
+import socket
 import sys
 import threading
 import time
@@ -43,11 +46,48 @@ def _assert_exactly_once(uri, run_id, records, policy=None):
         assert [s for s, _ in got[key]] == [s for s, _ in series], f"{key}: {[s for s, _ in got[key]]}"
         for (step, a), (_, b) in zip(series, got[key]):
             assert same(a, b, inf_as_max=True), f"{key}@{step}: {a} != {b}"
+    return want
+
+
+def _fail_fast(monkeypatch, retries=0):
+    """MLflow's documented HTTP settings: no hidden minutes of retries against a dead server."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(retries))
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0")
 
 
 @pytest.mark.slow
 @pytest.mark.server
-def test_server_killed_and_restarted_mid_run_loses_and_duplicates_nothing(live_mlflow, caplog):
+@pytest.mark.parametrize("store", ["file", "server"])
+def test_a_full_preset_run_arrives_once_per_key_and_step(store, tmp_path, request, monkeypatch):
+    """Every family, per-layer keys of a nested model: the file store needs keys that are never a path
+    prefix of one another (a key is a file there), or records are refused, retried and duplicated."""
+    from tests.test_metrics import _Nested, shadow_loss
+
+    if store == "file":
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        uri = (tmp_path / "mlruns").as_uri()
+    else:
+        uri = request.getfixturevalue("live_mlflow").uri
+    model = _Nested(spiking=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sink = MlflowSink(tracking_uri=uri, experiment="full", layer_keys="all", log_figures=False)
+    shadow = sw.Shadow(loss_fn=shadow_loss, every=2, window=2, per_layer=True)
+    with sw.Monitor(model, opt, preset="full", shadow=shadow, sinks=[sink]) as mon:
+        records = train(model, opt, 6, monitor=mon)
+    assert not list((tmp_path / "spill").glob("*.jsonl")), "nothing may be spilled"
+    want = _assert_exactly_once(uri, sink.run_id, records, LayerKeyPolicy("all"))
+    assert len(want) > 60 and any(k.startswith("grad_layers/") for k in want)
+    run = MlflowClient(uri).get_run(sink.run_id)
+    assert run.info.status == "FINISHED"
+    assert set(run.data.metrics) == set(want)  # nothing else was logged (no stray keys)
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_server_killed_and_restarted_mid_run_loses_and_duplicates_nothing(live_mlflow, caplog, monkeypatch, tmp_path):
+    _fail_fast(monkeypatch)
     server = live_mlflow
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -63,7 +103,7 @@ def test_server_killed_and_restarted_mid_run_loses_and_duplicates_nothing(live_m
         for _ in range(4):  # training goes on; the sink fails, spills and retries
             train(model, opt, 20, monitor=mon)
             time.sleep(0.3)
-        seen_spill = list(mon._dispatch.workers[0].spill_path.parent.glob("*.jsonl"))
+        seen_spill = list((tmp_path / "spill").glob("*.jsonl"))  # STABWATCH_SPILL_DIR (conftest)
         server.start()  # ...and comes back before close
         train(model, opt, 30, monitor=mon)
     records = list(mon.records)
@@ -78,9 +118,10 @@ def test_server_killed_and_restarted_mid_run_loses_and_duplicates_nothing(live_m
 
 @pytest.mark.slow
 @pytest.mark.server
-def test_down_until_close_leaves_a_spill_file_that_replay_sends_once(live_mlflow, caplog, tmp_path):
+def test_down_until_close_leaves_a_spill_file_that_replay_sends_once(live_mlflow, caplog, tmp_path, monkeypatch):
     from stabwatch.cli import main
 
+    _fail_fast(monkeypatch)
     server = live_mlflow
     records = make_records(30)
     sink = MlflowSink(tracking_uri=server.uri, experiment="replay", close_timeout=1.5, log_figures=False)
@@ -106,31 +147,119 @@ def test_down_until_close_leaves_a_spill_file_that_replay_sends_once(live_mlflow
 
 
 class _LostResponses:
-    """Wrap a store's log_batch: some calls are stored but their answer is lost, some never arrive."""
+    """Wrap the client's log_batch: some calls are stored but their answer is lost, some never arrive."""
 
-    def __init__(self, store, stored_then_lost=(2, 5), never_arrive=(4,)):
-        self.inner = store.log_batch
+    def __init__(self, client, stored_then_lost=(2, 5), never_arrive=(4,)):
+        self.inner = client.log_batch
         self.calls = 0
         self.stored_then_lost = set(stored_then_lost)
         self.never_arrive = set(never_arrive)
         self.sizes: list[int] = []
+        client.log_batch = self
 
-    def __call__(self, run_id, metrics, params, tags):
+    def __call__(self, run_id, metrics=(), params=(), tags=(), **kwargs):
         self.calls += 1
         if self.calls in self.never_arrive:
             raise ConnectionError("connection refused")
         self.sizes.append(len(metrics) + len(params) + len(tags))
-        self.inner(run_id, metrics, params, tags)
+        self.inner(run_id, metrics=metrics, params=params, tags=tags, **kwargs)
         if self.calls in self.stored_then_lost:
             raise TimeoutError("read timed out (the batch was stored)")
 
 
-def test_lost_responses_are_not_sent_twice(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+class _DroppingProxy:
+    """A TCP proxy in front of the MLflow server that forwards every request but, for the chosen
+    ``log-batch`` requests (counted from 1), closes the connection instead of relaying the answer: the
+    server stored the batch, the client never hears so. The fault is injected; the store is real."""
+
+    def __init__(self, upstream_port: int, drop: set[int]) -> None:
+        self.upstream_port = upstream_port
+        self.drop = drop
+        self.batches = 0
+        self.dropped = 0
+        self._lock = threading.Lock()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.uri = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            buf = b""
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, _, rest = buf.partition(b"\r\n\r\n")
+                match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+                length = int(match.group(1)) if match else 0
+                while len(rest) < length:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    rest += data
+                body, buf = rest[:length], rest[length:]
+                request_line, *headers = head.split(b"\r\n")
+                headers = [h for h in headers if not h.lower().startswith(b"connection:")] + [b"Connection: close"]
+                with socket.create_connection(("127.0.0.1", self.upstream_port)) as up:
+                    up.sendall(b"\r\n".join([request_line, *headers]) + b"\r\n\r\n" + body)
+                    answer = b""
+                    while data := up.recv(65536):
+                        answer += data
+                if b"log-batch" in request_line:
+                    with self._lock:
+                        self.batches += 1
+                        lose = self.batches in self.drop
+                        self.dropped += lose
+                    if lose:
+                        return  # stored upstream; the answer is lost
+                conn.sendall(answer)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("mlflow_retries", [0, 2], ids=["sink-retries", "mlflow-http-retries"])
+def test_answers_lost_on_the_way_back_store_each_row_once(live_mlflow, monkeypatch, mlflow_retries):
+    """mlflow-http-retries: MLflow's own client re-posts the identical batch (same timestamps), which the
+    server's store keeps once. sink-retries: the request fails, the sink reads its sequence tag back and
+    skips what arrived. Either way get_metric_history holds every step of every key once."""
+    _fail_fast(monkeypatch, retries=mlflow_retries)
+    proxy = _DroppingProxy(live_mlflow.port, drop={2, 4, 5})
+    try:
+        records = make_records(40)
+        sink = MlflowSink(tracking_uri=proxy.uri, experiment="lost-answers", log_figures=False)
+        d = Dispatcher([sink], batch_size=8, backoff_min=0.01, backoff_max=0.05)
+        for rec in records:
+            d.submit(rec)
+        d.close()
+    finally:
+        proxy.close()
+    assert proxy.dropped == 3
+    _assert_exactly_once(live_mlflow.uri, sink.run_id, records)
+    assert MlflowClient(live_mlflow.uri).get_run(sink.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("store", ["sqlite", "file"])
+def test_lost_responses_are_not_sent_twice(store, tmp_path, monkeypatch):
+    if store == "file":  # the file store appends rows: only the sequence tag keeps a resend out
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        uri = str(tmp_path / "mlruns")
+    else:
+        uri = f"sqlite:///{tmp_path / 'm.db'}"
     records = make_records(60)
     sink = MlflowSink(tracking_uri=uri, log_figures=False)
-    faults = _LostResponses(sink._store)
-    sink._store.log_batch = faults
+    faults = _LostResponses(sink.client)
     d = Dispatcher([sink], batch_size=8, backoff_min=0.01, backoff_max=0.05)
     for rec in records:
         d.submit(rec)
@@ -149,8 +278,7 @@ def test_retry_with_a_longer_batch_resumes_at_the_right_entity(tmp_path):
         for s in range(6)
     ]
     sink = MlflowSink(tracking_uri=uri, layer_keys="all", log_figures=False)
-    faults = _LostResponses(sink._store, stored_then_lost=(1,), never_arrive=(2,))
-    sink._store.log_batch = faults
+    _LostResponses(sink.client, stored_then_lost=(1,), never_arrive=(2,))
     with pytest.raises(TimeoutError):
         sink.write_batch(records[:3])  # request 1 stored, its answer lost
     with pytest.raises(ConnectionError):
@@ -167,14 +295,32 @@ def test_requests_stay_within_mlflow_limits(tmp_path):
     layers = {f"block.{i}": {"grad_norm": float(i), "update_ratio": i / 1e3} for i in range(1200)}
     records = [sw.StabilityMetrics(step=s, grad_norm=1.0, layers=layers) for s in range(2)]
     sink = MlflowSink(tracking_uri=uri, layer_keys="all", log_figures=False)
-    faults = _LostResponses(sink._store, stored_then_lost=(), never_arrive=())
-    sink._store.log_batch = faults
+    faults = _LostResponses(sink.client, stored_then_lost=(), never_arrive=())
     sink.write_batch(records)
     sink.close()
     assert max(faults.sizes) <= 1000 and sum(faults.sizes) >= 2 * 2401
-    got, _ = read_mlflow(uri, sink.run_id, ["grad/norm/block.1199", "update/ratio/block.0", "grad/norm"])
-    assert [s for s, _ in got["grad/norm/block.1199"]] == [0, 1]
-    assert got["update/ratio/block.0"] == [(0, 0.0), (1, 0.0)]
+    keys = ["grad_layers/norm/block.1199", "update_layers/ratio/block.0", "grad/norm"]
+    got, _ = read_mlflow(uri, sink.run_id, keys)
+    assert [s for s, _ in got["grad_layers/norm/block.1199"]] == [0, 1]
+    assert got["update_layers/ratio/block.0"] == [(0, 0.0), (1, 0.0)]
+
+
+def test_replay_into_a_partly_written_run_sends_each_key_once_layer_summaries_included(tmp_path, monkeypatch):
+    from stabwatch.replay import replay
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (tmp_path / "mlruns").as_uri()
+    layers = {f"blocks.{i}": {"grad_norm": float(i)} for i in range(70)}  # > 64: quantiles + top-k
+    records = [sw.StabilityMetrics(step=s, grad_norm=1.0 + s, layers=layers) for s in range(6)]
+    assert "grad_layers/norm/layers:p50" in LayerKeyPolicy().select(records[0])
+    sink = MlflowSink(tracking_uri=uri, log_figures=False)
+    sink.write_batch(records[:3])  # the tracker got half, then went away
+    sink.close()
+    spill = tmp_path / "spill.jsonl"
+    spill.write_text("".join(r.to_json_line() + "\n" for r in records))
+    for _ in range(2):
+        assert replay([spill], f"mlflow+{uri}?run_id={sink.run_id}", keep=True) == 6
+    _assert_exactly_once(uri, sink.run_id, records)
 
 
 def test_uses_the_active_run_and_does_not_end_it(tmp_path, monkeypatch):
@@ -206,7 +352,7 @@ def test_wrong_tracking_uri_fails_at_construction(tmp_path):
     port = free_port()
     t0 = time.monotonic()
     with pytest.raises(sw.StabwatchError, match=rf"127\.0\.0\.1:{port}.*mlflow server"):
-        MlflowSink(tracking_uri=f"http://127.0.0.1:{port}", request_timeout=2)
+        MlflowSink(tracking_uri=f"http://127.0.0.1:{port}", connect_timeout=2)
     assert time.monotonic() - t0 < 20  # no minutes of hidden retries
     (tmp_path / "a_file").write_text("")
     with pytest.raises(sw.StabwatchError, match="not a writable folder"):
@@ -245,13 +391,13 @@ def test_step_never_waits_on_the_tracker(tmp_path):
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     sink = MlflowSink(tracking_uri=uri, log_figures=False)
     release = threading.Event()
-    inner = sink._store.log_batch
+    inner = sink.client.log_batch
 
-    def hanging(*args):
+    def hanging(*args, **kwargs):
         release.wait(60)
-        return inner(*args)
+        return inner(*args, **kwargs)
 
-    sink._store.log_batch = hanging
+    sink.client.log_batch = hanging
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with sw.Monitor(model, opt, preset="cheap", sinks=[sink]) as mon:

@@ -77,7 +77,7 @@ def test_tensorboard_scalars_alerts_and_config(tmp_path):
     series, _ = read_tensorboard(tmp_path / "tb")
     assert [s for s, _ in series["grad/norm"]] == list(range(8))
     assert [v for _, v in series["grad/norm"]] == pytest.approx([r.grad_norm for r in mon.records], rel=1e-6)
-    layer_keys = [k for k in series if k.startswith("grad/norm/")]
+    layer_keys = [k for k in series if k.startswith("grad_layers/norm/")]
     assert len(layer_keys) == 3  # the MLP's three Linear layers
     assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1
 

@@ -8,7 +8,6 @@ import logging
 import numpy as np
 import pytest
 import torch
-from pydantic import ValidationError
 from torch import nn
 
 import stabwatch as sw
@@ -26,7 +25,7 @@ from tests.spiking.snn_models import (
     train_step,
 )
 
-ONLY_SPIKING = {"update": None, "grad_sv": None, "spectral": None, "activation": None, "spiking": 1}
+ONLY_SPIKING = {"update": None, "grad_sv": None, "weight": None, "activation": None, "spiking": 1}
 
 
 def _monitor(model, opt, **kw):
@@ -50,14 +49,14 @@ def test_snntorch_per_step_layers_match_recorded_spikes():
     assert set(rec.layers["lif2"]) >= {"membrane_mean", "membrane_std", "membrane_threshold_distance"}
     assert 0.0 < rec.firing_rate_mean < 1.0
     flat = rec.to_dict()
-    assert flat["spiking/dead_neuron_frac/lif1"] == rec.layers["lif1"]["dead_neuron_frac"]
+    assert flat["spiking_layers/dead_neuron_frac/lif1"] == rec.layers["lif1"]["dead_neuron_frac"]
 
 
 def test_thresholds_options_change_dead_and_saturated():
     model = TwoLayerSNN(seed=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     model.rec = Recorder()
-    with _monitor(model, opt, spiking_dead_threshold=0.2, spiking_saturated_threshold=0.5) as mon:
+    with _monitor(model, opt, collectors=[SpikingCollector(dead_threshold=0.2, saturated_threshold=0.5)]) as mon:
         rec = train_step(model, opt, seed=0, mon=mon)
     assert_matches(rec, reference(model.rec, dead=0.2, sat=0.5))
 
@@ -120,7 +119,7 @@ def test_custom_adapter_batch_major_conv_neurons_and_bool_spikes():
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x = torch.randn(4, 6, 2, 5, 5)
-    with _monitor(model, opt, spiking_adapters=[adapter]) as mon:
+    with _monitor(model, opt, collectors=[SpikingCollector(adapters=[adapter])]) as mon:
         s = model(x)
         loss = model.conv.weight.sum()
         loss.backward()
@@ -267,7 +266,7 @@ def test_a_failing_adapter_never_stops_training(caplog):
     model = nn.Sequential(nn.Linear(4, 4), Boom())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     adapter = SpikingAdapter(Boom, spikes=broken)
-    with caplog.at_level(logging.WARNING, logger="stabwatch"), _monitor(model, opt, spiking_adapters=[adapter]) as mon:
+    with caplog.at_level(logging.WARNING, logger="stabwatch"), _monitor(model, opt, collectors=[SpikingCollector(adapters=[adapter])]) as mon:
         for _ in range(3):
             opt.zero_grad()
             loss = model[0](torch.randn(2, 4)).sum()
@@ -306,11 +305,13 @@ def test_adapter_and_option_validation():
         SpikingAdapter(nn.ReLU, time_dim=2)
     model = TwoLayerSNN()
     with pytest.raises(sw.StabwatchError, match="dead_threshold < saturated_threshold"):
-        sw.Monitor(model, spiking_dead_threshold=0.5, spiking_saturated_threshold=0.4)
-    with pytest.raises(ValidationError, match="spiking_dead_threshold"):
-        sw.Monitor(model, spiking_dead_threshold=-0.1)
-    with pytest.raises(sw.StabwatchError, match=r"spiking_adapters\[0\] must be a stabwatch SpikingAdapter"):
-        sw.Monitor(model, spiking_adapters=[object()])
+        sw.Monitor(model, collectors=[SpikingCollector(dead_threshold=0.5, saturated_threshold=0.4)])
+    with pytest.raises(sw.StabwatchError, match="dead_threshold=-0.1"):
+        SpikingCollector(dead_threshold=-0.1)
+    with pytest.raises(sw.StabwatchError, match=r"adapters\[0\] must be a stabwatch SpikingAdapter"):
+        SpikingCollector(adapters=[object()])
+    with pytest.raises(sw.StabwatchError, match=r"SpikingCollector\(dead_threshold=...\)"):
+        sw.Monitor(model, spiking_dead_threshold=0.2)
     with pytest.raises(sw.StabwatchError, match="expected a SpikingAdapter"):
         register_adapter(nn.ReLU)  # type: ignore[arg-type]
 

@@ -18,7 +18,7 @@ from tests.spiking.snn_models import Recorder, assert_matches, reference
 
 _HINT = "install with: pip install --no-deps spikingjelly==2.0.0 norse==1.1.0 loguru nir nirtorch h5py"
 T, B = 6, 5
-ONLY_SPIKING = {"update": None, "grad_sv": None, "spectral": None, "activation": None, "spiking": 1}
+ONLY_SPIKING = {"update": None, "grad_sv": None, "weight": None, "activation": None, "spiking": 1}
 
 
 def _step(model: nn.Module, x: torch.Tensor):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from stabwatch.alerts.base import Binding, RecordView, Rule, Verdict
-from stabwatch.errors import StabwatchError
+from stabwatch.errors import ConfigError, StabwatchError
 from stabwatch.metrics import Alert, AlertReason
 
 __all__ = ["AllOf", "AnyOf"]
@@ -17,7 +17,7 @@ class _Combination(Rule):
 
     def __init__(self, *rules: Rule, name: str | None = None, **kwargs: Any) -> None:
         if len(rules) < 2 or not all(isinstance(r, Rule) for r in rules):
-            raise StabwatchError(f"{type(self).__name__}: expected two or more rules, got {rules!r}")
+            raise ConfigError(f"{type(self).__name__}: expected two or more rules, got {rules!r}")
         self.children = list(rules)
         label = f" {self._word} ".join(r.name for r in rules)
         super().__init__(label, name=name or f"{type(self).__name__}({label})", **kwargs)

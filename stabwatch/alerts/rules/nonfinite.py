@@ -7,6 +7,7 @@ from typing import Any
 
 from stabwatch.alerts.base import RecordView, Rule, Verdict
 from stabwatch.metrics import Alert, AlertReason, Severity
+from stabwatch.numeric import fmt
 
 __all__ = ["NonFiniteRule"]
 
@@ -47,7 +48,7 @@ class NonFiniteRule(Rule):
         if self._flag:
             return Verdict(bool(value), math.nan, "" if value else "all values finite again")
         if math.isfinite(value):
-            return Verdict(False, value, f"finite again ({value:.4g})")
+            return Verdict(False, value, f"finite again ({fmt(value)})")
         return Verdict(True, value, f"is {value}")
 
     def subject(self, layer: str | None) -> str:

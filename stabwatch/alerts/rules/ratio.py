@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from stabwatch.alerts.base import Rule, Verdict, _positive_float, _positive_int, _Window, describe_span, fmt
-from stabwatch.errors import StabwatchError
+from stabwatch.alerts.base import Rule, Verdict, Window, check_floor, describe_span
+from stabwatch.errors import ConfigError, check_choice, check_int, check_positive
 from stabwatch.metrics import AlertReason
+from stabwatch.numeric import fmt
 
 __all__ = ["RatioRule"]
 
@@ -15,7 +16,7 @@ class _RatioState:
     __slots__ = ("excluded", "window")
 
     def __init__(self, size: int) -> None:
-        self.window = _Window(size)
+        self.window = Window(size)
         self.excluded = 0
 
 
@@ -31,6 +32,10 @@ class RatioRule(Rule):
     window, after which the window adapts to the new level. Nothing is judged until the window holds
     ``min_history`` values. Windows count observations (records carrying the metric), not steps.
 
+    A ratio of two tiny numbers is not an explosion: with ``floor`` set (``direction="up"`` only), a
+    value below ``floor`` never triggers, whatever its ratio, and it joins the window as a normal value
+    (a layer whose gradient creeps from 1e-6 to 1e-3 is judged against its new level, not the old one).
+
     Args:
         metric: the bound metric.
         factor: the ratio that alerts (> 1).
@@ -39,6 +44,7 @@ class RatioRule(Rule):
         direction: ``"up"`` or ``"down"``.
         instant_factor: a ratio that alerts at once even when ``patience > 1`` (e.g. ``factor=10,
             patience=2, instant_factor=50``: 10× on two consecutive values, or 50× once).
+        floor: absolute floor (``direction="up"``): values below it never trigger. ``None``: no floor.
         **kwargs: `Rule` options.
 
     Example:
@@ -60,24 +66,24 @@ class RatioRule(Rule):
         min_history: int = 10,
         direction: Literal["up", "down"] = "up",
         instant_factor: float | None = None,
+        floor: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(metric, **kwargs)
-        self.factor = _positive_float(factor, "RatioRule.factor")
+        self.factor = check_positive(factor, "RatioRule.factor")
         if self.factor <= 1:
-            raise StabwatchError(f"RatioRule.factor: expected a number > 1, got {factor!r}")
-        self.window = _positive_int(window, "RatioRule.window", minimum=1)
-        self.min_history = _positive_int(min_history, "RatioRule.min_history", minimum=1)
+            raise ConfigError(f"RatioRule.factor: expected a number > 1, got {factor!r}")
+        self.window = check_int(window, "RatioRule.window")
+        self.min_history = check_int(min_history, "RatioRule.min_history")
         if self.min_history > self.window:
-            raise StabwatchError(f"RatioRule.min_history ({min_history}) must be <= window ({window})")
-        if direction not in ("up", "down"):
-            raise StabwatchError(f"RatioRule.direction: expected 'up' or 'down', got {direction!r}")
-        self.direction = direction
+            raise ConfigError(f"RatioRule.min_history ({min_history}) must be <= window ({window})")
+        self.direction = check_choice(direction, "RatioRule.direction", ("up", "down"))
         self.instant_factor = (
-            None if instant_factor is None else _positive_float(instant_factor, "RatioRule.instant_factor")
+            None if instant_factor is None else check_positive(instant_factor, "RatioRule.instant_factor")
         )
         if self.instant_factor is not None and self.instant_factor < self.factor:
-            raise StabwatchError(f"RatioRule.instant_factor ({instant_factor}) must be >= factor ({factor})")
+            raise ConfigError(f"RatioRule.instant_factor ({instant_factor}) must be >= factor ({factor})")
+        self.floor = check_floor(floor, "RatioRule.floor", upward=self.direction == "up")
 
     def _new_state(self) -> _RatioState:
         return _RatioState(self.window)
@@ -90,7 +96,7 @@ class RatioRule(Rule):
         med = w.median()
         span = w.span()
         if self.direction == "up":
-            triggered = med > 0 and value >= self.factor * med
+            triggered = med > 0 and value >= self.factor * med and (self.floor is None or value >= self.floor)
             magnitude = value / med if med > 0 else float("inf")
         else:
             triggered = med > 0 and value <= med / self.factor
@@ -101,9 +107,9 @@ class RatioRule(Rule):
             desc = describe_span(*span)
             if triggered:
                 below = "" if up else " below"
-                return f"{fmt(value)} is {magnitude:.3g}×{below} its {desc} median {fmt(med)}"
+                return f"{fmt(value)} is {fmt(magnitude, 3)}×{below} its {desc} median {fmt(med)}"
             if up:
-                return f"back to {fmt(value)}, {magnitude:.3g}× its {desc} median {fmt(med)}"
+                return f"back to {fmt(value)}, {fmt(magnitude, 3)}× its {desc} median {fmt(med)}"
             return f"back to {fmt(value)}, its {desc} median is {fmt(med)}"
 
         if not triggered:
@@ -121,6 +127,6 @@ class RatioRule(Rule):
 
     def _load_state(self, data: dict[str, Any]) -> _RatioState:
         st = _RatioState(self.window)
-        st.window = _Window.from_state(self.window, data["window"])
+        st.window = Window.from_state(self.window, data["window"])
         st.excluded = int(data["excluded"])
         return st

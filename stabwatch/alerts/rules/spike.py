@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from stabwatch.alerts.base import Rule, Verdict, _positive_float, _positive_int, _Window, describe_span, fmt
-from stabwatch.errors import StabwatchError
+from stabwatch.alerts.base import Rule, Verdict, Window, check_floor, describe_span, to_scale
+from stabwatch.errors import ConfigError, check_choice, check_int, check_positive
 from stabwatch.metrics import AlertReason
+from stabwatch.numeric import fmt
 
 __all__ = ["SpikeRule"]
 
@@ -19,7 +20,7 @@ class _SpikeState:
     __slots__ = ("excluded", "mean", "n", "var", "window")
 
     def __init__(self, size: int | None) -> None:
-        self.window = _Window(size) if size is not None else None
+        self.window = Window(size) if size is not None else None
         self.mean = 0.0
         self.var = 0.0
         self.n = 0
@@ -43,8 +44,10 @@ class SpikeRule(Rule):
     It alerts when :math:`z \ge` ``z`` (``direction="up"``; ``"down"``: :math:`z \le -z`; ``"both"``)
     **and**, when ``min_ratio`` is set, the value is at least ``min_ratio`` times the baseline
     (:math:`e^m` or :math:`e^\mu` on log scale) — a practical-size floor so a run whose metric became
-    almost constant does not alert on tiny wiggles. Outliers are kept out of the baseline until an
-    episode has lasted a full window. No judgement during the first ``warmup`` values.
+    almost constant does not alert on tiny wiggles. With ``floor`` set, an upward outlier below that
+    absolute level never triggers (a relative jump of a tiny value is not a spike). Outliers are kept
+    out of the baseline until an episode has lasted a full window. No judgement during the first
+    ``warmup`` values.
 
     Args:
         metric: the bound metric.
@@ -58,6 +61,7 @@ class SpikeRule(Rule):
             (down); ``None`` to rely on the z-score alone.
         min_scale: floor of the scale estimate, in the transformed units.
         instant_z: a z-score that alerts at once even when ``patience > 1``.
+        floor: absolute floor of an upward spike: a value below it never triggers as one.
         **kwargs: `Rule` options.
 
     Example:
@@ -85,29 +89,27 @@ class SpikeRule(Rule):
         min_ratio: float | None = None,
         min_scale: float = 1e-3,
         instant_z: float | None = None,
+        floor: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(metric, **kwargs)
-        self.z = _positive_float(z, "SpikeRule.z")
-        self.window = _positive_int(window, "SpikeRule.window", minimum=2)
-        self.warmup = _positive_int(warmup, "SpikeRule.warmup", minimum=2)
-        if method not in ("mad", "ewma"):
-            raise StabwatchError(f"SpikeRule.method: expected 'mad' or 'ewma', got {method!r}")
-        if direction not in ("up", "down", "both"):
-            raise StabwatchError(f"SpikeRule.direction: expected 'up', 'down' or 'both', got {direction!r}")
+        self.z = check_positive(z, "SpikeRule.z")
+        self.window = check_int(window, "SpikeRule.window", minimum=2)
+        self.warmup = check_int(warmup, "SpikeRule.warmup", minimum=2)
+        self.method = check_choice(method, "SpikeRule.method", ("mad", "ewma"))
+        self.direction = check_choice(direction, "SpikeRule.direction", ("up", "down", "both"))
         if method == "mad" and self.warmup > self.window:
-            raise StabwatchError(f"SpikeRule.warmup ({warmup}) must be <= window ({window}) with method='mad'")
-        self.method = method
+            raise ConfigError(f"SpikeRule.warmup ({warmup}) must be <= window ({window}) with method='mad'")
         self.log = bool(log)
-        self.direction = direction
-        self.min_ratio = None if min_ratio is None else _positive_float(min_ratio, "SpikeRule.min_ratio")
+        self.min_ratio = None if min_ratio is None else check_positive(min_ratio, "SpikeRule.min_ratio")
         if self.min_ratio is not None and self.min_ratio < 1:
-            raise StabwatchError(f"SpikeRule.min_ratio: expected a number >= 1, got {min_ratio!r}")
-        self.min_scale = _positive_float(min_scale, "SpikeRule.min_scale")
+            raise ConfigError(f"SpikeRule.min_ratio: expected a number >= 1, got {min_ratio!r}")
+        self.min_scale = check_positive(min_scale, "SpikeRule.min_scale")
         self.alpha = 2.0 / (self.window + 1.0)
-        self.instant_z = None if instant_z is None else _positive_float(instant_z, "SpikeRule.instant_z")
+        self.instant_z = None if instant_z is None else check_positive(instant_z, "SpikeRule.instant_z")
         if self.instant_z is not None and self.instant_z < self.z:
-            raise StabwatchError(f"SpikeRule.instant_z ({instant_z}) must be >= z ({z})")
+            raise ConfigError(f"SpikeRule.instant_z ({instant_z}) must be >= z ({z})")
+        self.floor = check_floor(floor, "SpikeRule.floor")
 
     def _new_state(self) -> _SpikeState:
         return _SpikeState(self.window if self.method == "mad" else None)
@@ -123,12 +125,9 @@ class SpikeRule(Rule):
         st.var = (1.0 - a) * (st.var + a * diff * diff)
 
     def _check(self, st: _SpikeState, step: int, value: float, active: bool) -> Verdict | None:
-        if self.log:
-            if value <= 0:
-                return None
-            y = math.log(value)
-        else:
-            y = value
+        y = to_scale(value, self.log)
+        if y is None:
+            return None
         if st.n < self.warmup:
             self._accept(st, step, y)
             return None
@@ -142,7 +141,11 @@ class SpikeRule(Rule):
         scale = max(scale, self.min_scale)
         z = (y - center) / scale
         base = math.exp(center) if self.log else center
-        up = z >= self.z and (self.min_ratio is None or value >= self.min_ratio * base)
+        up = (
+            z >= self.z
+            and (self.min_ratio is None or value >= self.min_ratio * base)
+            and (self.floor is None or value >= self.floor)
+        )
         down = z <= -self.z and (self.min_ratio is None or value * self.min_ratio <= base)
         triggered = (up and self.direction in ("up", "both")) or (down and self.direction in ("down", "both"))
         log = self.log
@@ -153,7 +156,7 @@ class SpikeRule(Rule):
             if not triggered:
                 return f"back to {fmt(value)} ({z:+.1f}σ vs its {desc} {fmt(base)})"
             scale_txt = "log scale" if log else "linear scale"
-            ratio = f", {value / base:.3g}× the baseline" if log or base > 0 else ""
+            ratio = f", {fmt(value / base, 3)}× the baseline" if log or base > 0 else ""
             return f"{fmt(value)} is a {z:+.1f}σ outlier vs its {desc} {fmt(base)} ({scale_txt}{ratio})"
 
         if not triggered:
@@ -178,7 +181,7 @@ class SpikeRule(Rule):
     def _load_state(self, data: dict[str, Any]) -> _SpikeState:
         st = _SpikeState(None)
         if data["window"] is not None:
-            st.window = _Window.from_state(self.window, data["window"])
+            st.window = Window.from_state(self.window, data["window"])
         st.mean, st.var = float(data["mean"]), float(data["var"])
         st.n, st.excluded = int(data["n"]), int(data["excluded"])
         return st

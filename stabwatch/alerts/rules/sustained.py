@@ -5,10 +5,10 @@ from __future__ import annotations
 import collections
 from typing import Any
 
-from stabwatch.alerts.base import Rule, Verdict, _positive_int, fmt
-from stabwatch.alerts.rules.threshold import _number
-from stabwatch.errors import StabwatchError
+from stabwatch.alerts.base import Rule, Verdict
+from stabwatch.errors import ConfigError, check_int, check_number
 from stabwatch.metrics import AlertReason
+from stabwatch.numeric import fmt
 
 __all__ = ["SustainedRule"]
 
@@ -68,14 +68,14 @@ class SustainedRule(Rule):
         if "clear_after" not in kwargs:
             kwargs["clear_after"] = 1
         super().__init__(metric, **kwargs)
-        self.above = _number(above, "SustainedRule.above")
-        self.below = _number(below, "SustainedRule.below")
+        self.above = check_number(above, "SustainedRule.above")
+        self.below = check_number(below, "SustainedRule.below")
         if (self.above is None) == (self.below is None):
-            raise StabwatchError(f"SustainedRule({metric!r}): give exactly one of above= / below=")
-        self.k = _positive_int(patience, "SustainedRule.patience")
-        self.n = _positive_int(within if within is not None else patience, "SustainedRule.within")
+            raise ConfigError(f"SustainedRule({metric!r}).above/below: give exactly one of above= / below=")
+        self.k = check_int(patience, "SustainedRule.patience")
+        self.n = check_int(within if within is not None else patience, "SustainedRule.within")
         if self.n < self.k:
-            raise StabwatchError(f"SustainedRule.within ({within}) must be >= patience ({patience})")
+            raise ConfigError(f"SustainedRule.within ({within}) must be >= patience ({patience})")
 
     def _new_state(self) -> _SustainedState:
         return _SustainedState(self.n)

@@ -4,20 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from stabwatch.alerts.base import Rule, Verdict, fmt
-from stabwatch.errors import StabwatchError
+from stabwatch.alerts.base import Rule, Verdict
+from stabwatch.errors import ConfigError, check_number
 from stabwatch.metrics import AlertReason
+from stabwatch.numeric import fmt
 
 __all__ = ["ThresholdRule"]
-
-
-def _number(value: Any, field: str) -> float | None:
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise StabwatchError(f"{field}: expected a number or None, got {value!r}") from None
 
 
 class ThresholdRule(Rule):
@@ -52,21 +44,21 @@ class ThresholdRule(Rule):
         **kwargs: Any,
     ) -> None:
         super().__init__(metric, **kwargs)
-        self.above = _number(above, "ThresholdRule.above")
-        self.below = _number(below, "ThresholdRule.below")
-        self.clear = _number(clear, "ThresholdRule.clear")
+        self.above = check_number(above, "ThresholdRule.above")
+        self.below = check_number(below, "ThresholdRule.below")
+        self.clear = check_number(clear, "ThresholdRule.clear")
         if self.above is None and self.below is None:
-            raise StabwatchError(f"ThresholdRule({metric!r}): give above= and/or below=")
+            raise ConfigError(f"ThresholdRule({metric!r}).above/below: give above= and/or below=")
         if self.clear is not None:
             if (self.above is None) == (self.below is None):
-                raise StabwatchError(
-                    f"ThresholdRule({metric!r}): clear= needs exactly one of above=/below= "
+                raise ConfigError(
+                    f"ThresholdRule({metric!r}).clear: needs exactly one of above=/below= "
                     f"(got above={self.above}, below={self.below})"
                 )
             if self.above is not None and self.clear > self.above:
-                raise StabwatchError(f"ThresholdRule({metric!r}): clear={self.clear} must be <= above={self.above}")
+                raise ConfigError(f"ThresholdRule({metric!r}).clear: {self.clear} must be <= above={self.above}")
             if self.below is not None and self.clear < self.below:
-                raise StabwatchError(f"ThresholdRule({metric!r}): clear={self.clear} must be >= below={self.below}")
+                raise ConfigError(f"ThresholdRule({metric!r}).clear: {self.clear} must be >= below={self.below}")
 
     def _check(self, state: Any, step: int, value: float, active: bool) -> Verdict:
         hi, lo = self.above, self.below

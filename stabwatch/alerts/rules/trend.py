@@ -6,9 +6,10 @@ import collections
 import math
 from typing import Any, Literal
 
-from stabwatch.alerts.base import Rule, Verdict, _positive_float, _positive_int, fmt
-from stabwatch.errors import StabwatchError
+from stabwatch.alerts.base import Rule, Verdict, check_floor, to_scale
+from stabwatch.errors import ConfigError, check_choice, check_int, check_positive
 from stabwatch.metrics import AlertReason
+from stabwatch.numeric import fmt
 
 __all__ = ["TrendRule", "fit_slope"]
 
@@ -105,8 +106,10 @@ class TrendRule(Rule):
     (so a constant growth *rate* is a straight line) and :math:`t` the step. It alerts when the fitted
     change over the window, :math:`b\,(t_{last} - t_{first})`, is at least :math:`\ln` ``factor``
     (``log=True``) or ``min_change`` (``log=False``) in the watched direction, **and** the slope is
-    significant, :math:`|t_b| \ge` ``min_t`` — both, so slow drift and noisy wiggles stay quiet. Only
-    full windows are judged. Cost: O(1) per value (running sums).
+    significant, :math:`|t_b| \ge` ``min_t`` — both, so slow drift and noisy wiggles stay quiet. With
+    ``floor`` set (``direction="rising"``), a rise that has not reached that absolute level yet (the
+    latest value is below it) does not alert. Only full windows are judged. Cost: O(1) per value
+    (running sums).
 
     Args:
         metric: the bound metric.
@@ -116,6 +119,7 @@ class TrendRule(Rule):
         min_change: fitted change over the window that alerts, with ``log=False``.
         min_t: slope t-statistic needed.
         log: fit ``ln(value)`` (non-positive values are skipped).
+        floor: absolute floor (``direction="rising"``): no alert while the latest value is below it.
         **kwargs: `Rule` options.
 
     Example:
@@ -138,44 +142,43 @@ class TrendRule(Rule):
         min_change: float | None = None,
         min_t: float = 5.0,
         log: bool = True,
+        floor: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(metric, **kwargs)
-        self.window = _positive_int(window, "TrendRule.window", minimum=3)
-        if direction not in ("rising", "falling"):
-            raise StabwatchError(f"TrendRule.direction: expected 'rising' or 'falling', got {direction!r}")
-        self.direction = direction
+        self.window = check_int(window, "TrendRule.window", minimum=3)
+        self.direction = check_choice(direction, "TrendRule.direction", ("rising", "falling"))
         self.log = bool(log)
         if self.log:
             if factor is None:
-                raise StabwatchError("TrendRule: factor= is required with log=True")
-            self.factor = _positive_float(factor, "TrendRule.factor")
+                raise ConfigError("TrendRule.factor: required with log=True (a number > 1)")
+            self.factor = check_positive(factor, "TrendRule.factor")
             if self.factor <= 1:
-                raise StabwatchError(f"TrendRule.factor: expected a number > 1, got {factor!r}")
+                raise ConfigError(f"TrendRule.factor: expected a number > 1, got {factor!r}")
             self.threshold = math.log(self.factor)
         else:
             if min_change is None:
-                raise StabwatchError("TrendRule: min_change= is required with log=False")
-            self.threshold = _positive_float(min_change, "TrendRule.min_change")
-        self.min_t = _positive_float(min_t, "TrendRule.min_t")
+                raise ConfigError("TrendRule.min_change: required with log=False (a number > 0)")
+            self.threshold = check_positive(min_change, "TrendRule.min_change")
+        self.min_t = check_positive(min_t, "TrendRule.min_t")
+        self.floor = check_floor(floor, "TrendRule.floor", upward=self.direction == "rising")
 
     def _new_state(self) -> _TrendState:
         return _TrendState(self.window)
 
     def _check(self, st: _TrendState, step: int, value: float, active: bool) -> Verdict | None:
-        if self.log:
-            if value <= 0:
-                return None
-            y = math.log(value)
-        else:
-            y = value
+        y = to_scale(value, self.log)
+        if y is None:
+            return None
         st.push(step, y, self.window)
         if len(st.values) < self.window:
             return None
         slope, t = st.fit()
         change = slope * (st.steps[-1] - st.steps[0])
         sign = 1.0 if self.direction == "rising" else -1.0
-        triggered = sign * change >= self.threshold and sign * t >= self.min_t
+        triggered = (
+            sign * change >= self.threshold and sign * t >= self.min_t and (self.floor is None or value >= self.floor)
+        )
         first, last, log = st.steps[0], st.steps[-1], self.log
 
         def detail() -> str:
@@ -183,10 +186,11 @@ class TrendRule(Rule):
             verb = "rose" if change >= 0 else "fell"
             if log:
                 ratio = math.exp(change)
-                amount = f"{ratio:.3g}×" if change >= 0 else f"{1 / ratio:.3g}×"
-                text = f"{verb} {amount} over {span} (fitted ×{math.exp(slope):.4g} per step, t = {t:.1f})"
+                amount = f"{fmt(ratio if change >= 0 else 1 / ratio, 3)}×"
+                text = f"{verb} {amount} over {span} (fitted ×{fmt(math.exp(slope))} per step, t = {t:.1f})"
             else:
-                text = f"{verb} by {fmt(abs(change))} over {span} (fitted {slope:+.3g} per step, t = {t:.1f})"
+                rate = fmt(slope, 3, signed=True)
+                text = f"{verb} by {fmt(abs(change))} over {span} (fitted {rate} per step, t = {t:.1f})"
             return f"{text}; now {fmt(value)}" if triggered else f"no longer trending: {text}; now {fmt(value)}"
 
         return Verdict(triggered, value, detail)

@@ -1,25 +1,28 @@
 """Gradient norms, global and per layer, in one on-device reduction pass (`functional.squared_norms`).
 
 Emits ``grad_norm`` (``grad/norm``) and per layer ``layers[<module>]["grad_norm"]``
-(``grad/norm/<module>``): the L2 norm over the parameters a module owns directly. The gradients
-measured are the ones the optimizer sees (after accumulation, AMP unscaling and any clipping done
-before ``optimizer.step()``): taken in its pre-step hook, or, for the torch optimizers that only read
-``.grad``, in its post-step hook after checking that no gradient changed (cheaper on the CPU: the step
-has just brought them into the cache); see `GradientCollector`. When no optimizer step ran since the
-last record they are read at ``Monitor.step``. The record's ``grad_source`` says which.
+(``grad_layers/norm/<module>``): the L2 norm over the parameters a module owns directly. The gradients
+measured are the ones the optimizer uses (after accumulation, AMP unscaling and any clipping done
+before ``optimizer.step()``): read when the pipeline says they are final — in the optimizer's pre-step
+hook, or after the first call of the closure of ``optimizer.step(closure)`` — or, for the torch
+optimizers that only read ``.grad``, in its post-step hook after checking that no gradient changed
+(cheaper on the CPU: the step has just brought them into the cache); see `GradCollector`. A fused or
+capturable optimizer stepped by ``GradScaler`` still sees scaled gradients; the scale is divided out.
+When no optimizer step ran since the last record they are read at ``Monitor.step``. The record's
+``grad_source`` says which.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from stabwatch.collectors.base import Collector, MonitorContext, Readout
+from stabwatch.collectors.base import Collector, CollectorOptions, MonitorContext, Readout
 from stabwatch.functional.gradients import group_norms, squared_norms
 
-__all__ = ["GradientCollector"]
+__all__ = ["GradCollector"]
 
 log = logging.getLogger("stabwatch")
 
@@ -31,7 +34,7 @@ _READ_ONLY_OPTIMIZERS = frozenset(
 )
 
 
-class GradientCollector(Collector):
+class GradCollector(Collector):
     """See the module docstring.
 
     Args:
@@ -46,11 +49,17 @@ class GradientCollector(Collector):
     """
 
     family = "grad"
+    default_every = 1
 
-    def __init__(self, every: Any = 1, per_layer: bool = True, after_step: bool | str = "auto") -> None:
-        super().__init__(every)
-        self.per_layer = per_layer
-        self.after_step = after_step
+    class Options(CollectorOptions):
+        per_layer: bool = True
+        after_step: bool | Literal["auto"] = "auto"
+
+    per_layer: bool
+    after_step: bool | str
+
+    def __init__(self, every: Any = 1, **options: Any) -> None:
+        super().__init__(every, **options)
         self._pending: tuple[torch.Tensor, torch.Tensor, list[int]] | None = None
         self._source = "monitor_step"
         self._seen: list[tuple[torch.Tensor, int]] | None = None  # (grad, version) taken before the step
@@ -84,6 +93,9 @@ class GradientCollector(Collector):
             self._pending = None
             return
         sq = squared_norms([g.detach() for g in grads])
+        scale = self.ctx.grad_scale if self.ctx is not None else None
+        if scale is not None:  # still multiplied by GradScaler's scale (fused/capturable optimizers)
+            sq = sq / scale.to(sq.device, sq.dtype).square()
         self._pending = (sq.sum().sqrt(), sq, owners)
 
     def begin_step(self, step: int) -> None:
@@ -128,7 +140,7 @@ class GradientCollector(Collector):
         total, squares, owners = self._pending
         self._pending = None
         readout.add("grad_norm", total)
-        if self.per_layer:
+        if self.per_layer and self.ctx is not None and self.ctx.per_layer:
             names, index, present = self._layer_index(owners, squares.device)
             per_layer = group_norms(squares, index, len(self.layers))
             readout.add_layers("grad_norm", names, per_layer if present is None else per_layer[present])

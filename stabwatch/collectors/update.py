@@ -1,9 +1,10 @@
 """Update-to-weight ratios and weight norms.
 
 Emits ``update_ratio`` (``update/ratio``) = ``||theta_t - theta_{t-1}|| / ||theta_{t-1}||`` over all
-parameters, ``update_norm``, ``weight_norm`` (``weight/norm``) and the same per layer. At a scheduled
-step the parameters are copied in the optimizer's pre-step hook into one persistent scratch buffer
-(allocated once, the size of the trainable weights) and the difference is reduced after the step.
+parameters, ``update_norm``, ``weight_norm`` (``update/weight_norm``) and the same per layer
+(``update_layers/<metric>/<module>``). At a scheduled step the parameters are copied in the optimizer's
+pre-step hook into one persistent scratch buffer (allocated once, the size of the trainable weights) and
+the difference is reduced after the step.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-from stabwatch.collectors.base import Collector, MonitorContext, Readout
+from stabwatch.collectors.base import Collector, CollectorOptions, MonitorContext, Readout
 from stabwatch.functional.gradients import group_norms, squared_norms
 
 __all__ = ["UpdateCollector"]
@@ -20,10 +21,12 @@ __all__ = ["UpdateCollector"]
 
 class UpdateCollector(Collector):
     family = "update"
+    default_every = 10
 
-    def __init__(self, every: Any = 1, per_layer: bool = True) -> None:
-        super().__init__(every)
-        self.per_layer = per_layer
+    class Options(CollectorOptions):
+        per_layer: bool = True
+
+    per_layer: bool
 
     def setup(self, ctx: MonitorContext) -> None:
         self._params = [p for _, p in ctx.params]
@@ -69,7 +72,7 @@ class UpdateCollector(Collector):
         readout.add("weight_norm", w_total)
         readout.add("update_norm", d_total)
         readout.add("update_ratio", d_total / w_total)
-        if self.per_layer:
+        if self.per_layer and self.ctx is not None and self.ctx.per_layer:
             if self._index is None or self._index.device != weights_sq.device:
                 self._index = torch.tensor(self._owner_idx, device=weights_sq.device)
             both = group_norms(torch.stack([weights_sq, deltas_sq]), self._index, len(self.layers))

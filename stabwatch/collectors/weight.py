@@ -11,29 +11,43 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from stabwatch.collectors.base import Collector, MonitorContext, Readout
+from stabwatch.collectors.base import Collector, CollectorOptions, MonitorContext, Readout
 from stabwatch.functional.spectral import as_matrix, spectral_norm, spectral_radius
 
-__all__ = ["WeightSpectrumCollector"]
+__all__ = ["WeightCollector"]
 
 _GATES = {nn.RNN: ("h",), nn.LSTM: ("i", "f", "g", "o"), nn.GRU: ("r", "z", "n")}
 
 
-class WeightSpectrumCollector(Collector):
-    family = "spectral"
+class WeightCollector(Collector):
+    """See the module docstring.
 
-    def __init__(self, every: Any = 100, n_iter: int = 2, init_iter: int = 30, radius: str = "recurrent") -> None:
-        super().__init__(every)
-        if radius not in ("recurrent", "square", "none"):
-            from stabwatch.errors import StabwatchError
+    Options:
+        n_iter: power iterations per record after the first; init_iter: on the first record.
+        radius: ``"recurrent"`` (RNN/LSTM/GRU hidden weights), ``"square"`` (every square weight too)
+            or ``"none"``.
+    """
 
-            raise StabwatchError(f"radius: expected 'recurrent', 'square' or 'none', got {radius!r}")
-        self.n_iter, self.init_iter, self.radius = n_iter, init_iter, radius
+    family = "weight"
+    default_every = 100
+
+    class Options(CollectorOptions):
+        n_iter: int = Field(default=2, ge=1)
+        init_iter: int = Field(default=30, ge=1)
+        radius: Literal["recurrent", "square", "none"] = "recurrent"
+
+    n_iter: int
+    init_iter: int
+    radius: str
+
+    def __init__(self, every: Any = 100, **options: Any) -> None:
+        super().__init__(every, **options)
         self._u: dict[str, torch.Tensor] = {}
 
     def setup(self, ctx: MonitorContext) -> None:

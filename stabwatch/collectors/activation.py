@@ -14,9 +14,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from stabwatch.collectors.base import Collector, MonitorContext, Readout
+from stabwatch.collectors.base import Collector, CollectorOptions, MonitorContext, Readout
 from stabwatch.collectors.nonfinite import first_tensor
 from stabwatch.functional.activations import activation_statistics
 
@@ -41,10 +42,12 @@ def _kind(module: nn.Module) -> str | None:
 
 class ActivationCollector(Collector):
     family = "activation"
+    default_every = 50
 
-    def __init__(self, every: Any = 50, saturation: float = 0.99) -> None:
-        super().__init__(every)
-        self.saturation = saturation
+    class Options(CollectorOptions):
+        saturation: float = Field(default=0.99, gt=0.0, le=1.0)
+
+    saturation: float
 
     def setup(self, ctx: MonitorContext) -> None:
         targets = [(n, m, _kind(m)) for n, m in ctx.model.named_modules() if _kind(m) is not None]
@@ -55,7 +58,7 @@ class ActivationCollector(Collector):
         self._sums: dict[int, torch.Tensor] = {}
         self._counts: dict[int, int] = {}
         for i, (_, module, kind) in enumerate(targets):
-            self.hook(module.register_forward_hook(self.guard(self._make_hook(i, kind or "linear"))))
+            self.add_hook(module.register_forward_hook, self.guard(self._make_hook(i, kind or "linear")))
 
     def _make_hook(self, index: int, kind: str) -> Any:
         def _hook(module: nn.Module, args: Any, out: Any) -> None:

@@ -11,16 +11,17 @@ reliable there. Same-shape gradients run as one batch.
 
 Emits globally ``grad_max_sv`` (max over layers), ``grad_min_sv`` (min over exact layers),
 ``grad_condition`` (max over exact layers); per layer the same plus ``grad_rank``; and
-``extra["grad/sv_top<i>/<layer>"]`` for i = 1..k.
+``extra["grad_sv/top<i>/<layer>"]`` for i = 1..k (flat key ``grad_sv_layers/top<i>/<layer>``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from pydantic import Field
 
-from stabwatch.collectors.base import Collector, MonitorContext, Readout
+from stabwatch.collectors.base import Collector, CollectorOptions, MonitorContext, Readout
 from stabwatch.functional.spectral import (
     as_matrix,
     batched_singular_values,
@@ -28,41 +29,50 @@ from stabwatch.functional.spectral import (
     condition_number,
 )
 
-__all__ = ["GradientSpectrumCollector"]
+__all__ = ["GradSVCollector"]
+
+
+class _Spectra(NamedTuple):
+    tops: list[torch.Tensor]  # [layers of a group, k] per group
+    top_layers: list[str]
+    exact: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (s_min, rank, kappa) per exact group
+    exact_layers: list[str]
 
 
 def _layer_name(param_name: str) -> str:
     return param_name[: -len(".weight")] if param_name.endswith(".weight") else param_name
 
 
-class GradientSpectrumCollector(Collector):
+class GradSVCollector(Collector):
     """See the module docstring. Gradients of the same shape are stacked and run as one batch (one
     batched SVD, or one batched block Krylov iteration), so a deep stack of equal layers costs a few
     batched kernels, not a few kernels per layer.
 
     Args:
-        top_k: how many leading singular values to emit per layer (``grad/sv_top<i>``).
+        top_k: how many leading singular values to emit per layer (``grad_sv/top<i>``).
         exact_max_dim: matrices with ``min(m, n)`` up to this get the exact full spectrum.
         n_iter: Krylov depth for the larger ones (warm-started from the previous record's basis; 4
             gives the top-1 to ~1e-3 relative or better even on flat, noise-like gradient spectra).
     """
 
     family = "grad_sv"
+    default_every = 100
 
-    def __init__(
-        self,
-        every: Any = 100,
-        top_k: int = 3,
-        exact_max_dim: int = 256,
-        n_iter: int = 4,
-        oversample: int = 8,
-    ) -> None:
-        super().__init__(every)
-        self.top_k = top_k
-        self.exact_max_dim = exact_max_dim
-        self.n_iter = n_iter
-        self.oversample = oversample
+    class Options(CollectorOptions):
+        top_k: int = Field(default=3, ge=1)
+        exact_max_dim: int = Field(default=256, ge=1)
+        n_iter: int = Field(default=4, ge=1)
+        oversample: int = Field(default=8, ge=0)
+
+    top_k: int
+    exact_max_dim: int
+    n_iter: int
+    oversample: int
+
+    def __init__(self, every: Any = 100, **options: Any) -> None:
+        super().__init__(every, **options)
         self._bases: dict[tuple[int, ...], torch.Tensor] = {}
+        self._pending: _Spectra | None = None
 
     def setup(self, ctx: MonitorContext) -> None:
         self._targets = [(name, p) for name, p in ctx.params if p.ndim >= 2 and min(as_matrix(p).shape) > 1]
@@ -81,16 +91,27 @@ class GradientSpectrumCollector(Collector):
             groups.setdefault((tuple(g.shape), g.dtype, g.device), []).append((name, g))
         return groups
 
-    def collect(self, step: int, readout: Readout, loss: torch.Tensor | None, batch: Any) -> None:
+    def begin_step(self, step: int) -> None:
+        self._pending: _Spectra | None = None
+
+    def before_optimizer_step(self) -> None:
+        # the gradients the optimizer uses in this step (an LBFGS closure or zero_grad may replace them later)
+        if self.active:
+            self._pending = self._spectra()
+
+    def _spectra(self) -> _Spectra:
         tops: list[torch.Tensor] = []  # [b, k] per group
         top_layers: list[str] = []
         exact: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (s_min, rank, kappa) per group
         exact_layers: list[str] = []
+        scale = self.ctx.grad_scale if self.ctx is not None else None
         with torch.no_grad():
             for (shape, _, _), members in self._groups().items():
                 names = [n for n, _ in members]
                 try:
                     stack = torch.stack([g for _, g in members])
+                    if scale is not None:  # GradScaler's scale, still in the gradients of a fused optimizer
+                        stack = stack / scale.to(stack.device, stack.dtype)
                     if min(shape) <= self.exact_max_dim:
                         s = batched_singular_values(stack)
                         exact.append(condition_number(s, shape))
@@ -102,6 +123,12 @@ class GradientSpectrumCollector(Collector):
                     continue
                 tops.append(s[:, : self.top_k])
                 top_layers += [_layer_name(n) for n in names]
+        return _Spectra(tops, top_layers, exact, exact_layers)
+
+    def collect(self, step: int, readout: Readout, loss: torch.Tensor | None, batch: Any) -> None:
+        spectra = self._pending if self._pending is not None else self._spectra()
+        self._pending: _Spectra | None = None
+        tops, top_layers, exact, exact_layers = spectra
         if not tops:
             return
         k = min(t.shape[1] for t in tops)
@@ -110,7 +137,7 @@ class GradientSpectrumCollector(Collector):
         readout.add("grad_max_sv", top[:, 0].max())
         for i in range(k):
             for layer, value in zip(top_layers, top[:, i].unbind(), strict=True):
-                readout.add_extra(f"grad/sv_top{i + 1}", value, layer=layer)
+                readout.add_extra(f"grad_sv/top{i + 1}", value, layer=layer)
         if exact:
             s_min = torch.cat([e[0] for e in exact]).double()
             rank = torch.cat([e[1] for e in exact]).double()

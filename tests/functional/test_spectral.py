@@ -1,4 +1,4 @@
-"""The pure math, against torch.linalg / numpy references and analytic results."""
+"""`stabwatch.functional.spectral` against ``torch.linalg`` / numpy references and analytic spectra."""
 
 from __future__ import annotations
 
@@ -9,30 +9,7 @@ import pytest
 import torch
 
 from stabwatch import functional as F
-from stabwatch.functional.spectral import as_matrix, condition_number
-
-
-def test_gradient_norm_matches_concatenated_norm():
-    g = torch.Generator().manual_seed(0)
-    ts = [torch.randn(7, 3, generator=g), torch.randn(5, generator=g), torch.randn(2, 3, 4, generator=g)]
-    total, per = F.gradient_norm(ts)
-    ref = torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in ts]))
-    assert torch.allclose(total, ref, rtol=1e-6)
-    assert torch.allclose(per, torch.stack([torch.linalg.vector_norm(t) for t in ts]), rtol=1e-6)
-
-
-def test_gradient_norm_propagates_nonfinite():
-    total, per = F.gradient_norm([torch.ones(3), torch.tensor([1.0, float("nan")])])
-    assert math.isnan(float(total)) and math.isfinite(float(per[0]))
-
-
-def test_update_ratio_matches_definition():
-    g = torch.Generator().manual_seed(1)
-    before = [torch.randn(4, 4, generator=g), torch.randn(4, generator=g)]
-    after = [b + 1e-3 * torch.randn(b.shape, generator=g) for b in before]
-    num = torch.linalg.vector_norm(torch.cat([(a - b).reshape(-1) for a, b in zip(after, before)]))
-    den = torch.linalg.vector_norm(torch.cat([b.reshape(-1) for b in before]))
-    assert torch.allclose(F.update_ratio(before, after), num / den, rtol=1e-5)
+from stabwatch.functional.spectral import as_matrix, batched_spectral_norm, condition_number
 
 
 @pytest.mark.parametrize("shape", [(40, 7), (7, 40), (30, 30), (16, 3, 3, 3), (200, 5)])
@@ -119,26 +96,6 @@ def test_spectral_radius_known_eigenvalues():
         F.spectral_radius(torch.ones(3, 4))
 
 
-def test_activation_statistics_against_numpy():
-    g = torch.Generator().manual_seed(6)
-    x = torch.relu(torch.randn(32, 10, generator=g))
-    x[:, 3] = 0.0
-    x[:, 7] = 0.0
-    mean, std, dead, sat = F.activation_statistics(x, "relu").tolist()
-    xn = x.numpy()
-    assert mean == pytest.approx(xn.mean(), rel=1e-5)
-    assert std == pytest.approx(xn.std(ddof=1), rel=1e-5)
-    assert dead == pytest.approx(np.mean((xn <= 0).all(axis=0)))
-    assert math.isnan(sat)
-    t = torch.tanh(3 * torch.randn(64, 20, generator=g))
-    _, _, dead_t, sat_t = F.activation_statistics(t, "tanh").tolist()
-    assert sat_t == pytest.approx(np.mean(np.abs(t.numpy()) > 0.99)) and math.isnan(dead_t)
-    s = torch.sigmoid(4 * torch.randn(64, 20, generator=g))
-    sat_s = F.activation_statistics(s, "sigmoid")[3].item()
-    sn = s.numpy()
-    assert sat_s == pytest.approx(np.mean((sn > 0.99) | (sn < 0.01)))
-
-
 def test_as_matrix_flattens_conv_kernels():
     assert as_matrix(torch.zeros(8, 3, 5, 5)).shape == (8, 75)
     with pytest.raises(ValueError, match="shape"):
@@ -156,20 +113,6 @@ def test_spectral_functions_return_nan_for_non_finite_input_instead_of_crashing(
     assert torch.isnan(top).all()
     good = torch.eye(3) * 2
     assert float(F.spectral_radius(good)) == 2.0 and F.singular_values(good).tolist() == [2.0, 2.0, 2.0]
-
-
-def test_squared_norms_dot_and_fallback_paths_agree_with_float64():
-    g = torch.Generator().manual_seed(1)
-    ts = [
-        torch.randn(64, 33, generator=g),  # contiguous float32: BLAS dot
-        torch.randn(33, 64, generator=g).T,  # non-contiguous: fused norm
-        torch.randn(17, generator=g).double(),
-        torch.randn(9, generator=g).half(),
-    ]
-    sq = F.squared_norms(ts)
-    ref = torch.stack([t.double().square().sum() for t in ts])
-    assert sq.dtype == torch.float64 and torch.allclose(sq, ref, rtol=1e-3)
-    assert torch.allclose(sq[:3], ref[:3], rtol=1e-6)
 
 
 def test_batched_exact_spectra_match_float64_svd_down_to_the_rank_tolerance():
@@ -211,3 +154,15 @@ def test_block_krylov_batch_equals_one_at_a_time_and_flags_nonfinite_members():
         assert torch.allclose(s[i], one, rtol=1e-5)
         assert torch.allclose(s[i, 0].double(), torch.linalg.svdvals(a[i].double())[0], rtol=1e-3)  # flat spectrum
     assert basis.shape == (3, 90, 6)
+
+
+def test_batched_spectral_norm_matches_each_matrix_2_norm():
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(3, 20, 12, generator=g)
+    sigma, u = batched_spectral_norm(w, n_iter=300, generator=g)
+    ref = torch.linalg.matrix_norm(w.double(), ord=2)
+    assert sigma.shape == (3,) and u.shape == (3, 20)
+    assert torch.allclose(sigma.double(), ref, rtol=1e-4)
+    for i in range(3):  # a batch of one gives the same as the batch member, from the same start
+        one, _ = batched_spectral_norm(w[i : i + 1], u[i : i + 1], n_iter=2)
+        assert torch.allclose(one[0], sigma[i], rtol=1e-5)
