@@ -77,11 +77,8 @@ def analyse(name: str, epochs: int, out: Path) -> AnalysisResults:
     torch.manual_seed(0)
     model = ARCHITECTURES[name]()
     sink = JsonlSink(out / name / "records.jsonl")
-    try:
-        analyzer = StabilityAnalyzer(model, n_trajectories=5, device="cpu", verbose=False, sinks=[sink])
-        results = analyzer.analyze(STEP, make_loader(), n_epochs=epochs)
-    finally:
-        sink.close()
+    with StabilityAnalyzer(model, n_trajectories=5, device="cpu", verbose=False, sinks=[sink]) as analyzer:
+        results = analyzer.analyze(STEP, make_loader(), n_epochs=epochs)  # closing the analyzer closes the sink
     results.save_report(out / name)
     return results
 

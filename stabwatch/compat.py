@@ -5,14 +5,18 @@ membrane=None, compute_sv=False)``, ``get_trends()`` and ``diagnose()``, plus mo
 ``compute_spectral_radius(W)`` and ``analyze_weight_spectrum(model)``. Code written against them runs
 with its import changed::
 
-    from stabwatch import StabilityMonitor
-    from stabwatch.compat import analyze_weight_spectrum, compute_spectral_radius
+    from stabwatch.compat import StabilityMonitor, analyze_weight_spectrum, compute_spectral_radius
 
 What is different inside:
 
+* `compute` is a thin front-end over `stabwatch.pipeline.RecordPipeline`, the record path `stabwatch.Monitor`
+  uses: its device tensors go into a `Readout`, reach the host in one copy, become a record, run
+  through the alert rules and, with ``sinks=``, are written by the pipeline's background writers
+  (a tracker that is down gets its records spilled to disk and retried);
 * one host transfer per call (the hand-written versions call ``.item()`` per parameter and copy every
   gradient to the CPU for its SVD); gradient norms are one fused reduction, singular values are
-  computed on the gradients' device;
+  computed on the gradients' device, same-shape gradients as one batch (the math is
+  `stabwatch.functional`'s, shared with the collectors);
 * `compute` returns a `stabwatch.StabilityMetrics` (same attribute names; ``to_dict()`` keys are
   stabwatch's ``family/metric`` keys, ``record.model_dump(exclude_none=True)`` gives field names);
 * the smallest singular value of a gradient is the smallest *non-zero* one (above the
@@ -28,30 +32,32 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from stabwatch.errors import StabwatchError
+from stabwatch.collectors.base import Readout
+from stabwatch.errors import ConfigError, StabwatchError
 from stabwatch.functional.gradients import gradient_norm
 from stabwatch.functional.spectral import (
-    condition_number,
+    group_matrices,
     randomized_singular_values,
-    singular_values,
     spectral_radius,
+    spectrum_summary,
 )
 from stabwatch.functional.spiking import (
     firing_rates,
     firing_statistics,
     layer_firing_statistics,
-    layer_membrane_statistics,
     membrane_moments,
     membrane_statistics,
+    pooled_membrane_statistics,
     spike_counts,
 )
 from stabwatch.metrics import Alert, AlertReason, StabilityMetrics
+from stabwatch.pipeline import RecordPipeline, sink_list
 
 __all__ = ["StabilityMonitor", "analyze_weight_spectrum", "compute_spectral_radius"]
 
@@ -60,18 +66,49 @@ NETWORK = "network"
 #: matrices with more elements than this get a randomized top-k instead of an exact SVD (the
 #: hand-written monitors switch to ``torch.svd_lowrank`` at the same size)
 _EXACT_SVD_MAX_ELEMENTS = 1_000_000
-_SPIKING_FIELDS = {"firing_rate_mean", "firing_rate_std", "dead_neuron_frac", "saturated_neuron_frac"}
+_FIRING_FIELDS = ("firing_rate_mean", "firing_rate_std", "dead_neuron_frac", "saturated_neuron_frac")
+_SPIKING_FIELDS = set(_FIRING_FIELDS)
+_SV_FIELDS = ("grad_max_sv", "grad_min_sv", "grad_condition")
+
+
+class _GradSV(NamedTuple):
+    """Singular values of one 2-D gradient, on its device."""
+
+    name: str  # the parameter's name
+    top: torch.Tensor  # [k] leading singular values
+    s_min: torch.Tensor  # 0-d smallest non-zero singular value (NaN when not exact)
+    kappa: torch.Tensor  # 0-d condition number over the non-zero ones (NaN when not exact)
+    exact: bool  # False: the top-k of a randomized SVD, no s_min / kappa
 
 
 def _to_host(values: Sequence[torch.Tensor]) -> list[float]:
-    """Move scalars / vectors to the host in one copy (per device) and return them flat."""
-    if not values:
-        return []
-    flat = [v.detach().reshape(-1).to(torch.float64) for v in values]
-    devices = {v.device for v in flat}
-    if len(devices) > 1:
-        flat = [v.cpu() for v in flat]
-    return torch.cat(flat).cpu().tolist()
+    """Scalars / vectors to the host, flat, in the pipeline's one copy per device (`Readout.sync`).
+
+    For the methods that answer with plain numbers (`StabilityMonitor.compute_firing_stats` ...);
+    `StabilityMonitor.compute` fills a `Readout` with named entries instead.
+    """
+    readout = Readout()
+    for i, v in enumerate(values):
+        readout.add_internal(str(i), v.reshape(-1))
+    return readout.sync()
+
+
+def _on(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:
+    """A scalar (or a tensor's first element) as float64 on ``device``, without a device sync.
+
+    A host number is written on the device by a fill kernel; a tensor on another accelerator stays
+    where it is (the readout copies each device once).
+    """
+    if isinstance(value, torch.Tensor):
+        t = value.detach().reshape(-1)[:1].to(torch.float64)
+        if t.device == device or t.device.type != "cpu":
+            return t
+        value = float(t.item())  # a host tensor: reading it costs no device sync
+    return torch.full((1,), float(value), dtype=torch.float64, device=device)
+
+
+def _layer_name(param_name: str) -> str:
+    return param_name[: -len(".weight")] if param_name.endswith(".weight") else param_name
 
 
 def _spike_layout(spikes: torch.Tensor) -> tuple[torch.Tensor, int | None]:
@@ -127,10 +164,11 @@ def _compat_rules() -> list[Any]:
 class StabilityMonitor:
     """Stability metrics of an SNN per training step, with the API of the common hand-written monitors.
 
-    Call `compute` after ``loss.backward()``; every call makes one `StabilityMetrics` record, feeds it
-    to stabwatch's alert rules and keeps it (the last ``history_size``). Firing statistics follow
-    `stabwatch.functional.spiking` (a neuron is dead below ``dead_threshold``, saturated above
-    ``saturated_threshold``).
+    Call `compute` after ``loss.backward()``; every call makes one `StabilityMetrics` record through a
+    `stabwatch.pipeline.RecordPipeline`: the record is fed to stabwatch's alert rules, kept (the last
+    ``history_size``) and, with ``sinks=``, written by the pipeline's background writers. Firing
+    statistics follow `stabwatch.functional.spiking` (a neuron is dead below ``dead_threshold``,
+    saturated above ``saturated_threshold``).
 
     Args:
         dead_threshold: firing rate below which a neuron is dead.
@@ -138,15 +176,21 @@ class StabilityMonitor:
         history_size: records (and history values) kept for trends.
         rules: alert rules (default: `stabwatch.alerts.default_rules` plus Lyapunov trend rules).
         log_alerts: log alerts as they fire (logger ``stabwatch.alerts``).
+        sinks: where records also go: a sink or a list of sinks (`stabwatch.sinks`, e.g.
+            ``JsonlSink("run.jsonl")`` or ``MlflowSink(...)``). Call `close` (or use ``with``) at the end.
 
     Attributes:
         lyap_history / grad_history / fr_history: the last ``history_size`` Lyapunov exponents, gradient
             norms and mean firing rates, as in the hand-written monitors.
         records: the last ``history_size`` records; alerts: every alert raised so far.
 
+    Raises:
+        StabwatchError: (a `stabwatch.errors.ConfigError`) a threshold, ``history_size`` or ``sinks``
+            that is not valid.
+
     Example:
         >>> import torch
-        >>> from stabwatch import StabilityMonitor
+        >>> from stabwatch.compat import StabilityMonitor
         >>> model = torch.nn.Linear(3, 2); model(torch.ones(4, 3)).sum().backward()
         >>> mon = StabilityMonitor()
         >>> m = mon.compute(model, spikes=torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
@@ -164,51 +208,95 @@ class StabilityMonitor:
         *,
         rules: Sequence[Any] | None = None,
         log_alerts: bool = False,
+        sinks: Any = None,
     ) -> None:
+        for name, value in (("dead_threshold", dead_threshold), ("saturated_threshold", saturated_threshold)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"StabilityMonitor: {name} must be a number (a firing rate), got {value!r}")
         if not (0.0 <= dead_threshold < saturated_threshold):
-            raise StabwatchError(
+            raise ConfigError(
                 f"StabilityMonitor: need 0 <= dead_threshold < saturated_threshold, got "
                 f"dead_threshold={dead_threshold}, saturated_threshold={saturated_threshold}"
             )
         if isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 1:
-            raise StabwatchError(f"StabilityMonitor: history_size must be a positive int, got {history_size!r}")
+            raise ConfigError(f"StabilityMonitor: history_size must be a positive int, got {history_size!r}")
         from stabwatch.alerts import AlertEngine
 
         self.dead_threshold = float(dead_threshold)
         self.saturated_threshold = float(saturated_threshold)
         self.history_size = history_size
         self.engine = AlertEngine(_compat_rules() if rules is None else list(rules), log_alerts=log_alerts)
+        self.sinks = sink_list(sinks, "StabilityMonitor")
         self.lyap_history: list[float] = []
         self.grad_history: list[float] = []
         self.fr_history: list[float] = []
-        self.records: collections.deque[StabilityMetrics] = collections.deque(maxlen=history_size)
         self.alerts: list[Alert] = []
-        self._step = 0
         self._generator = torch.Generator().manual_seed(0)
+        self._pipeline = RecordPipeline(sinks=self.sinks, engine=self.engine, max_records=history_size)
+        self._pipeline.open(self._describe())
+
+    @property
+    def records(self) -> collections.deque[StabilityMetrics]:
+        """The last ``history_size`` records `compute` made."""
+        return self._pipeline.records
+
+    def _describe(self) -> dict[str, str]:
+        """The configuration tracker sinks log as parameters."""
+        from stabwatch import __version__
+
+        return {
+            "version": __version__,
+            "frontend": "stabwatch.compat.StabilityMonitor",
+            "dead_threshold": str(self.dead_threshold),
+            "saturated_threshold": str(self.saturated_threshold),
+            "history_size": str(self.history_size),
+            "rules": ",".join(rule.name for rule in self.engine),
+        }
 
     # device-side pieces ---------------------------------------------------------------------------
     @staticmethod
     def _grad_norm(model: nn.Module) -> torch.Tensor:
         grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
-        return gradient_norm(grads)[0] if grads else torch.zeros((), dtype=torch.float64)
+        if grads:
+            return gradient_norm(grads)[0]
+        first = next(model.parameters(), None)
+        return torch.zeros((), dtype=torch.float64, device=first.device if first is not None else "cpu")
 
-    def _sv(self, model: nn.Module, top_k: int) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """``[(name, top-k values, s_min, condition)]`` for every 2-D gradient, on its device."""
-        out = []
+    def _sv(self, model: nn.Module, top_k: int) -> list[_GradSV]:
+        """Singular values of every 2-D gradient, in parameter order; same-shape gradients as one batch.
+
+        Exact (`stabwatch.functional.spectrum_summary`) up to ``_EXACT_SVD_MAX_ELEMENTS`` elements, a
+        randomized top-k above (`stabwatch.functional.randomized_singular_values`).
+        """
+        named = [
+            (name, p.grad.detach())
+            for name, p in model.named_parameters()
+            if p.grad is not None and p.ndim == 2 and min(p.shape) > 0
+        ]
+        rows: dict[int, _GradSV] = {}
+        small = [i for i, (_, g) in enumerate(named) if g.numel() <= _EXACT_SVD_MAX_ELEMENTS]
         with torch.no_grad():
-            for name, p in model.named_parameters():
-                if p.grad is None or p.ndim != 2 or min(p.shape) == 0:
-                    continue
-                g = p.grad.detach()
-                if g.numel() > _EXACT_SVD_MAX_ELEMENTS:
+            for idx, stack in group_matrices([named[i][1] for i in small]):
+                top, s_min, _, kappa = spectrum_summary(stack, top_k)
+                for j, i in enumerate(small[k] for k in idx):
+                    rows[i] = _GradSV(named[i][0], top[j], s_min[j], kappa[j], True)
+            for i, (name, g) in enumerate(named):
+                if i not in rows:
                     top, _ = randomized_singular_values(g, top_k, generator=self._generator)
                     nan = torch.full((), float("nan"), dtype=top.dtype, device=top.device)
-                    out.append((name, top, nan, nan))
-                    continue
-                s = singular_values(g)
-                s_min, _, kappa = condition_number(s, (g.shape[0], g.shape[1]))
-                out.append((name, s[:top_k], s_min, kappa))
-        return out
+                    rows[i] = _GradSV(name, top, nan, nan, False)
+        return [rows[i] for i in range(len(named))]
+
+    @staticmethod
+    def _aggregate_sv(rows: list[_GradSV]) -> torch.Tensor | None:
+        """``[max sigma_1, min non-zero sigma, mean condition number]`` over layers (``None``: no layer)."""
+        if not rows:
+            return None
+        dev = rows[0].top.device
+        tops = torch.stack([r.top[0].to(dev, torch.float64) for r in rows])
+        mins = torch.stack([r.s_min.to(dev, torch.float64) for r in rows])
+        conds = torch.stack([r.kappa.to(dev, torch.float64) for r in rows])
+        return torch.stack([tops.max(), mins.nan_to_num(nan=float("inf")).min(), conds.nanmean()])
 
     def _firing(self, spikes: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         counts, samples = [], []
@@ -220,18 +308,15 @@ class StabilityMonitor:
 
     @staticmethod
     def _membrane(membrane: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-tensor ``[L, 3]`` and pooled ``[3]`` membrane statistics (`layer_membrane_statistics`)."""
-        rows, counts = [], []
+        """Per-tensor ``[L, 3]`` and pooled ``[3]`` membrane statistics (`pooled_membrane_statistics`)."""
         device = next(iter(membrane.values())).device
+        no_threshold = torch.full((1,), float("nan"), dtype=torch.float64, device=device)
+        rows, counts = [], []
         for v in membrane.values():
             moments, _, n = membrane_moments(v)
-            rows.append(
-                torch.cat([moments.to(device, torch.float64), torch.zeros(1, dtype=torch.float64, device=device)])
-            )
+            rows.append(torch.cat([moments.to(device, torch.float64), no_threshold]))
             counts.append(float(n))
-        table = torch.stack(rows)
-        n_t = torch.tensor(counts, dtype=torch.float64, device=device)
-        return layer_membrane_statistics(table, n_t), layer_membrane_statistics(table.sum(0), n_t.sum())
+        return pooled_membrane_statistics(torch.stack(rows), torch.tensor(counts, dtype=torch.float64, device=device))
 
     # the hand-written monitors' methods -----------------------------------------------------------
     def compute_gradient_norm(self, model: nn.Module) -> float:
@@ -247,12 +332,12 @@ class StabilityMonitor:
             elements, whose top-k come from a randomized SVD).
         """
         rows = self._sv(model, top_k)
-        host = _to_host([torch.cat([top.reshape(-1), kappa.reshape(1).to(top.dtype)]) for _, top, _, kappa in rows])
+        host = _to_host([torch.cat([r.top.reshape(-1), r.kappa.reshape(1).to(r.top.dtype)]) for r in rows])
         out: dict[str, tuple[np.ndarray, float]] = {}
         i = 0
-        for name, top, _, _ in rows:
-            k = top.numel()
-            out[name] = (np.asarray(host[i : i + k]), host[i + k])
+        for r in rows:
+            k = r.top.numel()
+            out[r.name] = (np.asarray(host[i : i + k]), host[i + k])
             i += k + 1
         return out
 
@@ -266,16 +351,6 @@ class StabilityMonitor:
             return 0.0, 0.0, 1.0
         a, b, c = _to_host([stats])
         return a, b, c
-
-    @staticmethod
-    def _aggregate_sv(rows: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
-        if not rows:
-            return None
-        dev = rows[0][1].device
-        tops = torch.stack([r[1][0].to(dev, torch.float64) for r in rows])
-        mins = torch.stack([r[2].to(dev, torch.float64) for r in rows])
-        conds = torch.stack([r[3].to(dev, torch.float64) for r in rows])
-        return torch.stack([tops.max(), mins.nan_to_num(nan=float("inf")).min(), conds.nanmean()])
 
     def compute_firing_stats(self, spikes: torch.Tensor) -> tuple[float, float, float, float]:
         """``(mean rate, std over neurons, dead fraction, saturated fraction)`` of one spike tensor.
@@ -311,55 +386,32 @@ class StabilityMonitor:
             compute_sv: also compute gradient singular values (the expensive part).
 
         Returns:
-            The `StabilityMetrics` record of this call (alerts it raised in ``record.alerts``).
+            The `StabilityMetrics` record of this call (alerts it raised in ``record.alerts``); it is
+            also queued to the ``sinks``.
         """
-        pieces: list[torch.Tensor] = []
-        if lyapunov is not None:
-            pieces.append(torch.as_tensor(lyapunov, dtype=torch.float64).reshape(-1)[:1])
-        pieces.append(self._grad_norm(model).reshape(1))
-        sv_rows = self._sv(model, 5) if compute_sv else []
-        sv_agg = self._aggregate_sv(sv_rows)
-        if sv_agg is not None:
-            pieces.append(sv_agg)
-            for _, top, s_min, kappa in sv_rows:
-                pieces.append(torch.stack([top[0].double(), s_min.double(), kappa.double()]))
         spike_map = _named(spikes, "spikes") if spikes is not None else {}
+        mem_map = _named(membrane, "membrane") if membrane is not None else {}
+        readout = Readout()
+        grad_norm = self._grad_norm(model)
+        if lyapunov is not None:
+            readout.add("lyapunov", _on(lyapunov, grad_norm.device))
+        readout.add("grad_norm", grad_norm)
+        if compute_sv:
+            self._read_sv(readout, self._sv(model, 5))
         if spike_map:
             per, pooled = self._firing(spike_map)
-            pieces += [pooled, per.reshape(-1)]
-        mem_map = _named(membrane, "membrane") if membrane is not None else {}
+            for j, field in enumerate(_FIRING_FIELDS):
+                readout.add(field, pooled[j])
+                readout.add_layers(field, list(spike_map), per[:, j])
         if mem_map:
-            mem_stats, mem_pooled = self._membrane(mem_map)
-            pieces += [mem_pooled[:2], mem_stats[:, :2].reshape(-1)]
-        values = iter(_to_host(pieces))
-
-        fields: dict[str, Any] = {}
-        layers: dict[str, dict[str, float]] = {}
-        if lyapunov is not None:
-            fields["lyapunov"] = next(values)
-        fields["grad_norm"] = next(values)
-        if sv_agg is not None:
-            fields["grad_max_sv"], fields["grad_min_sv"], fields["grad_condition"] = (next(values) for _ in range(3))
-            for name, *_ in sv_rows:
-                layer = name[: -len(".weight")] if name.endswith(".weight") else name
-                vals = dict(zip(("grad_max_sv", "grad_min_sv", "grad_condition"), (next(values) for _ in range(3))))
-                layers.setdefault(layer, {}).update({k: v for k, v in vals.items() if v == v})  # drop NaN
-        firing = ("firing_rate_mean", "firing_rate_std", "dead_neuron_frac", "saturated_neuron_frac")
-        if spike_map:
-            fields.update(zip(firing, (next(values) for _ in range(4))))
-            for name in spike_map:
-                layers.setdefault(name, {}).update(zip(firing, (next(values) for _ in range(4))))
-        if mem_map:
-            fields["membrane_mean"], fields["membrane_std"] = next(values), next(values)
-            for name in mem_map:
-                layers.setdefault(name, {}).update(membrane_mean=next(values), membrane_std=next(values))
-        record = StabilityMetrics(step=self._step, layers=layers, **fields)
-        self._step += 1
-
-        fired = self.engine.evaluate(record)
-        record.alerts.extend(fired)
-        self.alerts.extend(fired)
-        self.records.append(record)
+            per, pooled = self._membrane(mem_map)
+            for j, field in enumerate(("membrane_mean", "membrane_std")):
+                readout.add(field, pooled[j])
+                readout.add_layers(field, list(mem_map), per[:, j])
+        pipe = self._pipeline
+        record = pipe.publish(pipe.build(pipe.step, readout))
+        pipe.step += 1
+        self.alerts.extend(record.alerts)
         for history, value in (
             (self.lyap_history, record.lyapunov),
             (self.grad_history, record.grad_norm),
@@ -369,6 +421,40 @@ class StabilityMonitor:
                 history.append(value)
                 del history[: -self.history_size]
         return record
+
+    def _read_sv(self, readout: Readout, rows: list[_GradSV]) -> None:
+        """The aggregate into the record's fields (the mean condition number, as the hand-written monitors
+        report it) and, per layer, sigma_1 and, for exact spectra, the smallest non-zero value and the
+        condition number."""
+        stats = self._aggregate_sv(rows)
+        if stats is None:
+            return
+        for j, field in enumerate(_SV_FIELDS):
+            readout.add(field, stats[j])
+        dev = stats.device
+        readout.add_layers(
+            "grad_max_sv", [_layer_name(r.name) for r in rows], torch.stack([r.top[0].to(dev) for r in rows])
+        )
+        exact = [r for r in rows if r.exact]
+        if exact:
+            layers = [_layer_name(r.name) for r in exact]
+            readout.add_layers("grad_min_sv", layers, torch.stack([r.s_min.to(dev) for r in exact]))
+            readout.add_layers("grad_condition", layers, torch.stack([r.kappa.to(dev) for r in exact]))
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every record reached the sinks; ``False`` if one is still failing (its records are
+        spilled to disk and retried)."""
+        return self._pipeline.flush(timeout)
+
+    def close(self) -> None:
+        """Drain and close the sinks (what a failing one could not take stays in a spill file). Idempotent."""
+        self._pipeline.close()
+
+    def __enter__(self) -> StabilityMonitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # answers from the rule engine -----------------------------------------------------------------
     def _active(self) -> list[tuple[str | None, AlertReason, str]]:

@@ -221,9 +221,10 @@ class StabilityMetrics(BaseModel):
     scheduled) or when computing it failed (the failure is logged once). Per-layer values live in
     `layers` as ``{module_path: {field_name: value}}`` using the same field names as the globals.
 
-    Which gradient is measured: the gradients as the optimizer sees them, read in an optimizer
-    *pre-step* hook — after gradient accumulation, after AMP unscaling (``GradScaler.step`` unscales
-    before it calls ``optimizer.step``) and after any clipping the user applied before ``step()``.
+    Which gradient is measured: the gradients the optimizer uses in the step — after gradient
+    accumulation, after AMP unscaling (a fused optimizer that ``GradScaler`` hands scaled gradients has
+    the scale divided out) and after any clipping applied before ``step()``; for
+    ``optimizer.step(closure)`` (LBFGS, Lightning) those of the closure's first call in that step.
     `grad_source` says so per record: ``"optimizer_pre_step"``, or ``"monitor_step"`` when no optimizer
     step ran since the last record (then ``.grad`` is read when `Monitor.step` is called).
 

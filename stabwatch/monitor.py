@@ -18,7 +18,7 @@ from torch import nn
 from stabwatch.collectors import FAMILIES, PRESETS, Collector, MonitorContext
 from stabwatch.errors import ConfigError, StabwatchError, validated
 from stabwatch.metrics import Alert, StabilityMetrics
-from stabwatch.pipeline import RecordPipeline
+from stabwatch.pipeline import RecordPipeline, sink_list
 
 __all__ = ["Monitor", "MonitorConfig"]
 
@@ -181,7 +181,7 @@ class Monitor:
                 )
         self.model = model
         self.optimizer = optimizer
-        self.sinks = _sink_list(sinks)
+        self.sinks = sink_list(sinks, "Monitor")
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(self.config.seed)
         built = self._build_collectors(collectors)
@@ -276,18 +276,6 @@ class Monitor:
         """The metric families this monitor runs (the shadow included)."""
         return list(self._pipeline.collectors)
 
-    @property
-    def _collectors(self) -> list[Collector]:
-        return self._pipeline.collectors
-
-    @property
-    def _engine(self) -> Any:
-        return self._pipeline.engine
-
-    @property
-    def _guard(self) -> Any:
-        return self._pipeline.guard
-
     # lifecycle -------------------------------------------------------------------------------------
     def __enter__(self) -> Monitor:
         self.start()
@@ -311,8 +299,8 @@ class Monitor:
             if self.optimizer is not None:
                 self._handles.append(self.optimizer.register_step_pre_hook(self._pre_step))
                 self._handles.append(self.optimizer.register_step_post_hook(self._post_step))
-                if self._guard is not None:
-                    self._guard.attach(self.optimizer)
+                if self._pipeline.guard is not None:
+                    self._pipeline.guard.attach(self.optimizer)
         except BaseException:
             self._detach()
             raise
@@ -334,8 +322,8 @@ class Monitor:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        if self._guard is not None:
-            self._guard.detach()
+        if self._pipeline.guard is not None:
+            self._pipeline.guard.detach()
         for c in self._pipeline.collectors:
             try:
                 c.detach()
@@ -446,25 +434,3 @@ class Monitor:
     def __repr__(self) -> str:
         fams = ", ".join(c.family for c in self._pipeline.collectors)
         return f"Monitor(step={self._pipeline.step}, preset={self.config.preset!r}, families=[{fams}])"
-
-
-def _sink_list(sinks: Any) -> list[Any]:
-    """``sinks=`` as a list: one sink or a sequence of them, each with ``write``, ``flush`` and ``close``."""
-    if sinks is None:
-        return []
-    if any(callable(getattr(sinks, m, None)) for m in ("write", "flush", "close")):
-        sinks = [sinks]  # a single sink
-    elif isinstance(sinks, (str, bytes)) or not isinstance(sinks, Iterable):
-        raise ConfigError(
-            f"Monitor: sinks= takes a sink or a list of sinks (e.g. [sw.sinks.JsonlSink('run.jsonl')]), "
-            f"got {type(sinks).__name__}"
-        )
-    out = list(sinks)
-    for i, sink in enumerate(out):
-        missing = [m for m in ("write", "flush", "close") if not callable(getattr(sink, m, None))]
-        if missing:
-            raise ConfigError(
-                f"Monitor: sinks[{i}] ({type(sink).__name__}) lacks {', '.join(missing)}; a sink "
-                "needs write(record), flush() and close()"
-            )
-    return out

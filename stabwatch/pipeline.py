@@ -23,17 +23,17 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
 from stabwatch.alerts.actions import instability_error
 from stabwatch.collectors.base import Collector, MonitorContext, Readout
-from stabwatch.errors import InstabilityError
+from stabwatch.errors import ConfigError, InstabilityError
 from stabwatch.metrics import Alert, StabilityMetrics
 
-__all__ = ["RecordPipeline"]
+__all__ = ["RecordPipeline", "sink_list"]
 
 log = logging.getLogger("stabwatch")
 
@@ -107,6 +107,10 @@ class RecordPipeline:
     def close(self) -> None:
         """Drain and close the sinks (what cannot be sent stays in a spill file). Idempotent."""
         self._dispatch.close()
+
+    def sink_problems(self) -> list[str]:
+        """One line per sink failing now (the error, how many records wait and where): what to report."""
+        return self._dispatch.problems()
 
     # the optimizer step ----------------------------------------------------------------------------
     def _each(self, what: str, method: str) -> None:
@@ -281,3 +285,30 @@ class RecordPipeline:
             self.guard.load_state_dict(state["guard"])
         if self._open:
             self.begin(self.step)
+
+
+def sink_list(sinks: Any, owner: str = "Monitor") -> list[Any]:
+    """A front-end's ``sinks=`` as a list: ``None``, one sink or a sequence of sinks, each with ``write``,
+    ``flush`` and ``close``.
+
+    Raises:
+        ConfigError: ``sinks`` is neither (the message starts with ``owner``).
+    """
+    if sinks is None:
+        return []
+    if any(callable(getattr(sinks, m, None)) for m in ("write", "flush", "close")):
+        sinks = [sinks]  # a single sink
+    elif isinstance(sinks, (str, bytes)) or not isinstance(sinks, Iterable):
+        raise ConfigError(
+            f"{owner}: sinks= takes a sink or a list of sinks (e.g. [sw.sinks.JsonlSink('run.jsonl')]), "
+            f"got {type(sinks).__name__}"
+        )
+    out = list(sinks)
+    for i, sink in enumerate(out):
+        missing = [m for m in ("write", "flush", "close") if not callable(getattr(sink, m, None))]
+        if missing:
+            raise ConfigError(
+                f"{owner}: sinks[{i}] ({type(sink).__name__}) lacks {', '.join(missing)}; a sink "
+                "needs write(record), flush() and close()"
+            )
+    return out

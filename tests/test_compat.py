@@ -1,4 +1,4 @@
-"""`stabwatch.StabilityMonitor` and the module functions of stabwatch.compat, against the formulas of
+"""`stabwatch.compat.StabilityMonitor` and the module functions of stabwatch.compat, against the formulas of
 the hand-written SNN monitors (re-implemented here in numpy) and scripted runs for the rule answers."""
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 import stabwatch as sw
-from stabwatch import StabilityMonitor
-from stabwatch.compat import analyze_weight_spectrum, compute_spectral_radius
-from stabwatch.metrics import AlertReason
+from stabwatch.compat import StabilityMonitor, analyze_weight_spectrum, compute_spectral_radius
+from stabwatch.errors import ConfigError
+from stabwatch.metrics import AlertReason, StabilityMetrics
+from stabwatch.sinks import JsonlSink, read_jsonl
 
 
 def _spikes(shape, p, seed=0):
@@ -200,3 +201,65 @@ def test_spectral_radius_functions_against_numpy():
     for name, rho in got.items():
         ref = np.max(np.abs(np.linalg.eigvals(dict(model.named_parameters())[name].double().detach().numpy())))
         assert rho == pytest.approx(ref, rel=1e-10)
+
+
+def test_options_of_the_wrong_type_are_config_errors_naming_the_field():
+    with pytest.raises(ConfigError, match=r"dead_threshold must be a number.*'x'"):
+        StabilityMonitor(dead_threshold="x")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"StabilityMonitor: sinks= takes a sink or a list of sinks"):
+        StabilityMonitor(sinks="run.jsonl")
+    with pytest.raises(ConfigError, match=r"sinks\[0\] \(object\) lacks write, flush, close"):
+        StabilityMonitor(sinks=[object()])
+
+
+def test_jsonl_sink_gets_one_line_per_compute_with_the_returned_numbers(tmp_path):
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(6, 10), nn.Linear(10, 4))
+    path = tmp_path / "compat.jsonl"
+    returned = []
+    with StabilityMonitor(sinks=JsonlSink(path)) as mon:
+        for i in range(4):
+            model.zero_grad()
+            model(torch.randn(5, 6)).pow(2).sum().backward()
+            kwargs = {"spikes": _spikes((5, 8, 10), 0.2, seed=i)} if i % 2 else {"membrane": torch.randn(3, 7)}
+            returned.append(mon.compute(model, lyapunov=0.1 * i, compute_sv=i > 1, **kwargs))
+            if i == 0:
+                assert mon.flush() and len(path.read_text().splitlines()) == 1  # delivered, not just queued
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 4
+    written = [StabilityMetrics.from_json_line(line) for line in lines]
+    for got, want in zip(written, returned, strict=True):
+        assert got.step == want.step and got.to_dict() == want.to_dict()  # every number, bit for bit
+        assert got.layers == want.layers
+    assert [r.step for r in written] == [0, 1, 2, 3] and written[3].grad_condition is not None
+
+
+class _DownSink:
+    """A tracker that is down: every write raises (fault injection)."""
+
+    close_timeout = 0.2
+
+    def __init__(self, spill_dir) -> None:
+        self.spill_dir = spill_dir
+
+    def write(self, record) -> None:
+        raise ConnectionError("tracker unreachable")
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_failing_sink_never_stops_compute_and_its_records_are_spilled(tmp_path):
+    good = JsonlSink(tmp_path / "good.jsonl")
+    mon = StabilityMonitor(sinks=[good, _DownSink(tmp_path / "spill")])
+    model = nn.Linear(3, 2)
+    model(torch.ones(2, 3)).sum().backward()
+    records = [mon.compute(model, lyapunov=float(i)) for i in range(3)]
+    assert not mon.flush(timeout=1.0)  # the down sink does not confirm
+    mon.close()
+    assert [r.step for r in read_jsonl(tmp_path / "good.jsonl")] == [0, 1, 2]
+    (spill,) = (tmp_path / "spill").glob("_DownSink-*.jsonl")  # kept for `stabwatch replay`
+    assert [r.lyapunov for r in read_jsonl(spill)] == [r.lyapunov for r in records]

@@ -29,6 +29,7 @@ from stabwatch.alerts import (
 )
 from stabwatch.analysis import AnalyzerConfig, StabilityAnalyzer
 from stabwatch.cli import main
+from stabwatch.compat import StabilityMonitor
 from stabwatch.diagnosis import analyse, diagnose
 from stabwatch.errors import ConfigError, StabwatchError
 from stabwatch.metrics import StabilityMetrics
@@ -121,6 +122,8 @@ CASES: list[tuple[str, Callable[[], Any], str, bool]] = [
     ("render_report empty", lambda: render_report([]), "at least one run", False),
     ("render_report type", lambda: render_report(["run.jsonl"]), "runs[0]", False),
     ("write_report empty", lambda: write_report([]), "RUN.jsonl", False),
+    # the SNN-monitor drop-in
+    ("StabilityMonitor threshold", lambda: StabilityMonitor(dead_threshold="x"), "dead_threshold", True),
 ]
 
 
@@ -176,9 +179,6 @@ ESCAPES = [
     ),
     pytest.param(
         lambda: StabilityAnalyzer(_model(), bogus=1), "bogus", marks=_escape("analysis/trajectory.py: TypeError")
-    ),
-    pytest.param(
-        lambda: sw.StabilityMonitor(dead_threshold="x"), "dead_threshold", marks=_escape("compat.py: TypeError")
     ),
     pytest.param(
         lambda: list(sw.sinks.read_jsonl(Path("/nonexistent/run.jsonl"))),

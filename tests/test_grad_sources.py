@@ -226,4 +226,32 @@ def test_the_guard_decides_on_the_closures_gradients() -> None:
             after = list(model.parameters())
             unchanged = all(torch.equal(b, a) for b, a in zip(before, after, strict=True))
             assert unchanged == (i == 3), i
-    assert mon._guard.skipped == [3]
+    assert mon._pipeline.guard.skipped == [3]
+
+
+@pytest.mark.parametrize("preset", ["default", "full"])
+def test_closure_steps_train_bit_identically_with_the_monitor(preset: str) -> None:
+    def run(monitored: bool) -> list[torch.Tensor]:
+        model = _model(seed=3)
+        opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4, history_size=3)
+        mon = sw.Monitor(model, opt, preset=preset, alerts=False) if monitored else None
+        if mon is not None:
+            mon.start()
+        for batch in _batches(5, seed=7):
+
+            def closure(batch: tuple[torch.Tensor, torch.Tensor] = batch) -> torch.Tensor:
+                opt.zero_grad()
+                loss = _loss(model, batch)
+                loss.backward()
+                return loss
+
+            loss = opt.step(closure)
+            if mon is not None:
+                mon.step(loss=loss)
+        if mon is not None:
+            mon.close()
+        return [p.detach().clone() for p in model.parameters()]
+
+    bare, watched = run(False), run(True)
+    assert len(bare) == 4
+    assert all(torch.equal(a, b) for a, b in zip(bare, watched, strict=True))

@@ -521,7 +521,7 @@ def test_gradients_read_after_the_step_equal_what_the_optimizer_saw():
         opt = make_opt(model.parameters())
         x, y = data()
         with sw.Monitor(model, opt, preset="cheap") as mon:
-            assert mon._collectors[0]._post  # a read-only torch optimizer: read after the step
+            assert mon.collectors[0]._post  # a read-only torch optimizer: read after the step
             for _ in range(3):
                 opt.zero_grad()
                 nn.functional.cross_entropy(model(x), y).backward()
@@ -547,7 +547,7 @@ def test_gradients_changed_inside_the_step_are_detected(caplog):
             recs.append(mon.step())
     assert recs[0].grad_norm is None and "changed the gradients" in caplog.text
     assert recs[1].grad_norm is not None and recs[2].grad_norm is not None  # read before the step from then on
-    assert not mon._collectors[0]._post
+    assert not mon.collectors[0]._post
 
 
 def test_gradient_spectrum_stays_within_1e3_when_the_gradient_changes_between_records():

@@ -59,6 +59,8 @@ from stabwatch.analysis._training import (
 )
 from stabwatch.analysis._views import ModelsView
 from stabwatch.errors import StabwatchError
+from stabwatch.metrics import StabilityMetrics
+from stabwatch.pipeline import RecordPipeline, sink_list
 
 __all__ = ["StabilityAnalyzer"]
 
@@ -112,8 +114,10 @@ class StabilityAnalyzer:
         same_data_order: same batches and noise for every replica (default True).
         projection_dim: ``k`` of the random projection used past `max_exact_bytes`.
         max_exact_bytes: memory allowed for keeping whole trajectories.
-        sinks: stabwatch sinks (``write/flush/close``); one record per checkpoint is written when
-            metrics are computed.
+        sinks: a stabwatch sink or a list of them; one record per checkpoint is written when metrics
+            are computed, through a `stabwatch.pipeline.RecordPipeline` (a background writer per sink,
+            a sink that fails gets its records spilled to disk and retried). `close` (or ``with``) closes
+            them.
 
     Example:
         >>> import torch, torch.nn.functional as F
@@ -172,12 +176,9 @@ class StabilityAnalyzer:
         self._base_model = model
         self._torch_device = _resolve_device(self._config.device)
         self._device = self._torch_device.type
-        if sinks is None:
-            self._sinks: list[Any] = []
-        elif isinstance(sinks, (list, tuple)):
-            self._sinks = list(sinks)
-        else:
-            self._sinks = [sinks]
+        self._sinks = sink_list(sinks, "StabilityAnalyzer")
+        self._pipeline = RecordPipeline(sinks=self._sinks, max_records=0) if self._sinks else None
+        self._closed = False
         self._clear()
 
     # ------------------------------------------------------------------ properties
@@ -214,6 +215,20 @@ class StabilityAnalyzer:
         done = self._recorder.n_checkpoints if self._recorder is not None else 0
         self._clear()
         logger.info("analyzer reset (cleared %d checkpoints)", done)
+
+    def close(self) -> None:
+        """Drain and close the sinks; records a failing sink could not take stay in its spill file (the
+        log names it, for ``stabwatch replay``). Idempotent; metrics computed afterwards are not written.
+        """
+        self._closed = True
+        if self._pipeline is not None:
+            self._pipeline.close()
+
+    def __enter__(self) -> StabilityAnalyzer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _warn(self, message: str) -> None:
         if message not in self._diagnostics:
@@ -581,28 +596,57 @@ class StabilityAnalyzer:
         return out
 
     def _emit(self, results: AnalysisResults) -> None:
-        """One `StabilityMetrics` per checkpoint to every sink; a failing sink is reported, not fatal."""
-        if not self._sinks:
+        """One `StabilityMetrics` per checkpoint through the record pipeline to the sinks, then wait for
+        them (up to the sinks' ``close_timeout``). A sink that fails is reported in
+        ``results.diagnostics``, not raised; its records are spilled and retried in the background."""
+        if self._pipeline is None:
             return
-        from stabwatch.metrics import StabilityMetrics
+        if self._closed:
+            self._report(results, "the analyzer was closed: these results were not written to its sinks")
+            return
+        self._pipeline.open(self._describe())
+        for record in _checkpoint_records(results):
+            self._pipeline.publish(record)
+        if self._pipeline.flush():
+            return
+        problems = self._pipeline.sink_problems() or ["a sink did not confirm its records in time"]
+        for problem in problems:
+            self._report(
+                results,
+                f"{problem}; the analysis is complete, only its records are late (retried until close(); "
+                "what is still undelivered then stays in the spill file, for `stabwatch replay`)",
+            )
 
-        records = []
-        s0 = results.spread_evolution[0]
-        t0 = results.checkpoint_times[0]
-        for k, t in enumerate(results.checkpoint_times):
-            extra = {"analysis/spread": float(results.spread_evolution[k])}
-            lyapunov = None
-            if k > 0:
-                extra["analysis/lyapunov_local"] = float(results.local_lyapunov[k - 1])
-                with np.errstate(divide="ignore"):
-                    lyapunov = float(np.log(results.spread_evolution[k] / s0) / (t - t0))
-            records.append(StabilityMetrics(step=round(float(t)), lyapunov=lyapunov, extra=extra))
-        for sink in self._sinks:
-            try:
-                for record in records:
-                    sink.write(record)
-                sink.flush()
-            except Exception as exc:  # noqa: BLE001 - a sink must not lose the analysis
-                message = f"sink {type(sink).__name__} failed: {type(exc).__name__}: {exc}"
-                logger.warning(message)
-                results.diagnostics.append(message)
+    @staticmethod
+    def _report(results: AnalysisResults, message: str) -> None:
+        logger.warning(message)
+        results.diagnostics.append(message)
+
+    def _describe(self) -> dict[str, str]:
+        """The run's configuration, logged as parameters by tracker sinks."""
+        from stabwatch import __version__
+
+        params = {
+            "version": __version__,
+            "frontend": "stabwatch.analysis.StabilityAnalyzer",
+            "model": type(self._base_model).__name__,
+        }
+        params.update({name: str(value) for name, value in self._config.to_dict().items()})
+        return params
+
+
+def _checkpoint_records(results: AnalysisResults) -> list[StabilityMetrics]:
+    """One record per checkpoint: ``step`` = the checkpoint time, ``lyapunov`` = ``log(s(t)/s(0))/(t - t0)``,
+    ``extra`` = the spread and the local exponent of the interval ending there."""
+    records = []
+    s0 = results.spread_evolution[0]
+    t0 = results.checkpoint_times[0]
+    for k, t in enumerate(results.checkpoint_times):
+        extra = {"analysis/spread": float(results.spread_evolution[k])}
+        lyapunov = None
+        if k > 0:
+            extra["analysis/lyapunov_local"] = float(results.local_lyapunov[k - 1])
+            with np.errstate(divide="ignore"):
+                lyapunov = float(np.log(results.spread_evolution[k] / s0) / (t - t0))
+        records.append(StabilityMetrics(step=round(float(t)), lyapunov=lyapunov, extra=extra))
+    return records

@@ -24,9 +24,9 @@ from pydantic import Field
 from stabwatch.collectors.base import Collector, CollectorOptions, MonitorContext, Readout
 from stabwatch.functional.spectral import (
     as_matrix,
-    batched_singular_values,
     block_krylov_singular_values,
-    condition_number,
+    group_matrices,
+    spectrum_summary,
 )
 
 __all__ = ["GradSVCollector"]
@@ -80,19 +80,13 @@ class GradSVCollector(Collector):
     def teardown(self) -> None:
         self._bases = {}
 
-    def _groups(self) -> dict[tuple[Any, ...], list[tuple[str, torch.Tensor]]]:
-        groups: dict[tuple[Any, ...], list[tuple[str, torch.Tensor]]] = {}
-        for name, p in self._targets:
-            if p.grad is None:
-                continue
-            g = as_matrix(p.grad.detach())
-            if g.dtype not in (torch.float32, torch.float64):
-                g = g.float()
-            groups.setdefault((tuple(g.shape), g.dtype, g.device), []).append((name, g))
-        return groups
+    def _groups(self) -> list[tuple[list[str], torch.Tensor]]:
+        """``[(parameter names, gradient stack [b, m, n])]``: same-shape gradients as one batch."""
+        named = [(name, p.grad) for name, p in self._targets if p.grad is not None]
+        return [([named[i][0] for i in idx], stack) for idx, stack in group_matrices([g for _, g in named])]
 
     def begin_step(self, step: int) -> None:
-        self._pending: _Spectra | None = None
+        self._pending = None
 
     def before_optimizer_step(self) -> None:
         # the gradients the optimizer uses in this step (an LBFGS closure or zero_grad may replace them later)
@@ -106,28 +100,27 @@ class GradSVCollector(Collector):
         exact_layers: list[str] = []
         scale = self.ctx.grad_scale if self.ctx is not None else None
         with torch.no_grad():
-            for (shape, _, _), members in self._groups().items():
-                names = [n for n, _ in members]
+            for names, stack in self._groups():
+                shape = (stack.shape[1], stack.shape[2])
                 try:
-                    stack = torch.stack([g for _, g in members])
                     if scale is not None:  # GradScaler's scale, still in the gradients of a fused optimizer
                         stack = stack / scale.to(stack.device, stack.dtype)
                     if min(shape) <= self.exact_max_dim:
-                        s = batched_singular_values(stack)
-                        exact.append(condition_number(s, shape))
+                        top, s_min, rank, kappa = spectrum_summary(stack, self.top_k)
+                        exact.append((s_min, rank, kappa))
                         exact_layers += [_layer_name(n) for n in names]
                     else:
-                        s = self._top(names, stack)
+                        top = self._top(names, stack)[:, : self.top_k]
                 except Exception as exc:  # noqa: BLE001 - a failing metric never kills training
                     self.fail(f"gradient singular values of {len(names)} matrices {shape}", exc)
                     continue
-                tops.append(s[:, : self.top_k])
+                tops.append(top)
                 top_layers += [_layer_name(n) for n in names]
         return _Spectra(tops, top_layers, exact, exact_layers)
 
     def collect(self, step: int, readout: Readout, loss: torch.Tensor | None, batch: Any) -> None:
         spectra = self._pending if self._pending is not None else self._spectra()
-        self._pending: _Spectra | None = None
+        self._pending = None
         tops, top_layers, exact, exact_layers = spectra
         if not tops:
             return

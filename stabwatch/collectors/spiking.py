@@ -21,7 +21,7 @@ norse              ``SNN``, ``SNNCell``, ``SNNRecurrent``, ``SNNRecurrentCell`` 
 =================  ===========================================================  =========================
 
 Any other module is covered with a small adapter, per monitor (``Monitor(...,
-spiking_adapters=[...])``) or for the process (`register_adapter`).
+collectors=[SpikingCollector(adapters=[...])])``) or for the process (`register_adapter`).
 
 What is accumulated: on a scheduled step, each forward call of a spiking module in training mode adds,
 on the device, its spikes (a time-major call summed over time first) and its membrane ``v`` and ``v^2``
@@ -65,7 +65,7 @@ from torch import nn
 
 from stabwatch.collectors.base import Collector, CollectorOptions, MonitorContext, Readout
 from stabwatch.errors import StabwatchError
-from stabwatch.functional.spiking import layer_firing_statistics, layer_membrane_statistics, sample_dims
+from stabwatch.functional.spiking import layer_firing_statistics, pooled_membrane_statistics, sample_dims
 
 __all__ = [
     "ADAPTERS",
@@ -413,7 +413,7 @@ ADAPTERS = AdapterRegistry(builtin_adapters())
 def register_adapter(adapter: SpikingAdapter) -> SpikingAdapter:
     """Register an adapter for every monitor of this process (ahead of the built-ins).
 
-    Prefer ``Monitor(..., spiking_adapters=[adapter])`` for one monitor; undo with
+    Prefer ``Monitor(..., collectors=[SpikingCollector(adapters=[adapter])])`` for one monitor; undo with
     ``ADAPTERS.unregister(adapter)``.
     """
     return ADAPTERS.register(adapter)
@@ -651,8 +651,7 @@ class SpikingCollector(Collector):
             n_mem.append(float(s.n_mem))
         table = torch.stack(rows)  # [L, 3]: sum v, sum v^2, sum threshold
         n_t = torch.tensor(n_mem, dtype=torch.float64, device=device)
-        stats = layer_membrane_statistics(table, n_t)
-        pooled_mem = layer_membrane_statistics(table.sum(0), n_t.sum())
+        stats, pooled_mem = pooled_membrane_statistics(table, n_t, torch.tensor(has_th, device=device))
         mem_names = [self.layers[i] for i in mem]
         for j, field in enumerate(_MEMBRANE_FIELDS[:2]):
             readout.add_layers(field, mem_names, stats[:, j])
@@ -660,8 +659,7 @@ class SpikingCollector(Collector):
         keep = [k for k, ok in enumerate(has_th) if ok]
         if keep:
             readout.add_layers(_MEMBRANE_FIELDS[2], [mem_names[k] for k in keep], stats[keep, 2])
-            with_th = table[keep]
-            readout.add(_MEMBRANE_FIELDS[2], (with_th[:, 2].sum() - with_th[:, 0].sum()) / n_t[keep].sum())
+            readout.add(_MEMBRANE_FIELDS[2], pooled_mem[2])
 
 
 def _broadcast(a: torch.Size, b: torch.Size) -> torch.Size | None:

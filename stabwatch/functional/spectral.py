@@ -6,18 +6,24 @@ explicit ``torch.Generator``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
 
 __all__ = [
+    "SpectrumSummary",
     "as_matrix",
     "batched_singular_values",
     "batched_spectral_norm",
     "block_krylov_singular_values",
     "condition_number",
+    "group_matrices",
     "randomized_singular_values",
     "singular_values",
     "spectral_norm",
     "spectral_radius",
+    "spectrum_summary",
 ]
 
 
@@ -230,6 +236,58 @@ def condition_number(s: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Ten
     s_min = torch.where(rank > 0, s_min, torch.zeros_like(s_min))
     kappa = torch.where(rank > 0, s[..., 0] / s_min, torch.full_like(s_min, float("inf")))
     return s_min, rank.to(s.dtype), kappa
+
+
+class SpectrumSummary(NamedTuple):
+    """What `spectrum_summary` returns, per matrix (batch dims ``...``)."""
+
+    top: torch.Tensor  #: ``[..., k]`` the leading singular values, descending
+    s_min: torch.Tensor  #: ``[...]`` the smallest non-zero singular value
+    rank: torch.Tensor  #: ``[...]`` the numerical rank
+    kappa: torch.Tensor  #: ``[...]`` the condition number over the non-zero singular values
+
+
+def spectrum_summary(a: torch.Tensor, top_k: int) -> SpectrumSummary:
+    r"""Exact top-``k`` singular values, smallest non-zero one, numerical rank and condition number.
+
+    `batched_singular_values` (the whole spectrum), then `condition_number` (values at or below
+    :math:`\sigma_1 \max(m,n)\,\epsilon` count as zero). What the gradient singular-value collector and
+    the SNN drop-in both report for a matrix small enough for an exact spectrum.
+
+    Args:
+        a: a matrix ``[m, n]`` or a batch ``[..., m, n]`` (float32/float64; others are cast to float32).
+        top_k: how many leading values to keep (fewer when ``min(m, n) < top_k``).
+
+    Example:
+        >>> top, s_min, rank, kappa = spectrum_summary(torch.diag(torch.tensor([4.0, 2.0, 0.0])), 2)
+        >>> top.tolist(), s_min.item(), rank.item(), kappa.item()
+        ([4.0, 2.0], 2.0, 2.0, 2.0)
+    """
+    a = _as_float(a)
+    s = batched_singular_values(a)
+    s_min, rank, kappa = condition_number(s, (a.shape[-2], a.shape[-1]))
+    return SpectrumSummary(s[..., :top_k], s_min, rank, kappa)
+
+
+def group_matrices(tensors: Sequence[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
+    """Stack the tensors that have the same matrix shape, dtype and device, to run each group as one batch.
+
+    Each tensor is viewed as a matrix with `as_matrix` (conv kernels ``[out, in, *k]`` -> ``[out, in*k]``)
+    and cast to float32 unless it is float32 or float64.
+
+    Returns:
+        ``[(indices into tensors, stack [b, m, n])]``, groups in order of first appearance.
+
+    Example:
+        >>> groups = group_matrices([torch.ones(2, 3), torch.ones(4, 4), torch.zeros(2, 3)])
+        >>> [(idx, tuple(stack.shape)) for idx, stack in groups]
+        [([0, 2], (2, 2, 3)), ([1], (1, 4, 4))]
+    """
+    members: dict[tuple[object, ...], list[tuple[int, torch.Tensor]]] = {}
+    for i, t in enumerate(tensors):
+        m = _as_float(as_matrix(t.detach()))
+        members.setdefault((tuple(m.shape), m.dtype, m.device), []).append((i, m))
+    return [([i for i, _ in group], torch.stack([m for _, m in group])) for group in members.values()]
 
 
 def spectral_norm(

@@ -1,6 +1,6 @@
 r"""Firing rates, dead / saturated neuron fractions and membrane statistics of spiking layers.
 
-Conventions (shared by `stabwatch.collectors.spiking` and `stabwatch.StabilityMonitor`):
+Conventions (shared by `stabwatch.collectors.spiking` and `stabwatch.compat.StabilityMonitor`):
 
 * A **neuron** is one position of the per-sample feature shape: for spikes ``[T, B, C, H, W]`` each
   ``(c, h, w)`` is a neuron.
@@ -41,6 +41,7 @@ __all__ = [
     "layer_membrane_statistics",
     "membrane_moments",
     "membrane_statistics",
+    "pooled_membrane_statistics",
     "sample_dims",
     "spike_counts",
 ]
@@ -270,6 +271,44 @@ def layer_membrane_statistics(moments: torch.Tensor, counts: torch.Tensor) -> to
     var = ((m[..., 1] - n * mean.square()) / (n - 1).clamp_min(1)).clamp_min(0)
     gap = (m[..., 2] - m[..., 0]) / n
     return torch.stack([mean, var.sqrt(), gap], dim=-1)
+
+
+def pooled_membrane_statistics(
+    moments: torch.Tensor, counts: torch.Tensor, with_threshold: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""`layer_membrane_statistics` of several layers at once, and of all their elements pooled.
+
+    The pooled mean and std treat every element of every row as one population (the rows' moments and
+    counts summed); the pooled gap to threshold pools only the rows that have a threshold:
+    :math:`\sum_{\ell \in th}(S_{\vartheta,\ell} - S_{1,\ell}) / \sum_{\ell \in th} n_\ell`.
+
+    Args:
+        moments: ``[L, 3]`` rows of :math:`(S_1, S_2, S_\vartheta)`, one per layer (NaN :math:`S_\vartheta`
+            for a layer without a threshold).
+        counts: ``[L]`` element counts.
+        with_threshold: ``[L]`` bool, the rows that have a threshold (default: :math:`S_\vartheta` not NaN).
+
+    Returns:
+        ``(per_layer, pooled)``: float64 ``[L, 3]`` and ``[3]``, columns ``[mean, std, threshold_distance]``
+        (a NaN pooled distance when no row has a threshold).
+
+    Example: a layer with the values 0, 1 and threshold 1, and one with the values 3, 3 and no threshold:
+
+        >>> rows = torch.tensor([[1.0, 1.0, 2.0], [6.0, 18.0, float("nan")]], dtype=torch.float64)
+        >>> per, pooled = pooled_membrane_statistics(rows, torch.tensor([2.0, 2.0]))
+        >>> per[:, 0].tolist(), pooled.tolist()
+        ([0.5, 3.0], [1.75, 1.5, 0.5])
+    """
+    m = moments.double()
+    n = counts.to(m.device, torch.float64)
+    per_layer = layer_membrane_statistics(m, n)
+    pooled = layer_membrane_statistics(m.sum(0), n.sum())
+    has = ~torch.isnan(m[:, 2]) if with_threshold is None else with_threshold.to(m.device, torch.bool)
+    zero = torch.zeros((), dtype=torch.float64, device=m.device)
+    gap = (torch.where(has, m[:, 2], zero).sum() - torch.where(has, m[:, 0], zero).sum()) / torch.where(
+        has, n, zero
+    ).sum()
+    return per_layer, torch.cat([pooled[:2], gap.reshape(1)])
 
 
 def membrane_statistics(membrane: torch.Tensor, threshold: torch.Tensor | float | None = None) -> torch.Tensor:

@@ -157,6 +157,7 @@ class _SinkWorker:
         self._wrote_since_flush = False
         self.delivered = 0
         self.unsent = 0
+        self.last_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"stabwatch-{self.name}-{index}", daemon=True)
         self._started = False
 
@@ -359,6 +360,7 @@ class _SinkWorker:
                 self._cond.notify_all()
                 return True
             self._inflight = batch[done:]
+            self.last_error = error
             if not self._inflight_in_spill:
                 self._activate_spill()
             if self._inflight_in_spill:
@@ -411,6 +413,21 @@ class _SinkWorker:
         )
 
     # control (training thread) -----------------------------------------------------------------------
+    def problem(self) -> str | None:
+        """What a front-end reports while this sink fails (``None`` while it delivers)."""
+        with self._cond:
+            if not self._failing:
+                return None
+            if self._spill.active:
+                waiting, where = self._spill.pending, f"the spill file {self.spill_path}"
+            else:
+                waiting, where = len(self._mem), "memory"
+            error = self.last_error
+            return (
+                f"sink {self.name} failed ({type(error).__name__}: {error}); {waiting} record(s) wait in {where} "
+                "and are retried with back-off"
+            )
+
     def request_flush(self) -> int:
         with self._cond:
             self._flush_req += 1
@@ -556,6 +573,10 @@ class Dispatcher:
         deadline = time.monotonic() + timeout
         tokens = [w.request_flush() for w in self.workers]
         return all([w.wait_flushed(t, deadline) for w, t in zip(self.workers, tokens)])
+
+    def problems(self) -> list[str]:
+        """One line per sink that is failing now: the error, how many records wait and where."""
+        return [p for p in (w.problem() for w in self.workers) if p is not None]
 
     def close(self) -> None:
         """Drain every queue, close every sink; what a failing sink could not take stays in its spill file.

@@ -56,7 +56,8 @@ def test_nonfinite_step_is_undone_bit_for_bit(name, first):
     model = mlp(0)
     opt = OPTIMIZERS[name](model.parameters())
     x, y = data(64)
-    with sw.Monitor(model, opt, guard=True, preset="full") as mon:
+    guard = StepGuard()
+    with sw.Monitor(model, opt, guard=guard, preset="full") as mon:
         if not first:
             for i in range(10):
                 _step(model, opt, mon, x[i : i + 16], y[i : i + 16])
@@ -69,7 +70,7 @@ def test_nonfinite_step_is_undone_bit_for_bit(name, first):
         assert rec.nonfinite and rec.update_ratio == 0.0
         guard_alerts = [a for a in rec.alerts if a.rule == "skip_step"]
         assert len(guard_alerts) == 1 and guard_alerts[0].reason is sw.AlertReason.NON_FINITE
-        assert mon._guard.skipped == [rec.step]
+        assert guard.skipped == [rec.step]
         # training goes on with finite weights
         rec2 = _step(model, opt, mon, x[:16], y[:16])
         assert not rec2.nonfinite
@@ -91,12 +92,13 @@ def test_spiking_step_is_undone_and_normal_steps_match_an_unguarded_run():
                 snaps[f"after{i}"] = _snapshot(model, opt)
                 if i == 20:
                     snaps["rec20"] = rec
-        return snaps, mon
+        return snaps
 
-    guarded, mon = run(StepGuard(factor=10, window=20, warmup=5))
-    plain, _ = run(False)
+    guard = StepGuard(factor=10, window=20, warmup=5)
+    guarded = run(guard)
+    plain = run(False)
     _assert_same(guarded[20], guarded["after20"])  # the spike was skipped
-    assert mon._guard.skipped == [20]
+    assert guard.skipped == [20]
     alerts = [a for a in guarded["rec20"].alerts if a.rule == "skip_step"]
     assert alerts and alerts[0].reason is sw.AlertReason.EXPLODING_GRADIENT and "× its" in alerts[0].message
     for i in range(20):  # identical to the unguarded run until the spike

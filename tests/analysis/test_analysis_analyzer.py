@@ -7,6 +7,7 @@ import functools
 import inspect
 import math
 import random
+import time
 import warnings
 
 import numpy as np
@@ -25,6 +26,7 @@ from stabwatch.analysis import (
     TrajectoryMetrics,
 )
 from stabwatch.errors import StabwatchError
+from stabwatch.sinks import JsonlSink, read_jsonl
 from tests.analysis.analysis_helpers import make_train_fn, mlp, mse_step, regression_loader
 
 
@@ -164,8 +166,10 @@ def test_train_fn_is_called_once_per_replica_so_its_optimizer_persists(quiet):
     results = analyzer.analyze(train_fn, loader, 4)
     assert calls == [4, 4, 4]
     assert results.n_checkpoints == 5
-    for i, m in enumerate(analyzer.get_models()):
-        assert results.trajectory_metrics[i].final_loss == returned[id(m)]["loss"][-1]
+    models = analyzer.get_models()
+    assert len(models) == len(results.trajectory_metrics) == 3
+    for m, tm in zip(models, results.trajectory_metrics, strict=True):
+        assert tm.final_loss == returned[id(m)]["loss"][-1]
 
     twin = StabilityAnalyzer(mlp(), verbose=False, **kw)
     twin.start_recording()
@@ -324,6 +328,7 @@ def test_analysis_is_reproducible_and_leaves_the_model_alone(quiet):
         mse_step(), regression_loader(shuffle=True), 2
     )
     np.testing.assert_array_equal(a.spread_evolution, b.spread_evolution)
+    assert model.state_dict().keys() == before.keys() and len(before) > 0
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
 
@@ -399,6 +404,7 @@ def test_one_element_and_all_zero_parameters_are_perturbed_not_nan(quiet):
     analyzer = StabilityAnalyzer(_WithScalar(), n_trajectories=3, verbose=False)
     analyzer.start_recording()
     replicas = analyzer.get_models()
+    assert len(replicas) == 3
     for r in replicas[1:]:
         assert torch.isfinite(r.gain).all() and r.gain.item() != 0.5
         assert r.gain.item() == pytest.approx(0.5, abs=0.05)
@@ -449,7 +455,7 @@ def test_effective_dimensionality_is_exact_above_deep_lyapunovs_limit(quiet):
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in analyzer.get_models()]
     snaps = [_weights(analyzer.get_models())]
     for _ in range(4):
-        for m, opt in zip(analyzer.get_models(), opts):
+        for m, opt in zip(analyzer.get_models(), opts, strict=True):
             opt.zero_grad()
             F.mse_loss(m(x), y).backward()
             opt.step()
@@ -470,6 +476,7 @@ def test_effective_dimensionality_is_exact_above_deep_lyapunovs_limit(quiet):
     spread = _spread_from_offsets(np.stack(snaps))
     np.testing.assert_allclose(res.spread_evolution, spread, rtol=1e-10)
     steps = np.linalg.norm(np.diff(np.stack(snaps), axis=0), axis=-1)  # [T-1, N]
+    assert len(res.trajectory_metrics) == 3
     for i, tm in enumerate(res.trajectory_metrics):
         assert tm.path_length == pytest.approx(steps[:, i].sum(), rel=1e-9)
         assert tm.velocity_mean == pytest.approx(steps[:, i].mean(), rel=1e-9)
@@ -507,7 +514,7 @@ def test_manual_mode_matches_analyze_with_the_same_training(quiet):
     manual.start_recording()
     opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in manual.get_models()]
     for _ in range(3):
-        for m, opt in zip(manual.get_models(), opts):
+        for m, opt in zip(manual.get_models(), opts, strict=True):
             for x, y in loader:
                 opt.zero_grad()
                 F.mse_loss(m(x), y).backward()
@@ -645,31 +652,42 @@ def test_config_object_replaces_individual_settings():
 
 
 class _ListSink:
+    close_timeout = 0.5  # how long the analyzer waits for its sinks (a failing one never confirms)
+
     def __init__(self) -> None:
         self.records = []
-        self.flushed = 0
+        self.flushed_at = []  # how many records had arrived at each flush
 
     def write(self, record) -> None:
         self.records.append(record)
 
     def flush(self) -> None:
-        self.flushed += 1
+        self.flushed_at.append(len(self.records))
 
     def close(self) -> None:
         pass
 
 
 class _BrokenSink(_ListSink):
+    """A tracker that is down until ``down`` is set to False (fault injection)."""
+
+    def __init__(self, spill_dir) -> None:
+        super().__init__()
+        self.spill_dir = spill_dir  # where the dispatcher spills this sink's records
+        self.down = True
+
     def write(self, record) -> None:
-        raise OSError("disk full")
+        if self.down:
+            raise OSError("disk full")
+        super().write(record)
 
 
-def test_results_are_written_to_sinks_one_record_per_checkpoint(quiet):
-    sink = _ListSink()
-    res = StabilityAnalyzer(mlp(), n_trajectories=3, verbose=False, sinks=[sink, _BrokenSink()]).analyze(
-        mse_step(), regression_loader(), 3
-    )
-    assert [r.step for r in sink.records] == [0, 1, 2, 3] and sink.flushed == 1
+def test_results_are_written_to_sinks_one_record_per_checkpoint(tmp_path, quiet):
+    sink, broken = _ListSink(), _BrokenSink(tmp_path / "spill")
+    with StabilityAnalyzer(mlp(), n_trajectories=3, verbose=False, sinks=[sink, broken]) as analyzer:
+        res = analyzer.analyze(mse_step(), regression_loader(), 3)
+        # delivered and flushed when analyze() returns, though the other sink fails
+        assert [r.step for r in sink.records] == [0, 1, 2, 3] and sink.flushed_at[-1] == 4
     assert sink.records[0].lyapunov is None
     assert sink.records[-1].lyapunov == pytest.approx(res.lyapunov)
     for k, r in enumerate(sink.records):
@@ -678,17 +696,40 @@ def test_results_are_written_to_sinks_one_record_per_checkpoint(quiet):
             assert r.extra["analysis/lyapunov_local"] == pytest.approx(res.local_lyapunov[k - 1])
             assert r.lyapunov == pytest.approx(math.log(res.spread_evolution[k] / res.spread_evolution[0]) / k)
     assert any("disk full" in d for d in res.diagnostics)
+    # closed while still failing: its records stay in the spill file, for `stabwatch replay`
+    (spill,) = (tmp_path / "spill").glob("_BrokenSink-*.jsonl")
+    assert [r.step for r in read_jsonl(spill)] == [0, 1, 2, 3]
 
 
-def test_jsonl_sink_round_trip(tmp_path, quiet):
-    from stabwatch.sinks import JsonlSink, read_jsonl
+def test_a_sink_that_comes_back_gets_its_spilled_records_once_in_order(tmp_path, quiet):
+    sink = _BrokenSink(tmp_path / "spill")
+    analyzer = StabilityAnalyzer(mlp(), n_trajectories=3, verbose=False, sinks=sink)
+    res = analyzer.analyze(mse_step(), regression_loader(), 3)
+    (spill,) = (tmp_path / "spill").glob("_BrokenSink-*.jsonl")
+    (message,) = [d for d in res.diagnostics if "_BrokenSink" in d]
+    assert "OSError: disk full" in message and str(spill) in message  # the error and where the records wait
+    assert [r.step for r in read_jsonl(spill)] == [0, 1, 2, 3] and sink.records == []
+    sink.down = False  # the tracker is back: the background writer retries from the spill file
+    deadline = time.monotonic() + 30
+    while (len(sink.records) < 4 or spill.exists()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    analyzer.close()
+    assert [r.step for r in sink.records] == [0, 1, 2, 3]  # each exactly once, in order
+    for r, spread in zip(sink.records, res.spread_evolution, strict=True):
+        assert r.extra["analysis/spread"] == spread
+    assert not spill.exists()  # drained
 
+
+def test_jsonl_sink_gets_one_record_per_checkpoint(tmp_path, quiet):
     path = tmp_path / "analysis.jsonl"
-    sink = JsonlSink(path)
-    res = StabilityAnalyzer(mlp(), n_trajectories=3, verbose=False, sinks=sink).analyze(
-        mse_step(), regression_loader(), 2
-    )
-    sink.close()
+    with StabilityAnalyzer(mlp(), n_trajectories=3, verbose=False, sinks=JsonlSink(path)) as analyzer:
+        res = analyzer.analyze(mse_step(), regression_loader(), 2)
+        lines = path.read_text(encoding="utf-8").splitlines()  # on disk when analyze() returns
+    assert len(lines) == res.n_checkpoints == 3
     records = list(read_jsonl(path))
     assert [r.step for r in records] == [0, 1, 2]
-    assert records[-1].to_dict()["analysis/spread"] == pytest.approx(res.spread_evolution[-1])
+    for k, r in enumerate(records):
+        assert r.extra["analysis/spread"] == res.spread_evolution[k]  # exact through JSON
+    assert records[-1].lyapunov == pytest.approx(res.lyapunov, rel=1e-12)
+    again = analyzer.compute_metrics()  # after close: reported, not raised, nothing written
+    assert any("closed" in d for d in again.diagnostics) and len(path.read_text().splitlines()) == 3

@@ -22,7 +22,8 @@ def test_example_runs_and_writes_a_report(name, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         results = main(["--epochs", "2", "--out", str(out)])
-    values = results.values() if isinstance(results, dict) else [results]
+    values = list(results.values()) if isinstance(results, dict) else [results]
+    assert len(values) > 0
     for r in values:
         assert isinstance(r, AnalysisResults) and r.n_checkpoints == 3
     assert list(out.rglob("metrics.json"))

@@ -21,7 +21,7 @@ def _cloud(seed: int, t: int, n: int, p: int) -> np.ndarray:
 def test_rms_spread_is_scaled_centroid_std():
     x = _cloud(0, 4, 5, 30)
     iu, ju = _stats.pair_indices(5)
-    d2 = np.array([[np.sum((xt[i] - xt[j]) ** 2) for i, j in zip(iu, ju)] for xt in x])
+    d2 = np.array([[np.sum((xt[i] - xt[j]) ** 2) for i, j in zip(iu, ju, strict=True)] for xt in x])
     spread = _stats.rms_spread(d2)
     centroid_var = np.array([np.mean(np.sum((xt - xt.mean(0)) ** 2, axis=1)) for xt in x])
     np.testing.assert_allclose(spread**2, 2 * 5 / 4 * centroid_var, rtol=1e-12)
@@ -74,7 +74,8 @@ def test_jackknife_matches_brute_force_over_replicas():
     np.testing.assert_allclose(got_l, want_l, rtol=1e-12)
     # membership: unit u is in exactly the n-1 pairs that contain it
     assert membership.sum(axis=1).tolist() == [n - 1] * n
-    for m, (i, j) in enumerate(zip(iu, ju)):
+    assert len(iu) == n * (n - 1) // 2
+    for m, (i, j) in enumerate(zip(iu, ju, strict=True)):
         assert membership[i, m] and membership[j, m]
 
 
@@ -143,4 +144,4 @@ def test_path_statistics_by_hand():
 @pytest.mark.parametrize("n", [2, 3, 5])
 def test_pair_indices_cover_every_pair_once(n):
     iu, ju = _stats.pair_indices(n)
-    assert sorted(zip(iu.tolist(), ju.tolist())) == list(itertools.combinations(range(n), 2))
+    assert sorted(zip(iu.tolist(), ju.tolist(), strict=True)) == list(itertools.combinations(range(n), 2))

@@ -166,3 +166,36 @@ def test_batched_spectral_norm_matches_each_matrix_2_norm():
     for i in range(3):  # a batch of one gives the same as the batch member, from the same start
         one, _ = batched_spectral_norm(w[i : i + 1], u[i : i + 1], n_iter=2)
         assert torch.allclose(one[0], sigma[i], rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spectrum_summary_of_a_batch_matches_numpy_rank_and_condition(dtype):
+    # rank-3 gradients (a batch of 3 samples) and one full-rank matrix, as one batch
+    g = torch.Generator().manual_seed(4)
+    low = [torch.randn(20, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 12, generator=g, dtype=torch.float64)]
+    mats = torch.stack([*low * 2, torch.randn(20, 12, generator=g, dtype=torch.float64)]).to(dtype)
+    top, s_min, rank, kappa = F.spectrum_summary(mats, 4)
+    assert top.shape == (3, 4) and s_min.shape == rank.shape == kappa.shape == (3,)
+    eps = np.finfo(np.float32 if dtype == torch.float32 else np.float64).eps
+    for i, a in enumerate(mats.double().numpy()):
+        s = np.linalg.svd(a, compute_uv=False)
+        nonzero = s[s > s[0] * max(a.shape) * eps]
+        assert rank[i].item() == len(nonzero) == np.linalg.matrix_rank(a, tol=s[0] * max(a.shape) * eps)
+        np.testing.assert_allclose(top[i, : len(nonzero)].double().numpy(), s[:4][: len(nonzero)], rtol=1e-5)
+        assert s_min[i].item() == pytest.approx(nonzero[-1], rel=1e-4)
+        assert kappa[i].item() == pytest.approx(s[0] / nonzero[-1], rel=1e-4)
+    one = F.spectrum_summary(mats[2], 4)  # a single matrix: the same numbers, no batch dim
+    assert one.top.shape == (4,) and torch.equal(one.rank, rank[2])
+    torch.testing.assert_close(one.kappa, kappa[2])
+
+
+def test_group_matrices_batches_same_shape_dtype_and_device_in_first_seen_order():
+    a, b, c = torch.ones(4, 3), torch.ones(2, 2, 3, 1), torch.full((4, 3), 2.0)
+    half, dbl = torch.ones(4, 3, dtype=torch.float16), torch.ones(4, 3, dtype=torch.float64)
+    groups = F.group_matrices([a, b, c, half, dbl])
+    assert [idx for idx, _ in groups] == [[0, 2, 3], [1], [4]]  # half is cast to float32: joins a and c
+    stack = groups[0][1]
+    assert stack.shape == (3, 4, 3) and stack.dtype == torch.float32 and stack[1].eq(2.0).all()
+    assert groups[1][1].shape == (1, 2, 6)  # a conv kernel [out, in, k, 1] as [out, in*k]
+    assert groups[2][1].dtype == torch.float64
+    assert F.group_matrices([]) == []

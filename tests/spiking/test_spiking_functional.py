@@ -13,6 +13,7 @@ from stabwatch.functional.spiking import (
     layer_membrane_statistics,
     membrane_moments,
     membrane_statistics,
+    pooled_membrane_statistics,
     sample_dims,
     spike_counts,
 )
@@ -80,10 +81,11 @@ def test_firing_statistics_match_numpy_and_threshold_edges():
 def test_layer_firing_statistics_equal_per_layer_and_pooled_reference():
     layers = [_spikes((30, 17), 0.2, seed=1), _spikes((12, 3, 4, 4), 0.6, seed=2), torch.zeros(8, 5)]
     dims = [None, 0, None]
-    counts, samples = zip(*(spike_counts(s, d) for s, d in zip(layers, dims)))
+    counts, samples = zip(*(spike_counts(s, d) for s, d in zip(layers, dims, strict=True)), strict=True)
     per, pooled = layer_firing_statistics(list(counts), list(samples))
-    refs = [_ref_rates(s.numpy(), d) for s, d in zip(layers, dims)]
-    for row, ref in zip(per.tolist(), refs):
+    refs = [_ref_rates(s.numpy(), d) for s, d in zip(layers, dims, strict=True)]
+    assert per.shape[0] == len(refs) == 3
+    for row, ref in zip(per.tolist(), refs, strict=True):
         np.testing.assert_allclose(row, _ref_firing(ref), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(
         pooled.tolist(), _ref_firing(np.concatenate([r.reshape(-1) for r in refs])), rtol=1e-10, atol=1e-12
@@ -135,3 +137,36 @@ def test_sample_dims_errors():
         sample_dims(1, 0)
     with pytest.raises(ValueError, match="needs a batch dim"):
         spike_counts(torch.tensor(1.0))
+
+
+def test_pooled_membrane_statistics_against_numpy_on_the_concatenated_values():
+    g = torch.Generator().manual_seed(9)
+    layers = [
+        torch.randn(4, 10, generator=g) * 0.5 - 0.2,
+        torch.randn(3, 6, generator=g) + 1.0,
+        torch.randn(50, generator=g),
+    ]
+    thresholds = [1.0, torch.linspace(0.5, 1.5, 6), None]  # a float, a per-neuron tensor, none
+    rows, counts = [], []
+    for v, th in zip(layers, thresholds, strict=True):
+        moments, th_sum, n = membrane_moments(v, th)
+        th_t = torch.tensor(float("nan") if th_sum is None else float(th_sum), dtype=torch.float64)
+        rows.append(torch.cat([moments.double(), th_t.reshape(1)]))
+        counts.append(float(n))
+    per, pooled = pooled_membrane_statistics(torch.stack(rows), torch.tensor(counts))
+    allv = np.concatenate([v.double().reshape(-1).numpy() for v in layers])
+    np.testing.assert_allclose(pooled[:2].numpy(), [allv.mean(), allv.std(ddof=1)], rtol=1e-6)
+    gaps = [
+        np.broadcast_to(
+            np.asarray(th if not isinstance(th, torch.Tensor) else th.numpy(), dtype=np.float64), v.shape
+        ).reshape(-1)
+        - v.double().reshape(-1).numpy()
+        for v, th in zip(layers[:2], thresholds[:2], strict=True)
+    ]
+    assert pooled[2].item() == pytest.approx(np.concatenate(gaps).mean(), rel=1e-6)  # layers with a threshold
+    for i, v in enumerate(layers):
+        want = membrane_statistics(v, thresholds[i])
+        torch.testing.assert_close(per[i, :2], want[:2])
+    # an explicit mask overrides "has a threshold": with none, the pooled gap is NaN
+    _, none = pooled_membrane_statistics(torch.stack(rows), torch.tensor(counts), torch.zeros(3, dtype=torch.bool))
+    assert torch.isnan(none[2]) and torch.equal(none[:2], pooled[:2])
