@@ -14,6 +14,7 @@ from typing import Any
 
 __all__ = [
     "ConfigError",
+    "InputError",
     "InstabilityError",
     "MissingExtraError",
     "StabwatchError",
@@ -39,6 +40,11 @@ class ConfigError(StabwatchError, ValueError):
 
     Also a `ValueError`, so ``except ValueError`` written for pydantic-style validation keeps working.
     """
+
+
+class InputError(StabwatchError, ValueError):
+    """A tensor or value passed to a function has the wrong shape, length or content (the message says
+    which and what was expected). Also a `ValueError`."""
 
 
 class MissingExtraError(StabwatchError, ImportError):
@@ -132,8 +138,10 @@ def describe_validation_error(exc: Any) -> str:
     parts = []
     for err in exc.errors():
         loc = ".".join(str(x) for x in err.get("loc", ())) or "(value)"
-        given = err.get("input")
-        shown = repr(given)
+        if err.get("type") == "missing":
+            parts.append(f"{loc}: missing (a required field)")
+            continue
+        shown = repr(err.get("input"))
         if len(shown) > 60:
             shown = shown[:57] + "..."
         parts.append(f"{loc}={shown}: {err.get('msg', 'invalid')}")

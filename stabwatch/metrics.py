@@ -32,8 +32,9 @@ import re
 from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from stabwatch.errors import InputError, describe_validation_error
 from stabwatch.numeric import fmt
 
 __all__ = [
@@ -78,7 +79,17 @@ class AlertReason(str, Enum):
     CUSTOM = "custom"
 
 
-class Alert(BaseModel):
+class _Checked(BaseModel):
+    """A pydantic model whose invalid input raises `stabwatch.errors.InputError` (a `StabwatchError`)."""
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise InputError(f"{type(self).__name__}: {describe_validation_error(exc)}") from None
+
+
+class Alert(_Checked):
     """One alert: what fired, where, with the numbers that made it fire and what to try.
 
     Example:
@@ -214,7 +225,7 @@ def parse_key(key: str) -> tuple[str, str | None]:
     return f"{family}/{metric}", layer
 
 
-class StabilityMetrics(BaseModel):
+class StabilityMetrics(_Checked):
     """The per-step stability record.
 
     Every metric field is ``None`` when it was not computed at this step (its family is off or not

@@ -46,10 +46,14 @@ def test_weights_bit_identical_with_and_without_monitor(preset, optim):
     with sw.Monitor(m1, o1, preset=preset) as mon:
         recs = train(m1, o1, 25, monitor=mon)
     assert len(recs) == 25
-    for (n, a), b in zip(m0.state_dict().items(), m1.state_dict().values()):
-        assert torch.equal(a, b), f"{n} differs"
+    sd0, sd1 = m0.state_dict(), m1.state_dict()
+    assert list(sd0) == list(sd1) and len(sd0) == 6
+    for n in sd0:
+        assert torch.equal(sd0[n], sd1[n]), f"{n} differs"
     s0, s1 = o0.state_dict()["state"], o1.state_dict()["state"]
+    assert s0.keys() == s1.keys() and len(s0) == 6
     for k in s0:
+        assert s0[k].keys() == s1[k].keys()
         for key in s0[k]:
             assert torch.equal(torch.as_tensor(s0[k][key]), torch.as_tensor(s1[k][key]))
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from stabwatch.alerts.base import Window as _Window
-from stabwatch.errors import ConfigError, InstabilityError, StabwatchError
+from stabwatch.errors import ConfigError, InstabilityError
 from stabwatch.errors import check_int as _positive_int
 from stabwatch.errors import check_positive as _positive_float
 from stabwatch.functional.gradients import squared_norms
@@ -182,14 +182,18 @@ class StepGuard:
         nonfinite: bool = True,
         spikes: bool = True,
         max_consecutive: int = 3,
+        **unknown: Any,
     ) -> None:
+        if unknown:
+            allowed = "factor, window, warmup, nonfinite, spikes, max_consecutive"
+            raise ConfigError(f"StepGuard: unknown option(s) {', '.join(sorted(unknown))}; allowed: {allowed}")
         self.factor = _positive_float(factor, "StepGuard.factor")
         if self.factor <= 1:
-            raise StabwatchError(f"StepGuard.factor: expected a number > 1, got {factor!r}")
+            raise ConfigError(f"StepGuard.factor: expected a number > 1, got {factor!r}")
         self.window = _positive_int(window, "StepGuard.window")
         self.warmup = _positive_int(warmup, "StepGuard.warmup")
         if self.warmup > self.window:
-            raise StabwatchError(f"StepGuard.warmup ({warmup}) must be <= window ({window})")
+            raise ConfigError(f"StepGuard.warmup ({warmup}) must be <= window ({window})")
         self.nonfinite = bool(nonfinite)
         self.spikes = bool(spikes)
         self.max_consecutive = _positive_int(max_consecutive, "StepGuard.max_consecutive", minimum=0)

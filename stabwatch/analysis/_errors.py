@@ -4,7 +4,7 @@ Every failure is a `stabwatch.errors.StabwatchError`, and also the built-in type
 raised for the same situation, so code written against that package keeps catching what it caught
 before: a bad setting is the package-wide `stabwatch.errors.ConfigError` (a `ValueError`), a missing
 optional dependency `stabwatch.errors.MissingExtraError` (an `ImportError`), and a call in the wrong
-state `_StateError` below (a `RuntimeError`).
+state `StateError` below (a `RuntimeError`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 import sys
 import warnings
 
-from stabwatch.errors import ConfigError, StabwatchError
+from stabwatch.errors import StabwatchError
 
 __all__ = ["AnalysisWarning"]
 
@@ -25,11 +25,7 @@ class AnalysisWarning(UserWarning):
     """
 
 
-#: a setting is out of range (the package-wide type; this name is kept for the modules that use it)
-_ConfigError = ConfigError
-
-
-class _StateError(StabwatchError, RuntimeError):
+class StateError(StabwatchError, RuntimeError):
     """A method was called in the wrong state (e.g. `record_checkpoint` before `start_recording`)."""
 
 

@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from stabwatch.analysis._errors import _ConfigError
 from stabwatch.analysis._replicas import (
     LoaderGenerators,
     derive_seed,
@@ -37,7 +36,7 @@ from stabwatch.analysis._replicas import (
     tracked_parameters,
 )
 from stabwatch.analysis._views import ModelsView, StackedView
-from stabwatch.errors import StabwatchError
+from stabwatch.errors import ConfigError, StabwatchError
 
 __all__ = ["TrainStep"]
 
@@ -169,12 +168,12 @@ def _check_loss(loss: Any, expected: tuple[int, ...]) -> torch.Tensor:
 def _make_optimizer(step: TrainStep, params: list[torch.Tensor]) -> torch.optim.Optimizer:
     optimizer = step.optimizer(params)
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise _ConfigError(
+        raise ConfigError(
             "TrainStep.optimizer must build a torch.optim.Optimizer from a list of tensors, e.g. "
             f"functools.partial(torch.optim.SGD, lr=0.1); got {type(optimizer).__name__}"
         )
     if isinstance(optimizer, torch.optim.LBFGS):
-        raise _ConfigError("LBFGS needs a closure: pass a train_fn instead of a TrainStep")
+        raise ConfigError("LBFGS needs a closure: pass a train_fn instead of a TrainStep")
     return optimizer
 
 

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from stabwatch.analysis._config import AnalyzerConfig
-from stabwatch.analysis._errors import _ConfigError, _StateError, warn
+from stabwatch.analysis._errors import StateError, warn
 from stabwatch.analysis._recorder import ReplicaView, TrajectoryRecorder
 from stabwatch.analysis._replicas import (
     isolated_rng,
@@ -58,7 +58,7 @@ from stabwatch.analysis._training import (
     train_with_fn,
 )
 from stabwatch.analysis._views import ModelsView
-from stabwatch.errors import StabwatchError
+from stabwatch.errors import ConfigError, StabwatchError
 from stabwatch.metrics import StabilityMetrics
 from stabwatch.pipeline import RecordPipeline, sink_list
 
@@ -150,7 +150,7 @@ class StabilityAnalyzer:
         sinks: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise _ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         explicit = AnalyzerConfig(
             perturbation_scale=perturbation_scale,
             n_trajectories=n_trajectories,
@@ -167,7 +167,7 @@ class StabilityAnalyzer:
         )
         if config is not None:
             if not isinstance(config, AnalyzerConfig):
-                raise _ConfigError(f"config must be an AnalyzerConfig, got {type(config).__name__}")
+                raise ConfigError(f"config must be an AnalyzerConfig, got {type(config).__name__}")
             overridden = [k for k, v in explicit.to_dict().items() if v != getattr(AnalyzerConfig(), k)]
             if overridden:
                 logger.warning("config= given: ignoring the individual settings %s", ", ".join(overridden))
@@ -244,7 +244,7 @@ class StabilityAnalyzer:
         )
         tracked = tracked_parameters(models[0])
         if not tracked:
-            raise _ConfigError("the model has no trainable parameters (requires_grad=True) to analyse")
+            raise ConfigError("the model has no trainable parameters (requires_grad=True) to analyse")
         dtypes = {p.dtype for _, p in tracked}
         store = torch.float64 if torch.float64 in dtypes else torch.float32
         self._recorder = TrajectoryRecorder(
@@ -339,9 +339,9 @@ class StabilityAnalyzer:
             Exception: whatever ``train_fn`` raises, unchanged.
         """
         if isinstance(n_epochs, bool) or not isinstance(n_epochs, int) or n_epochs < 1:
-            raise _ConfigError(f"n_epochs must be a positive int, got {n_epochs!r}")
+            raise ConfigError(f"n_epochs must be a positive int, got {n_epochs!r}")
         if not isinstance(train_fn, TrainStep) and not callable(train_fn):
-            raise _ConfigError("train_fn must be callable (model, loader, n_epochs) or a TrainStep")
+            raise ConfigError("train_fn must be callable (model, loader, n_epochs) or a TrainStep")
         if test_loader is not None:
             logger.info("test_loader is accepted for compatibility with deep-lyapunov and not used")
         if self._is_recording:
@@ -416,7 +416,7 @@ class StabilityAnalyzer:
             StabwatchError: (also a `RuntimeError`) if already recording.
         """
         if self._is_recording:
-            raise _StateError("Already recording. Call reset() first.")
+            raise StateError("Already recording. Call reset() first.")
         self._begin()
         self._is_recording = True
         self._n_checkpoints = 1
@@ -439,7 +439,7 @@ class StabilityAnalyzer:
             StabwatchError: (also a `RuntimeError`) if `start_recording` was not called.
         """
         if not self._is_recording or self._view is None:
-            raise _StateError("Not recording. Call start_recording() first.")
+            raise StateError("Not recording. Call start_recording() first.")
         self._calls += 1
         self._n_checkpoints += 1
         version = parameter_version(self._models)
@@ -465,7 +465,7 @@ class StabilityAnalyzer:
             StabwatchError: (also a `RuntimeError`) before `start_recording` / `analyze`.
         """
         if not self._models:
-            raise _StateError("Models not created. Call start_recording() first.")
+            raise StateError("Models not created. Call start_recording() first.")
         return self._models
 
     # ------------------------------------------------------------------ metrics
@@ -485,7 +485,7 @@ class StabilityAnalyzer:
         """
         rec = self._recorder
         if rec is None or (rec.n_checkpoints + (self._pending is not None)) < 2:
-            raise _StateError(
+            raise StateError(
                 "Insufficient trajectory data. Record at least 2 checkpoints "
                 "(start_recording(), train, record_checkpoint())."
             )

@@ -97,10 +97,12 @@ class Replica:
         # a tensor attribute computed in forward (old-style ``spectral_norm``/``weight_norm`` keep the
         # weight so) is not a graph leaf and deepcopy refuses it: the copy gets a detached clone, which
         # the module's pre-hook recomputes at the replica's first forward anyway
+        # snntorch keeps its hidden state (``mem``, ``syn``) in buffers that hold graph tensors after a
+        # forward pass: the same applies to buffers
         memo: dict[int, Any] = {
             id(value): value.detach().clone()
             for m in model.modules()
-            for value in vars(m).values()
+            for value in (*vars(m).values(), *m.buffers(recurse=False))
             if isinstance(value, torch.Tensor) and not value.is_leaf
         }
         with without():

@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from stabwatch.errors import validated
+from stabwatch.errors import InputError, validated
 from stabwatch.schedules import Schedule, make_schedule
 
 __all__ = ["Collector", "CollectorOptions", "MonitorContext", "Readout"]
@@ -124,7 +124,7 @@ class Readout:
         t = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
         t = t.reshape(-1)
         if t.numel() != len(entries):
-            raise ValueError(f"readout: {len(entries)} names but {t.numel()} values ({entries[:3]}...)")
+            raise InputError(f"readout: {len(entries)} names but {t.numel()} values ({entries[:3]}...)")
         self.entries.extend(entries)
         self.chunks.append(t)
 

@@ -20,6 +20,4 @@ from stabwatch.functional.lyapunov import *  # noqa: F403
 from stabwatch.functional.spectral import *  # noqa: F403
 from stabwatch.functional.spiking import *  # noqa: F403
 
-__all__ = sorted(
-    {*activations.__all__, *gradients.__all__, *lyapunov.__all__, *spectral.__all__, *spiking.__all__}
-)
+__all__ = sorted({*activations.__all__, *gradients.__all__, *lyapunov.__all__, *spectral.__all__, *spiking.__all__})

@@ -28,6 +28,8 @@ from typing import NamedTuple
 
 import torch
 
+from stabwatch.errors import InputError
+
 __all__ = [
     "TangentEstimate",
     "clamp_min_",
@@ -81,7 +83,7 @@ def difference_norms(shadow: Sequence[torch.Tensor], real: Sequence[torch.Tensor
         tensor([1.], dtype=torch.float64)
     """
     if len(shadow) != len(real):
-        raise ValueError(f"difference_norms: {len(shadow)} shadow tensors but {len(real)} real ones")
+        raise InputError(f"difference_norms: {len(shadow)} shadow tensors but {len(real)} real ones")
     if not shadow:
         return torch.zeros(0, dtype=torch.float64)
     diffs = torch._foreach_sub(list(shadow), list(real))
@@ -201,17 +203,17 @@ def tangent_lyapunov(
         True
     """
     if steps < 1 or renorm < 1 or not 0 <= transient < steps:
-        raise ValueError(
+        raise InputError(
             f"tangent_lyapunov: need steps ≥ 1, renorm ≥ 1, 0 ≤ transient < steps; got "
             f"steps={steps}, renorm={renorm}, transient={transient}"
         )
     s = tuple(t.detach() for t in state)
     v = tuple(t.detach() for t in direction)
     if len(v) != len(s):
-        raise ValueError(f"tangent_lyapunov: {len(s)} state tensors but {len(v)} direction tensors")
+        raise InputError(f"tangent_lyapunov: {len(s)} state tensors but {len(v)} direction tensors")
     norm0 = float(global_norm(v))
     if not norm0 > 0:
-        raise ValueError("tangent_lyapunov: the initial direction is zero")
+        raise InputError("tangent_lyapunov: the initial direction is zero")
     v = tuple(t / norm0 for t in v)
     log_sum = 0.0
     local: list[float] = []

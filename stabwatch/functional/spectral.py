@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 import torch
 
+from stabwatch.errors import InputError
+
 __all__ = [
     "SpectrumSummary",
     "as_matrix",
@@ -30,7 +32,7 @@ __all__ = [
 def as_matrix(t: torch.Tensor) -> torch.Tensor:
     """View a weight (or its gradient) as a 2-D matrix: conv kernels ``[out, in, *k]`` -> ``[out, in*k]``."""
     if t.ndim < 2:
-        raise ValueError(f"expected a tensor with >= 2 dims, got shape {tuple(t.shape)}")
+        raise InputError(f"expected a tensor with >= 2 dims, got shape {tuple(t.shape)}")
     return t.reshape(t.shape[0], -1)
 
 
@@ -353,6 +355,6 @@ def spectral_radius(w: torch.Tensor) -> torch.Tensor:
     """
     w = w.detach()
     if w.ndim != 2 or w.shape[0] != w.shape[1]:
-        raise ValueError(f"spectral_radius needs a square matrix, got shape {tuple(w.shape)}")
+        raise InputError(f"spectral_radius needs a square matrix, got shape {tuple(w.shape)}")
     w, finite = _finite_or_zero(_as_float(w))
     return _nan_unless(finite, torch.linalg.eigvals(w).abs().max())

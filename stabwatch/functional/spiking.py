@@ -34,6 +34,8 @@ from collections.abc import Sequence
 
 import torch
 
+from stabwatch.errors import InputError
+
 __all__ = [
     "firing_rates",
     "firing_statistics",
@@ -66,12 +68,12 @@ def sample_dims(ndim: int, time_dim: int | None) -> tuple[int, ...]:
     """
     if time_dim is None:
         if ndim < 1:
-            raise ValueError(f"a per-step spike tensor needs a batch dim [B, ...], got {ndim} dims")
+            raise InputError(f"a per-step spike tensor needs a batch dim [B, ...], got {ndim} dims")
         return (0,)
     if time_dim not in (0, 1):
-        raise ValueError(f"time_dim must be None, 0 ([T, B, ...]) or 1 ([B, T, ...]), got {time_dim!r}")
+        raise InputError(f"time_dim must be None, 0 ([T, B, ...]) or 1 ([B, T, ...]), got {time_dim!r}")
     if ndim < 2:
-        raise ValueError(f"time_dim={time_dim} needs a tensor [T, B, ...] or [B, T, ...], got {ndim} dims")
+        raise InputError(f"time_dim={time_dim} needs a tensor [T, B, ...] or [B, T, ...], got {ndim} dims")
     return (0, 1)
 
 
@@ -173,7 +175,7 @@ def layer_firing_statistics(
         ([[0.25, 0.353553, 0.5, 0.0], [1.0, 0.0, 0.0, 1.0]], 0.5)
     """
     if len(counts) != len(samples) or not counts:
-        raise ValueError(f"need one sample count per layer, got {len(counts)} counts and {len(samples)} samples")
+        raise InputError(f"need one sample count per layer, got {len(counts)} counts and {len(samples)} samples")
     device = counts[0].device
     rates = torch.cat(
         [c.detach().reshape(-1).to(device, torch.float64) / max(int(n), 1) for c, n in zip(counts, samples)]
@@ -241,7 +243,7 @@ def membrane_moments(
             except RuntimeError:
                 shape = None
             if shape != v.shape:
-                raise ValueError(
+                raise InputError(
                     f"threshold of shape {tuple(t.shape)} does not broadcast to the membrane {tuple(v.shape)}"
                 )
         # broadcasting repeats every threshold element the same number of times

@@ -70,12 +70,6 @@ def test_steps_without_an_optimizer_step_are_skipped_and_the_window_closes_on_de
     assert not shadow.open and sum(len(m._forward_pre_hooks) for m in model.modules()) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Replica.build deep-copies the model; snntorch keeps its hidden state (mem, syn) in buffers that "
-    "hold graph tensors after a forward pass, which deepcopy refuses (only vars() attributes are detached), "
-    "so no shadow window can open on an snntorch model once it has run",
-)
 def test_a_window_opens_on_an_snntorch_model_after_a_forward_pass():
     from tests.spiking.snn_models import TwoLayerSNN
     from tests.spiking.snn_models import batch as snn_batch

@@ -64,7 +64,9 @@ def test_tensor_bytes_see_storage_that_tracemalloc_does_not():
     view = big[::2]  # shares the storage: not counted twice
     after, n_after = live_tensor_bytes()
     assert traced < 100_000  # what the old flat-memory test measured: blind to the 40 MB
-    assert after - before == big.untyped_storage().nbytes() and n_after == n_before + 1
+    nbytes = big.untyped_storage().nbytes()
+    slack = 64 * 1024  # tensors another thread may hold for a moment
+    assert nbytes <= after - before <= nbytes + slack and n_after >= n_before + 1
     assert rss_bytes() > 40_000_000
     del big, view
-    assert live_tensor_bytes()[0] == before
+    assert live_tensor_bytes()[0] <= before + slack

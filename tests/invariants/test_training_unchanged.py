@@ -160,6 +160,5 @@ def test_spiking_network_training_is_bit_identical_with_and_without_the_monitor(
     watched, records = runs(lambda m, o: sw.Monitor(m, o, preset="full", shadow=shadow))
     assert len(records) == STEPS
     assert all(r.firing_rate_mean is not None and r.layers["lif1"].get("membrane_mean") is not None for r in records)
-    # the window spawned at step 0 (later ones: tests/collectors/test_shadow.py, snntorch state buffers)
-    assert len(shadow.estimates) >= 1
+    assert len(shadow.estimates) == STEPS // 3  # every window opened, also after snntorch kept graph state
     assert_identical(plain, watched)
