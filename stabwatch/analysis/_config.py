@@ -103,7 +103,7 @@ class AnalyzerConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-class _UnknownSettingError(ConfigError, TypeError):
+class UnknownSettingError(ConfigError, TypeError):
     """A keyword that is not a setting: a `ConfigError`, and the `TypeError` a dataclass raised for it (as
     deep-lyapunov's ``AnalyzerConfig`` does), so ``except TypeError`` keeps working."""
 
@@ -118,7 +118,7 @@ def _refuse_unknown_keywords(init: Any) -> Any:
         unknown = sorted(set(kwargs) - set(names))
         if unknown or len(args) > len(names):
             given = f"unknown setting(s) {', '.join(unknown)}" if unknown else f"{len(args)} positional settings"
-            raise _UnknownSettingError(f"AnalyzerConfig: {given}; the settings are {', '.join(names)}")
+            raise UnknownSettingError(f"AnalyzerConfig: {given}; the settings are {', '.join(names)}")
         init(self, *args, **kwargs)
 
     return __init__

@@ -30,7 +30,7 @@ from numpy.typing import NDArray
 from torch import nn
 from tqdm.auto import tqdm
 
-from stabwatch.analysis._config import AnalyzerConfig
+from stabwatch.analysis._config import AnalyzerConfig, UnknownSettingError
 from stabwatch.analysis._errors import StateError, warn
 from stabwatch.analysis._recorder import ReplicaView, TrajectoryRecorder
 from stabwatch.analysis._replicas import (
@@ -148,7 +148,13 @@ class StabilityAnalyzer:
         projection_dim: int = 1024,
         max_exact_bytes: int = 256 * 2**20,
         sinks: Any = None,
+        **unknown: Any,
     ) -> None:
+        if unknown:
+            raise UnknownSettingError(
+                f"StabilityAnalyzer: unknown argument(s) {', '.join(sorted(unknown))}; see "
+                "help(StabilityAnalyzer) for the arguments (AnalyzerConfig's settings, config=, sinks=)"
+            )
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         explicit = AnalyzerConfig(
