@@ -225,7 +225,10 @@ class RecordPipeline:
             elif kind == "layer":
                 layers.setdefault(layer or "", {})[name] = value
             elif kind == "extra":
-                extra[f"{name}/{layer}" if layer else name] = value
+                if layer is None:
+                    extra[name] = value
+                elif self.per_layer:
+                    extra[f"{name}/{layer}"] = value
         if not self.per_layer:
             layers = {}
         return StabilityMetrics(step=step, layers=layers, extra=extra, **fields)

@@ -166,29 +166,21 @@ def test_the_cli_turns_bad_input_into_a_message_and_status_2(tmp_path, capsys):
     assert "cannot write" in capsys.readouterr().err
 
 
-# --- known escapes in modules owned elsewhere (each xfail is strict: it fails once fixed) ------------------
-def _escape(reason: str) -> Any:
-    return pytest.mark.xfail(strict=True, raises=(TypeError, ValueError, OSError), reason=reason)
-
-
-ESCAPES = [
+# --- bad input to the other public entry points ------------------
+BAD_INPUTS = [
     pytest.param(lambda: StabilityMetrics(step=-1), "step"),
     pytest.param(lambda: sw.Alert(rule="x"), "reason"),
     pytest.param(lambda: sw.alerts.StepGuard(windw=5), "windw"),
     pytest.param(lambda: StabilityAnalyzer(_model(), bogus=1), "bogus"),
-    pytest.param(
-        lambda: list(sw.sinks.read_jsonl(Path("/nonexistent/run.jsonl"))),
-        "run.jsonl",
-        marks=_escape("sinks/jsonl.py read_jsonl: FileNotFoundError"),
-    ),
+    pytest.param(lambda: list(sw.sinks.read_jsonl(Path("/nonexistent/run.jsonl"))), "run.jsonl"),
     pytest.param(lambda: sw.functional.spectral_radius(torch.ones(2, 3)), "square"),
     pytest.param(lambda: sw.functional.spike_counts(torch.ones(3), time_dim=5), "time_dim"),
     pytest.param(lambda: sw.functional.difference_norms([torch.ones(2)], []), "difference_norms"),
 ]
 
 
-@pytest.mark.parametrize(("call", "field"), ESCAPES)
-def test_known_escapes_elsewhere(call, field):
+@pytest.mark.parametrize(("call", "field"), BAD_INPUTS)
+def test_bad_input_elsewhere_is_a_stabwatch_error(call, field):
     try:
         call()
     except StabwatchError as exc:

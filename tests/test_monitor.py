@@ -570,3 +570,15 @@ def test_gradient_spectrum_stays_within_1e3_when_the_gradient_changes_between_re
             rec = mon.step()
             for k, ref in exact.items():
                 assert rec.layers[str(k)]["grad_max_sv"] == pytest.approx(ref, rel=1e-3)
+
+
+def test_per_layer_off_sends_no_per_layer_key():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with sw.Monitor(model, opt, preset="full", per_layer=False, alerts=False) as mon:
+        model(torch.randn(4, 8)).pow(2).mean().backward()
+        opt.step()
+        rec = mon.step()
+    keys = list(rec.to_dict())
+    assert "grad/norm" in keys and "grad_sv/max" in keys
+    assert not rec.layers and not [k for k in keys if k.split("/")[0].endswith("_layers")]

@@ -52,7 +52,7 @@ from stabwatch.errors import StabwatchError
 from stabwatch.metrics import StabilityMetrics
 from stabwatch.sinks._spill import SpillQueue
 
-__all__ = ["Dispatcher", "describe_monitor", "resolve_spill_dir"]
+__all__ = ["Dispatcher", "resolve_spill_dir"]
 
 log = logging.getLogger("stabwatch")
 
@@ -77,28 +77,6 @@ def resolve_spill_dir(spill_dir: str | os.PathLike[str] | None) -> Path:
             "pass spill_dir=... to the sink or set STABWATCH_SPILL_DIR"
         )
     return path
-
-
-def describe_monitor(monitor: Any) -> dict[str, str]:
-    """The monitor configuration as flat ``{name: str}`` params (what tracker sinks log as params)."""
-    import stabwatch
-
-    cfg = monitor.config
-    params: dict[str, str] = {"version": stabwatch.__version__, "model": type(monitor.model).__name__}
-    if monitor.optimizer is not None:
-        params["optimizer"] = type(monitor.optimizer).__name__
-        lr = monitor.optimizer.param_groups[0].get("lr")
-        if lr is not None:
-            params["lr"] = str(float(lr))
-    params["n_parameters"] = str(sum(p.numel() for p in monitor.model.parameters()))
-    for name, value in cfg.model_dump().items():
-        if name == "every":
-            continue
-        params[name] = str(value)
-    for family, spec in cfg.periods().items():
-        params[f"every.{family}"] = getattr(spec, "__name__", None) or str(spec)
-    params["families"] = ",".join(c.family for c in monitor._collectors)
-    return params
 
 
 class _Partial(Exception):

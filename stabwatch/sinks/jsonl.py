@@ -92,9 +92,24 @@ class JsonlSink:
         return f"JsonlSink({str(self.path)!r})"
 
 
+class _RunFileNotFound(StabwatchError, FileNotFoundError):
+    """A run file that does not exist (still a `FileNotFoundError` for code that catches that)."""
+
+
 def read_jsonl(path: str | os.PathLike[str]) -> Iterator[StabilityMetrics]:
-    """Read the records of a JSONL run file (blank lines skipped; a bad line raises with its number)."""
-    with open(path, encoding="utf-8") as f:
+    """Read the records of a JSONL run file (blank lines skipped; a bad line raises with its number).
+
+    Raises:
+        StabwatchError: the file cannot be read (also a `FileNotFoundError` when it does not exist) or a
+            line is not a record.
+    """
+    try:
+        f = open(path, encoding="utf-8")  # noqa: SIM115 - closed by the with below
+    except FileNotFoundError:
+        raise _RunFileNotFound(f"{path}: no such run file (a JSONL file written by JsonlSink)") from None
+    except OSError as exc:
+        raise StabwatchError(f"{path}: cannot read the run file ({exc})") from None
+    with f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

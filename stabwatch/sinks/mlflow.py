@@ -55,7 +55,7 @@ from urllib.parse import urlparse
 
 from pydantic import Field, StrictBool
 
-from stabwatch.errors import StabwatchError, validated
+from stabwatch.errors import MissingExtraError, StabwatchError, validated
 from stabwatch.metrics import FIELD_KEYS, Alert, StabilityMetrics
 from stabwatch.sinks._keys import LayerKeyPolicy, resolve_policy
 from stabwatch.sinks.base import SinkOptions
@@ -77,7 +77,7 @@ def _import_mlflow() -> Any:
     try:
         import mlflow
     except ImportError as exc:
-        raise StabwatchError("MlflowSink needs the mlflow package: pip install 'stabwatch[mlflow]'") from exc
+        raise MissingExtraError("MlflowSink needs the mlflow package: pip install 'stabwatch[mlflow]'") from exc
     return mlflow
 
 
@@ -163,7 +163,8 @@ class MlflowSink:
 
     Raises:
         ConfigError: a bad argument (the message names it and what is allowed).
-        StabwatchError: mlflow is not installed, or the tracking URI or run cannot be used.
+        MissingExtraError: mlflow is not installed (a `StabwatchError` and an ``ImportError``).
+        StabwatchError: the tracking URI or the run cannot be used.
 
     Example:
         >>> import tempfile, stabwatch as sw

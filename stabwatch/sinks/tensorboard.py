@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from stabwatch.errors import StabwatchError, validated
+from stabwatch.errors import MissingExtraError, StabwatchError, validated
 from stabwatch.metrics import StabilityMetrics
 from stabwatch.sinks._keys import LayerKeyPolicy, resolve_policy
 from stabwatch.sinks.base import SinkOptions
@@ -47,7 +47,8 @@ class TensorBoardSink:
 
     Raises:
         ConfigError: a bad argument (the message names it and what is allowed).
-        StabwatchError: tensorboard is not installed, or `log_dir` cannot be written.
+        MissingExtraError: tensorboard is not installed (a `StabwatchError` and an ``ImportError``).
+        StabwatchError: `log_dir` cannot be written.
 
     Example:
         >>> import tempfile, stabwatch as sw
@@ -81,7 +82,7 @@ class TensorBoardSink:
         try:
             import tensorboard  # noqa: F401
         except ImportError as exc:
-            raise StabwatchError(
+            raise MissingExtraError(
                 "TensorBoardSink needs the tensorboard package: pip install 'stabwatch[tensorboard]'"
             ) from exc
         from torch.utils.tensorboard import SummaryWriter

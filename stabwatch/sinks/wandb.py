@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from stabwatch.errors import StabwatchError, validated
+from stabwatch.errors import MissingExtraError, StabwatchError, validated
 from stabwatch.metrics import Severity, StabilityMetrics
 from stabwatch.sinks._keys import LayerKeyPolicy, resolve_policy
 from stabwatch.sinks.base import SinkOptions
@@ -43,7 +43,7 @@ def _import_wandb() -> Any:
     try:
         import wandb
     except ImportError as exc:
-        raise StabwatchError("WandbSink needs the wandb package: pip install 'stabwatch[wandb]'") from exc
+        raise MissingExtraError("WandbSink needs the wandb package: pip install 'stabwatch[wandb]'") from exc
     return wandb
 
 
@@ -73,7 +73,8 @@ class WandbSink:
 
     Raises:
         ConfigError: a bad argument (the message names it and what is allowed).
-        StabwatchError: wandb is not installed, ``wandb.init`` failed, or ``dir`` cannot be written.
+        MissingExtraError: wandb is not installed (a `StabwatchError` and an ``ImportError``).
+        StabwatchError: ``wandb.init`` failed, or ``dir`` cannot be written.
     """
 
     def __init__(

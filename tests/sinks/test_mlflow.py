@@ -369,11 +369,13 @@ def test_wrong_tracking_uri_fails_at_construction(tmp_path):
 def test_missing_tracker_packages_name_the_extra(monkeypatch, tmp_path):
     for module in ("mlflow", "wandb", "tensorboard"):
         monkeypatch.setitem(sys.modules, module, None)
-    with pytest.raises(sw.StabwatchError, match=re.escape("stabwatch[mlflow]")):
+    from stabwatch.errors import MissingExtraError
+
+    with pytest.raises(MissingExtraError, match=re.escape("stabwatch[mlflow]")):
         MlflowSink()
-    with pytest.raises(sw.StabwatchError, match=re.escape("stabwatch[wandb]")):
+    with pytest.raises(MissingExtraError, match=re.escape("stabwatch[wandb]")):
         sw.sinks.WandbSink()
-    with pytest.raises(sw.StabwatchError, match=re.escape("stabwatch[tensorboard]")):
+    with pytest.raises(MissingExtraError, match=re.escape("stabwatch[tensorboard]")):
         sw.sinks.TensorBoardSink(tmp_path)
 
 
