@@ -144,7 +144,8 @@ def describe_validation_error(exc: Any) -> str:
         shown = repr(err.get("input"))
         if len(shown) > 60:
             shown = shown[:57] + "..."
-        parts.append(f"{loc}={shown}: {err.get('msg', 'invalid')}")
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")  # our own validators' messages
+        parts.append(f"{loc}={shown}: {msg}")
     return "; ".join(parts)
 
 

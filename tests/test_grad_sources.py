@@ -110,9 +110,9 @@ def test_lbfgs_measures_the_gradient_at_the_steps_starting_point() -> None:
             reference = copy.deepcopy(model)
             _loss(reference, batch).backward()
             expected = [p.grad.detach().clone() for p in reference.parameters()]
-            calls = []
+            calls: list[int] = []
 
-            def closure(batch: tuple[torch.Tensor, torch.Tensor] = batch) -> torch.Tensor:
+            def closure(batch: tuple[torch.Tensor, torch.Tensor] = batch, calls: list[int] = calls) -> torch.Tensor:
                 calls.append(1)
                 opt.zero_grad()
                 loss = _loss(model, batch)

@@ -364,7 +364,7 @@ def test_a_single_sink_needs_no_list(tmp_path):
 
 
 def test_a_collector_of_a_preset_family_replaces_the_presets():
-    from stabwatch.collectors import GradSVCollector, NonfiniteCollector
+    from stabwatch.collectors import GradSVCollector
 
     model = mlp()
     mine = GradSVCollector(every=1, top_k=1)

@@ -21,11 +21,8 @@ from tests.helpers import data, mlp, train
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here runs with one torch thread (`tests/conftest.py::one_thread`)."""
 
 
 def _ce(model: nn.Module, batch) -> torch.Tensor:

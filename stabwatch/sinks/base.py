@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from stabwatch.metrics import StabilityMetrics
 
-__all__ = ["Sink", "SinkOptions"]
+__all__ = ["Sink", "SinkOptions", "check_path"]
 
 
 @runtime_checkable
@@ -55,6 +55,16 @@ class Sink(Protocol):
     def flush(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+def check_path(value: Any, what: str = "path", *, optional: bool = False) -> Any:
+    """A sink option that names a file or folder: a non-empty ``str`` or ``os.PathLike`` (or ``None`` when
+    ``optional``). Raises ``ValueError`` (inside a pydantic validator: becomes a `ConfigError`)."""
+    if value is None and optional:
+        return value
+    if not isinstance(value, str | os.PathLike) or not os.fspath(value):
+        raise ValueError(f"expected a {what} (str or os.PathLike){' or None' if optional else ''}")
+    return value
 
 
 class SinkOptions(BaseModel):
@@ -77,6 +87,4 @@ class SinkOptions(BaseModel):
     @field_validator("spill_dir", mode="before")
     @classmethod
     def _check_spill_dir(cls, value: Any) -> Any:
-        if value is not None and not isinstance(value, str | os.PathLike):
-            raise ValueError("expected a folder path (str or os.PathLike) or None")
-        return value
+        return check_path(value, "folder path", optional=True)

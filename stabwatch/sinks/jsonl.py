@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from stabwatch.errors import StabwatchError, validated
 from stabwatch.metrics import StabilityMetrics
+from stabwatch.sinks.base import check_path
 
 __all__ = ["JsonlSink", "read_jsonl"]
 
@@ -31,9 +32,7 @@ class _Options(BaseModel):
     @field_validator("path", mode="before")
     @classmethod
     def _check_path(cls, value: Any) -> Any:
-        if not isinstance(value, str | os.PathLike) or not os.fspath(value):
-            raise ValueError("expected a file path (str or os.PathLike)")
-        return value
+        return check_path(value, "file path")
 
 
 class JsonlSink:

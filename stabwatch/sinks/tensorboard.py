@@ -18,7 +18,7 @@ from pydantic import Field, field_validator
 from stabwatch.errors import MissingExtraError, StabwatchError, validated
 from stabwatch.metrics import StabilityMetrics
 from stabwatch.sinks._keys import LayerKeyPolicy, resolve_policy
-from stabwatch.sinks.base import SinkOptions
+from stabwatch.sinks.base import SinkOptions, check_path
 
 __all__ = ["TensorBoardSink"]
 
@@ -30,9 +30,7 @@ class _Options(SinkOptions):
     @field_validator("log_dir", mode="before")
     @classmethod
     def _check_log_dir(cls, value: Any) -> Any:
-        if not isinstance(value, str | os.PathLike) or not os.fspath(value):
-            raise ValueError("expected a folder path (str or os.PathLike)")
-        return value
+        return check_path(value, "folder path")
 
 
 class TensorBoardSink:
