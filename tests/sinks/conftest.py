@@ -130,7 +130,10 @@ def wandb_records(wandb_dir: Path, run_id: str | None = None) -> list[Any]:
                 pos += left
                 continue
             chunk = data[pos + 7 : pos + 7 + length]
-            assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF == crc, f"bad crc at {pos}"
+            intact = len(chunk) == length and zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF == crc
+            if not intact and time.monotonic() <= deadline:
+                break  # the writer is still writing this chunk: read the file again
+            assert intact, f"bad crc at {pos}"
             pos += 7 + length
             if kind == 1:
                 payloads.append(chunk)
