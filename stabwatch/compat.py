@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from stabwatch.collectors.base import Readout
+from stabwatch.collectors.base import Readout, weight_layer_name
 from stabwatch.errors import ConfigError, StabwatchError
 from stabwatch.functional.gradients import gradient_norm
 from stabwatch.functional.spectral import (
@@ -105,10 +105,6 @@ def _on(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:
             return t
         value = float(t.item())  # a host tensor: reading it costs no device sync
     return torch.full((1,), float(value), dtype=torch.float64, device=device)
-
-
-def _layer_name(param_name: str) -> str:
-    return param_name[: -len(".weight")] if param_name.endswith(".weight") else param_name
 
 
 def _spike_layout(spikes: torch.Tensor) -> tuple[torch.Tensor, int | None]:
@@ -433,11 +429,11 @@ class StabilityMonitor:
             readout.add(field, stats[j])
         dev = stats.device
         readout.add_layers(
-            "grad_max_sv", [_layer_name(r.name) for r in rows], torch.stack([r.top[0].to(dev) for r in rows])
+            "grad_max_sv", [weight_layer_name(r.name) for r in rows], torch.stack([r.top[0].to(dev) for r in rows])
         )
         exact = [r for r in rows if r.exact]
         if exact:
-            layers = [_layer_name(r.name) for r in exact]
+            layers = [weight_layer_name(r.name) for r in exact]
             readout.add_layers("grad_min_sv", layers, torch.stack([r.s_min.to(dev) for r in exact]))
             readout.add_layers("grad_condition", layers, torch.stack([r.kappa.to(dev) for r in exact]))
 

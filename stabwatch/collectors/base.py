@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -21,7 +21,17 @@ from torch import nn
 from stabwatch.errors import InputError, validated
 from stabwatch.schedules import Schedule, make_schedule
 
-__all__ = ["Collector", "CollectorOptions", "MonitorContext", "Readout"]
+__all__ = ["Collector", "CollectorOptions", "MonitorContext", "Readout", "weight_layer_name"]
+
+
+def weight_layer_name(param_name: str) -> str:
+    """The layer a weight belongs to, as records name it: ``"encoder.0.weight"`` -> ``"encoder.0"``.
+
+    Example:
+        >>> weight_layer_name("encoder.0.weight"), weight_layer_name("rnn.weight_hh_l0")
+        ('encoder.0', 'rnn.weight_hh_l0')
+    """
+    return param_name.removesuffix(".weight")
 
 
 class CollectorOptions(BaseModel):
@@ -176,7 +186,9 @@ class Collector:
     `CollectorOptions` subclass: the family's own settings, validated at construction and set as
     attributes of the same names) and override what they need:
 
-    * `setup(ctx)` — register hooks with `self.hook(handle)` (removed on `detach`);
+    * `setup(ctx)` — register module hooks with `self.add_hook(module.register_forward_hook, fn)` (removed
+      on `detach`, paused while the shadow copies the model); `self.hook(handle)` keeps any other handle
+      for `detach` (not paused);
     * `before_optimizer_step()` / `after_optimizer_step()` — run inside the optimizer's step hooks;
     * `collect(step, readout, loss, batch)` — add device tensors for a scheduled step;
     * `finish(step, readout, record)` — read synced internal values (optional).
@@ -244,10 +256,6 @@ class Collector:
     def hook(self, handle: Any) -> None:
         """Keep a hook handle so `detach` removes it."""
         self._handles.append(handle)
-
-    def hooks(self, handles: Iterable[Any]) -> None:
-        for h in handles:
-            self.hook(h)
 
     def add_hook(self, register: Callable[..., Any], fn: Callable[..., Any], **kwargs: Any) -> Any:
         """Register ``fn`` with ``register`` (e.g. ``module.register_forward_hook``) and keep the handle.

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import torch
 from pydantic import Field
 
-from stabwatch.collectors.base import Collector, CollectorOptions, MonitorContext, Readout
+from stabwatch.collectors.base import Collector, CollectorOptions, MonitorContext, Readout, weight_layer_name
 from stabwatch.functional.spectral import (
     as_matrix,
     block_krylov_singular_values,
@@ -37,10 +37,6 @@ class _Spectra(NamedTuple):
     top_layers: list[str]
     exact: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (s_min, rank, kappa) per exact group
     exact_layers: list[str]
-
-
-def _layer_name(param_name: str) -> str:
-    return param_name[: -len(".weight")] if param_name.endswith(".weight") else param_name
 
 
 class GradSVCollector(Collector):
@@ -108,14 +104,14 @@ class GradSVCollector(Collector):
                     if min(shape) <= self.exact_max_dim:
                         top, s_min, rank, kappa = spectrum_summary(stack, self.top_k)
                         exact.append((s_min, rank, kappa))
-                        exact_layers += [_layer_name(n) for n in names]
+                        exact_layers += [weight_layer_name(n) for n in names]
                     else:
                         top = self._top(names, stack)[:, : self.top_k]
                 except Exception as exc:  # noqa: BLE001 - a failing metric never kills training
                     self.fail(f"gradient singular values of {len(names)} matrices {shape}", exc)
                     continue
                 tops.append(top)
-                top_layers += [_layer_name(n) for n in names]
+                top_layers += [weight_layer_name(n) for n in names]
         return _Spectra(tops, top_layers, exact, exact_layers)
 
     def collect(self, step: int, readout: Readout, loss: torch.Tensor | None, batch: Any) -> None:
