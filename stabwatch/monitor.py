@@ -204,6 +204,7 @@ class Monitor:
         )
         self._attached = False
         self._closed = False
+        self._optimizer_steps = 0
         self._handles: list[Any] = []
         self._ctx: MonitorContext | None = None
 
@@ -362,6 +363,7 @@ class Monitor:
         return _closure
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._optimizer_steps += 1
         self._pipeline.update_done()
 
     # the step --------------------------------------------------------------------------------------
@@ -369,6 +371,12 @@ class Monitor:
     def current_step(self) -> int:
         """Index of the next record (the number of `step` calls so far)."""
         return self._pipeline.step
+
+    @property
+    def optimizer_steps(self) -> int:
+        """How many times the optimizer stepped while attached (framework callbacks record a step when it
+        advanced, so gradient-accumulation micro-batches make no record)."""
+        return self._optimizer_steps
 
     def step(self, loss: torch.Tensor | float | None = None, batch: Any = None) -> StabilityMetrics | None:
         """Close one training step: gather what the hooks saw, emit a record, prepare the next step.
