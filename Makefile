@@ -1,6 +1,6 @@
 PY ?= python3
 
-.PHONY: setup lint types test check bench demo
+.PHONY: setup lint types test docs check bench demo
 
 setup:
 	bash scripts/setup.sh
@@ -15,8 +15,12 @@ types:
 test:
 	$(PY) -m pytest -q -p no:cacheprovider
 
-# lint, types and tests: what CI runs
-check: lint types test
+# the documentation site, warnings as errors (browse it with `mkdocs serve`)
+docs:
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir build/site
+
+# lint, types, tests and the docs build: what CI runs
+check: lint types test docs
 
 bench:
 	$(PY) benchmarks/bench_overhead.py

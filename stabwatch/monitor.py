@@ -39,6 +39,8 @@ _MOVED_OPTIONS = {
 }
 #: family names of earlier versions
 _RENAMED_FAMILIES = {"spectral": "weight"}
+#: version of the `Monitor.state_dict` format (1: before it had a "version" key)
+_STATE_VERSION = 2
 
 
 class MonitorConfig(BaseModel):
@@ -56,6 +58,8 @@ class MonitorConfig(BaseModel):
         max_records: how many records `Monitor.records` keeps in memory (oldest dropped).
         per_layer: emit per-layer values.
         seed: seed of the monitor's own RNG (random probes); training's RNG is never touched.
+        all_ranks: under ``torch.distributed``, emit to sinks on every rank; by default only rank 0 writes
+            (every rank still builds its records, see docs/distributed.md).
     """
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
@@ -66,6 +70,7 @@ class MonitorConfig(BaseModel):
     max_records: int = Field(default=1000, ge=0)
     per_layer: bool = True
     seed: int = 0
+    all_ranks: bool = False
 
     @field_validator("every")
     @classmethod
@@ -124,7 +129,8 @@ class Monitor:
         collectors: configured `Collector` instances: one of a preset's families replaces the preset's
             (``collectors=[sw.collectors.GradSVCollector(every=10, top_k=5)]``), others are added
             (custom metric families). A collector passed here keeps its own schedule.
-        **options: further `MonitorConfig` fields (``log_every``, ``max_records``, ``per_layer``, ``seed``).
+        **options: further `MonitorConfig` fields (``log_every``, ``max_records``, ``per_layer``, ``seed``,
+            ``all_ranks``).
 
     Example:
         >>> import torch, stabwatch as sw
@@ -201,6 +207,8 @@ class Monitor:
             per_layer=self.config.per_layer,
             log_every=self.config.log_every,
             max_records=self.config.max_records,
+            distributed=True,
+            all_ranks=self.config.all_ranks,
         )
         self._attached = False
         self._closed = False
@@ -431,13 +439,97 @@ class Monitor:
         return params
 
     def state_dict(self) -> dict[str, Any]:
-        """The monitor's resumable state: step counter, collector state, alert-engine state."""
-        return {"generator": self._generator.get_state(), **self._pipeline.state_dict()}
+        """Everything a resumed run needs to emit the records and alerts an uninterrupted one would.
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned (e.g. when resuming from a checkpoint)."""
+        Save it with the model and optimizer and load it into a `Monitor` built the same way (see
+        ``docs/checkpoint.md``)::
+
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "monitor": mon.state_dict()}, path)
+            ...
+            ckpt = torch.load(path, weights_only=True)
+            model.load_state_dict(ckpt["model"]); opt.load_state_dict(ckpt["opt"])
+            with sw.Monitor(model, opt, ...same options...) as mon:
+                mon.load_state_dict(ckpt["monitor"])
+
+        Holds: ``version`` (of this format), ``config`` (preset, families, the trainable parameters'
+        names and shapes: checked on load), the step counter and `optimizer_steps`, the monitor's RNG, each
+        family's state (the warm-start vectors of the spectral estimates, the shadow's open window and
+        its replica), the alert rules' windows and episodes, and the skip-step guard's window. Only
+        tensors and plain Python values: ``torch.load(path, weights_only=True)`` loads it. Tensors are
+        references, as in ``Module.state_dict()``: save them (or ``copy.deepcopy`` the dict) right away.
+        After the monitor closed it still works, without an open shadow window (closing frees the replica).
+
+        Not in it: the records and alerts kept in `records` / `alerts` (they went to the sinks), and
+        training's own RNG (save ``torch.get_rng_state()`` yourself if the run uses dropout).
+        """
+        return {
+            "version": _STATE_VERSION,
+            "config": {
+                "preset": self.config.preset,
+                "families": [c.family for c in self._pipeline.collectors],
+                "params": self._param_shapes(),
+            },
+            "generator": self._generator.get_state(),
+            "optimizer_steps": self._optimizer_steps,
+            **self._pipeline.state_dict(),
+        }
+
+    def _param_shapes(self) -> list[list[Any]]:
+        """``[[name, [shape...]], ...]`` of the trainable parameters: what the collectors' state is about."""
+        return [[name, list(p.shape)] for name, p in self.model.named_parameters() if p.requires_grad]
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Restore what `state_dict` returned, before or after the monitor starts.
+
+        A state saved by an earlier version (no ``"version"`` key) loads too; what it did not hold
+        (warm-start vectors, the shadow's open window) starts fresh.
+
+        Args:
+            state: a `state_dict`, e.g. ``torch.load(path, weights_only=True)["monitor"]``.
+            strict: refuse a state saved with another configuration. ``False`` loads the families both
+                configurations have (the others start fresh) and skips the preset and parameter checks.
+
+        Raises:
+            ConfigError: ``strict`` and the state was saved with another preset, other metric families
+                (a shadow only on one side included) or other trainable parameters (names or shapes), or
+                by a newer stabwatch; the message says what differs. Nothing is loaded then.
+        """
+        if not isinstance(state, dict):
+            raise ConfigError(
+                f"Monitor.load_state_dict: expected the dict Monitor.state_dict() returns, got {state!r:.80}"
+            )
+        version = state.get("version", 1)
+        if not isinstance(version, int) or version > _STATE_VERSION:
+            raise ConfigError(
+                f"Monitor.load_state_dict: state format version {version!r} is newer than this stabwatch's "
+                f"({_STATE_VERSION}); upgrade stabwatch to resume from it"
+            )
+        if not isinstance(state.get("generator"), torch.Tensor):
+            raise ConfigError(
+                "Monitor.load_state_dict: the state has no 'generator' tensor; pass what Monitor.state_dict() "
+                f"returned (keys given: {sorted(state)})"
+            )
+        config = state.get("config")
+        if strict and isinstance(config, dict):
+            if config.get("preset") != self.config.preset:
+                raise ConfigError(
+                    f"Monitor.load_state_dict: the checkpoint was saved with preset={config.get('preset')!r}, this "
+                    f"monitor has preset={self.config.preset!r}; resume with the same preset (or strict=False)"
+                )
+            saved = [(str(n), [int(d) for d in shape]) for n, shape in config.get("params", [])]
+            mine = [(n, shape) for n, shape in self._param_shapes()]
+            if saved != mine:
+                only_saved = [f"{n} {tuple(s)}" for n, s in saved if (n, s) not in mine]
+                only_here = [f"{n} {tuple(s)}" for n, s in mine if (n, s) not in saved]
+                raise ConfigError(
+                    f"Monitor.load_state_dict: the checkpoint was saved for another model ({len(saved)} trainable "
+                    f"parameters, this {type(self.model).__name__} has {len(mine)}; only in the checkpoint: "
+                    f"{', '.join(only_saved[:5]) or 'none'}; only here: {', '.join(only_here[:5]) or 'none'}). "
+                    "Resume with the model the checkpoint was saved from (or strict=False)"
+                )
+        self._pipeline.load_state_dict(state, strict=strict)  # checks the families before loading anything
         self._generator.set_state(state["generator"])
-        self._pipeline.load_state_dict(state)
+        self._optimizer_steps = int(state.get("optimizer_steps", self._optimizer_steps))
 
     def __repr__(self) -> str:
         fams = ", ".join(c.family for c in self._pipeline.collectors)

@@ -16,6 +16,11 @@ collectors that are scheduled and to the skip-step guard, and times everything i
 
 Sinks are written by one background thread each (`stabwatch.sinks._dispatch.Dispatcher`): publishing a
 record never waits on a tracker, and a tracker that is down has its records spilled and replayed.
+
+Under ``torch.distributed`` (`stabwatch.distributed`) every rank builds its records; values tagged as
+differing per rank are reduced across ranks in `build` (one all-gather after a four-number layout check,
+only when the world has more than one process), only rank 0 writes to the sinks unless ``all_ranks``,
+and rank 0's stop decision is broadcast so that every rank raises at the same step.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any
 
 import torch
 
+from stabwatch import distributed as _dist
 from stabwatch.alerts.actions import instability_error
 from stabwatch.collectors.base import Collector, MonitorContext, Readout
 from stabwatch.errors import ConfigError, InstabilityError
@@ -50,6 +56,15 @@ class RecordPipeline:
         per_layer: keep per-layer values in the records.
         log_every: emit a record every N steps (a non-finite step is always emitted).
         max_records: how many records `records` keeps.
+        distributed: the front-end runs on every rank of the default process group in lockstep (as
+            `stabwatch.Monitor` does): with more than one process, values that differ per rank are reduced
+            across ranks, rank 0's stop decision is broadcast, and only rank 0 writes to the sinks unless
+            ``all_ranks``. ``False`` (a front-end used on one rank only): no collective, every rank writes.
+        all_ranks: with ``distributed``, write to the sinks on every rank; by default only rank 0 does
+            (the others build records, kept in `records`, and never touch their sinks).
+
+    Raises:
+        ConfigError: a `stabwatch.Shadow` among the collectors of a run with more than one process.
 
     Example:
         >>> from stabwatch.collectors.base import Readout
@@ -71,9 +86,19 @@ class RecordPipeline:
         per_layer: bool = True,
         log_every: int = 1,
         max_records: int = 1000,
+        distributed: bool = False,
+        all_ranks: bool = False,
     ) -> None:
         from stabwatch.sinks._dispatch import Dispatcher
 
+        self.distributed = distributed
+        if distributed and _dist.world_size() > 1 and any(c.family == "shadow" for c in collectors):
+            raise ConfigError(
+                f"Shadow: not supported with torch.distributed (rank {_dist.rank()} of {_dist.world_size()}): the "
+                "replica is a local copy trained on this rank's batch, which is not the map the synchronised "
+                "training applies (its gradient is the mean over all ranks' batches); run the shadow in a "
+                "single-process run, or pass shadow= only when torch.distributed.get_world_size() == 1"
+            )
         self.collectors = list(collectors)
         self.engine = engine
         self.guard = guard
@@ -84,7 +109,11 @@ class RecordPipeline:
         self.alerts: collections.deque[Alert] = collections.deque(maxlen=max(1000, max_records))
         self.step = 0
         self._hook_time = 0.0
-        self._dispatch = Dispatcher(list(sinks))  # one background writer per sink; checks spill dirs
+        #: whether this process writes to the sinks (rank 0, or every rank with ``all_ranks``)
+        self.writes = all_ranks or not distributed or _dist.is_main()
+        # one background writer per sink; other ranks never touch theirs (no file, run or folder made)
+        self._dispatch = Dispatcher(list(sinks) if self.writes else [])
+        self._layout_warned = False
         self._open = False
         #: what the collectors see (set by a front-end that attaches them to a model)
         self.ctx: MonitorContext | None = None
@@ -177,7 +206,7 @@ class RecordPipeline:
         """
         t0 = time.perf_counter()
         step = self.step
-        readout = Readout()
+        readout = Readout(across_ranks=self.distributed and _dist.world_size() > 1)
         ran: list[Collector] = []
         with torch.no_grad():
             for c in self.collectors:
@@ -190,7 +219,8 @@ class RecordPipeline:
                     c.fail(f"{c.family} metrics", exc)
             if loss is not None:
                 try:
-                    readout.add("loss", loss.detach().reshape(()) if isinstance(loss, torch.Tensor) else float(loss))
+                    value = loss.detach().reshape(()) if isinstance(loss, torch.Tensor) else float(loss)
+                    readout.add("loss", value, reduce="mean")  # each rank's loss is on its own batch
                 except Exception as exc:  # noqa: BLE001
                     log.warning("stabwatch: could not read the loss (%s)", exc)
         record = self.build(step, readout)
@@ -204,6 +234,11 @@ class RecordPipeline:
         self.begin(self.step)
         if not emit:
             self._hook_time += time.perf_counter() - t0
+            if self._agrees():  # rank 0 may have emitted (and stopped) where this rank did not
+                error = _dist.agree_stop(None)
+                if error is not None:
+                    self.flush()
+                    raise error
             return None
         extra: list[Alert] = self.guard.pop_alerts() if self.guard is not None else []
         hook_time = self._hook_time + sum(c.elapsed for c in self.collectors)
@@ -213,8 +248,21 @@ class RecordPipeline:
         return self.publish(record, extra_alerts=extra, started=t0, hook_time=hook_time)
 
     def build(self, step: int, readout: Readout) -> StabilityMetrics:
-        """Sync ``readout`` (one device->host copy) and assemble the record of ``step`` from it."""
+        """Sync ``readout`` (one device->host copy) and assemble the record of ``step`` from it.
+
+        A readout made `across_ranks` is first reduced across ranks (`Readout.reduce_across_ranks`):
+        every rank must then build the same records.
+        """
         with torch.no_grad():
+            if readout.across_ranks and not readout.reduce_across_ranks() and not self._layout_warned:
+                self._layout_warned = True
+                log.warning(
+                    "stabwatch: rank %d: the ranks' records hold different entries at step %d (a collector "
+                    "failed on one rank?); this record keeps per-rank values and leaves out sharded norms. "
+                    "Further mismatches are not logged.",
+                    _dist.rank(),
+                    step,
+                )
             values = readout.sync()
         fields: dict[str, Any] = {}
         layers: dict[str, dict[str, float]] = {}
@@ -263,13 +311,25 @@ class RecordPipeline:
             self.records.append(record)
         self._dispatch.submit(record)  # sinks are written by background threads
         error = stop or instability_error(fired, self.raise_on)
+        if self._agrees():  # rank 0 decides; every rank stops at the same step
+            error = _dist.agree_stop(error)
         if error is not None:
             self.flush()
             raise error
         return record
 
+    def _agrees(self) -> bool:
+        """Whether records must carry rank 0's stop decision: more than one process, and something can stop
+        (``raise_on`` or alert callbacks, which may raise `stabwatch.InstabilityError`)."""
+        callbacks = getattr(getattr(self.engine, "callbacks", None), "callbacks", None)
+        if not self.distributed or (self.raise_on is None and not callbacks):
+            return False
+        return _dist.world_size() > 1
+
     # state -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The step counter, every collector's state (by family), the alert rules' and the guard's:
+        tensors and plain Python values only (``torch.load(weights_only=True)`` loads them)."""
         return {
             "step": self.step,
             "collectors": {c.family: c.state_dict() for c in self.collectors},
@@ -277,11 +337,36 @@ class RecordPipeline:
             "guard": self.guard.state_dict() if self.guard is not None else None,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Restore `state_dict` output.
+
+        Raises:
+            ConfigError: ``strict`` and the saved families are not this pipeline's (the message names
+                the ones missing on either side); nothing is loaded then.
+        """
+        saved = state.get("collectors", {})
+        if not isinstance(saved, dict) or "step" not in state:
+            raise ConfigError(
+                "load_state_dict: expected a state_dict() with 'step' and 'collectors', got keys "
+                f"{sorted(state) if isinstance(state, dict) else type(state).__name__}"
+            )
+        if "spectral" in saved and "weight" not in saved:  # the family's name before it was renamed
+            saved = {("weight" if k == "spectral" else k): v for k, v in saved.items()}
+        mine = [c.family for c in self.collectors]
+        missing, extra = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
+        if strict and (missing or extra):
+            raise ConfigError(
+                "load_state_dict: the checkpoint was saved with other metric families "
+                f"(saved: {', '.join(sorted(saved)) or 'none'}; here: {', '.join(mine) or 'none'}"
+                + (f"; not in the checkpoint: {', '.join(missing)}" if missing else "")
+                + (f"; only in the checkpoint: {', '.join(extra)}" if extra else "")
+                + "). Resume with the same preset, every= and collectors (and shadow), or pass strict=False "
+                "to load the families both have"
+            )
         self.step = int(state["step"])
         for c in self.collectors:
-            if c.family in state.get("collectors", {}):
-                c.load_state_dict(state["collectors"][c.family])
+            if c.family in saved:
+                c.load_state_dict(saved[c.family])
         if self.engine is not None and state.get("alerts") is not None:
             self.engine.load_state_dict(state["alerts"])
         if self.guard is not None and state.get("guard") is not None:

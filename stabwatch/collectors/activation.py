@@ -7,6 +7,12 @@ several times in one step (an RNN cell, an unrolled loop) is averaged over its c
 Emits per layer ``activation_mean``, ``activation_std``, ``dead_frac`` (ReLU-like: units zero for the
 whole batch) and ``saturated_frac`` (tanh/sigmoid: elements with ``|y| > 0.99`` or outside
 ``[0.01, 0.99]``), and globally the mean of each over layers (``activation/mean`` ...).
+
+Distributed (more than one process): each rank sees its own batch, so per layer the element count, the
+sum, the sum of squares and the saturated count are summed across ranks (the record's one all-gather)
+and the mean, std and saturated fraction computed from the sums: those of the combined batch.
+``dead_frac`` is the mean over ranks of each rank's fraction (a unit is dead when it is zero for that
+rank's whole batch; the exact combined-batch value would need every unit's maximum from every rank).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from stabwatch import distributed as _dist
 from stabwatch.collectors.base import Collector, CollectorOptions, MonitorContext, Readout
 from stabwatch.collectors.nonfinite import first_tensor
 from stabwatch.functional.activations import activation_statistics
@@ -57,6 +64,7 @@ class ActivationCollector(Collector):
         self._kinds = [kind or "linear" for _, _, kind in targets]
         self._sums: dict[int, torch.Tensor] = {}
         self._counts: dict[int, int] = {}
+        self._numel: dict[int, int] = {}  # elements seen per layer (used when reduced across ranks)
         for i, (_, module, kind) in enumerate(targets):
             self.add_hook(module.register_forward_hook, self.guard(self._make_hook(i, kind or "linear")))
 
@@ -75,21 +83,45 @@ class ActivationCollector(Collector):
             else:
                 self._sums[index] = stats
                 self._counts[index] = 1
+            self._numel[index] = self._numel.get(index, 0) + t.numel()
 
         return _hook
 
     def begin_step(self, step: int) -> None:
-        self._sums, self._counts = {}, {}
+        self._sums, self._counts, self._numel = {}, {}, {}
 
     def teardown(self) -> None:
-        self._sums, self._counts = {}, {}
+        self._sums, self._counts, self._numel = {}, {}, {}
 
     def collect(self, step: int, readout: Readout, loss: torch.Tensor | None, batch: Any) -> None:
         if not self._sums:
             return
         idx = sorted(self._sums)
         stats = torch.stack([self._sums[i] / self._counts[i] for i in idx])  # [L, 4]
-        self._sums, self._counts = {}, {}
+        numel = [self._numel.get(i, 0) / self._counts[i] for i in idx]  # elements per call
+        self._sums, self._counts, self._numel = {}, {}, {}
+        if readout.across_ranks:
+            self._add_global(readout, idx, stats, numel)
+        else:
+            self._add(readout, idx, stats)
+
+    def _add_global(self, readout: Readout, idx: list[int], stats: torch.Tensor, numel: list[float]) -> None:
+        """Sums over this rank's elements, added across ranks, then the statistics of the combined batch."""
+        s = stats.double()
+        n = torch.tensor(numel, dtype=torch.float64, device=s.device)
+        mean, std, dead, sat = s.unbind(1)
+        raw = torch.stack([n, n * mean, (n - 1) * std.square() + n * mean.square(), dead, n * sat], dim=1)
+        ranks = _dist.world_size()
+
+        def _combined(total: torch.Tensor) -> None:
+            nn_, s1, s2, dead_sum, sat_n = total.unbind(1)
+            m = s1 / nn_
+            var = ((s2 - nn_ * m.square()) / (nn_ - 1).clamp_min(1)).clamp_min(0)
+            self._add(readout, idx, torch.stack([m, var.sqrt(), dead_sum / ranks, sat_n / nn_], dim=1))
+
+        readout.add_reduced(raw, "sum", _combined, key=tuple(idx))
+
+    def _add(self, readout: Readout, idx: list[int], stats: torch.Tensor) -> None:
         applies = {
             "activation_mean": lambda kind: True,
             "activation_std": lambda kind: True,

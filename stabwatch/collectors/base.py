@@ -18,6 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from stabwatch import distributed as _dist
 from stabwatch.errors import InputError, validated
 from stabwatch.schedules import Schedule, make_schedule
 
@@ -122,40 +123,82 @@ class Readout:
     `add_extra` (a free ``family/metric[/layer]`` key). `add_internal` stores tensors a collector needs
     back as floats in `Collector.finish` (e.g. per-module non-finite flags). Values are kept as 1-D
     chunks and concatenated once in `sync`.
+
+    Distributed runs (`stabwatch.distributed`): a value that differs per rank but claims a global value
+    carries ``reduce=`` (``"mean"``, ``"sum"``, ``"max"``, ``"min"``; ``None``: already the same on every
+    rank), and `add_reduced` hands raw sums (e.g. squares of FSDP shards) reduced across ranks to a
+    callback that adds the derived values. `reduce_across_ranks` does all of it with one all-gather per
+    record; without a process group it is never called and ``reduce=`` costs nothing.
+
+    Args:
+        across_ranks: this record is built on every rank in lockstep and reduced across them (set by a
+            `stabwatch.pipeline.RecordPipeline` made with ``distributed=True`` when the world has more than
+            one process). Otherwise `add_reduced` hands its values back at once and ``reduce=`` is ignored.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, across_ranks: bool = False) -> None:
+        self.across_ranks = across_ranks
         self.entries: list[tuple[str, str, str | None]] = []  # (kind, name, layer) per value
         self.chunks: list[torch.Tensor] = []
         self.internal_slices: dict[str, tuple[int, int]] = {}
         self.values: list[float] = []
+        self._ops: dict[int, tuple[str, int]] = {}  # chunk -> (reduction across ranks, first entry); absent: global
+        self._deferred: list[tuple[torch.Tensor, str, Callable[[torch.Tensor], None], object]] = []
 
-    def _push(self, entries: list[tuple[str, str, str | None]], value: torch.Tensor | float) -> None:
+    def _push(
+        self, entries: list[tuple[str, str, str | None]], value: torch.Tensor | float, reduce: str | None = None
+    ) -> None:
         t = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
         t = t.reshape(-1)
         if t.numel() != len(entries):
             raise InputError(f"readout: {len(entries)} names but {t.numel()} values ({entries[:3]}...)")
+        if reduce is not None:
+            self._ops[len(self.chunks)] = (_check_op(reduce), len(self.entries))
         self.entries.extend(entries)
         self.chunks.append(t)
 
-    def add(self, name: str, value: torch.Tensor | float) -> None:
+    def add(self, name: str, value: torch.Tensor | float, reduce: str | None = None) -> None:
         """A global record field, e.g. ``add("grad_norm", total)``."""
-        self._push([("field", name, None)], value)
+        self._push([("field", name, None)], value, reduce)
 
-    def add_layers(self, name: str, layers: Sequence[str], values: torch.Tensor) -> None:
+    def add_layers(self, name: str, layers: Sequence[str], values: torch.Tensor, reduce: str | None = None) -> None:
         """One value per layer for a field: ``values`` is a 1-D tensor aligned with ``layers``."""
-        self._push([("layer", name, layer) for layer in layers], values)
+        self._push([("layer", name, layer) for layer in layers], values, reduce)
 
-    def add_extra(self, key: str, value: torch.Tensor | float, layer: str | None = None) -> None:
+    def add_extra(
+        self, key: str, value: torch.Tensor | float, layer: str | None = None, reduce: str | None = None
+    ) -> None:
         """A key outside the record's fields, ``family/metric`` (stored under ``extra``)."""
-        self._push([("extra", key, layer)], value)
+        self._push([("extra", key, layer)], value, reduce)
 
-    def add_internal(self, name: str, values: torch.Tensor) -> None:
+    def add_internal(self, name: str, values: torch.Tensor, reduce: str | None = None) -> None:
         """Tensors synced with the record and handed back as floats to `Collector.finish`."""
         start = len(self.entries)
         n = values.numel()
-        self._push([("internal", name, None)] * n, values)
+        self._push([("internal", name, None)] * n, values, reduce)
         self.internal_slices[name] = (start, start + n)
+
+    def add_reduced(
+        self, values: torch.Tensor, reduce: str, then: Callable[[torch.Tensor], None], key: object = None
+    ) -> None:
+        """Raw values to combine across ranks (``reduce``) before ``then(reduced)`` adds what derives from them.
+
+        Unless the readout is `across_ranks`, ``then`` runs at once on ``values``. Otherwise it runs in
+        `reduce_across_ranks` on the reduced values (same shape, float64, same device); if the ranks'
+        layouts disagree it does not run (a local shard is never reported as the whole). ``key`` (e.g.
+        the layer names) joins the layout check, so that values of different layers are never added.
+
+        Example:
+            >>> r = Readout()
+            >>> r.add_reduced(torch.tensor([9.0, 16.0]), "sum", lambda t: r.add("grad_norm", t.sum().sqrt()))
+            >>> r.sync()
+            [5.0]
+        """
+        _check_op(reduce)
+        if not self.across_ranks:
+            then(values)
+        else:
+            self._deferred.append((values.detach(), reduce, then, key))
 
     def internal(self, name: str) -> list[float]:
         """Floats of an `add_internal` entry after the sync (empty when absent)."""
@@ -163,6 +206,43 @@ class Readout:
             return []
         a, b = self.internal_slices[name]
         return self.values[a:b]
+
+    def reduce_across_ranks(self) -> bool:
+        """Combine the tagged values and the `add_reduced` ones across ranks; ``False`` if the layouts differ.
+
+        Every rank of the default process group must call it for the same record: a four-number
+        all-reduce checks that all ranks contribute the same entries, then one all-gather carries them.
+        When the layouts differ (a collector failed on one rank) nothing is gathered on any rank, the
+        tagged values stay local and the `add_reduced` callbacks are dropped (the caller warns).
+        """
+        tagged = sorted(self._ops.items())
+        deferred, self._deferred = self._deferred, []
+        parts = [self.chunks[i] for i, _ in tagged] + [v for v, _, _, _ in deferred]
+        ops: list[str | None] = []
+        layout: list[object] = []
+        for i, (op, start) in tagged:
+            n = self.chunks[i].numel()
+            ops += [op] * n
+            layout += [op, n, *self.entries[start : start + n]]
+        for v, op, _, key in deferred:
+            ops += [op] * v.numel()
+            layout += ["deferred", op, v.numel(), key]
+        device = parts[0].device if parts else torch.device("cpu")
+        flat = torch.cat([p.reshape(-1).to(device, torch.float64) for p in parts]) if parts else torch.zeros(0)
+        try:
+            reduced = _dist.reduce_columns(flat, ops, check=_dist.signature(layout))
+        except RuntimeError:
+            return False
+        pos = 0
+        for i, _ in tagged:
+            n = self.chunks[i].numel()
+            self.chunks[i] = reduced[pos : pos + n].to(self.chunks[i].device)
+            pos += n
+        for v, _, then, _ in deferred:
+            n = v.numel()
+            then(reduced[pos : pos + n].reshape(v.shape).to(v.device))
+            pos += n
+        return True
 
     def sync(self) -> list[float]:
         """Move all gathered values to the host: one copy per device (one in the usual case)."""
@@ -176,6 +256,12 @@ class Readout:
             self.values = torch.cat([c.to("cpu", torch.float64) for c in self.chunks]).tolist()
         self.chunks = []
         return self.values
+
+
+def _check_op(op: str) -> str:
+    if op not in _dist.REDUCE_OPS:
+        raise InputError(f"readout: reduce={op!r} is not one of {', '.join(_dist.REDUCE_OPS)} (or None)")
+    return op
 
 
 class Collector:
@@ -325,7 +411,10 @@ class Collector:
         """Use synced internal values to fill ``record`` (a `StabilityMetrics`)."""
 
     def state_dict(self) -> dict[str, Any]:
+        """What this family carries from one step to later ones (warm-start vectors, windows), for
+        ``Monitor.state_dict()``: tensors and plain Python values only, so ``torch.load(weights_only=True)``
+        loads it. A family that starts every step afresh keeps the default, ``{}``."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        """Restore `state_dict` output; called before or after `attach` (keep what `setup` needs)."""

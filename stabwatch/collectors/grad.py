@@ -10,6 +10,13 @@ optimizers that only read ``.grad``, in its post-step hook after checking that n
 capturable optimizer stepped by ``GradScaler`` still sees scaled gradients; the scale is divided out.
 When no optimizer step ran since the last record they are read at ``Monitor.step``. The record's
 ``grad_source`` says which.
+
+Distributed: under DDP every rank holds the synchronised (averaged) gradient, so the norms are global
+as read. Under FSDP2 (``fully_shard``: parameters and gradients are ``DTensor`` shards) each rank adds
+the squared norms of its local shards (divided by their replication, for HSDP) per layer; the sums are
+added across ranks in the record's one all-gather and the square roots taken after it, so ``grad_norm``
+and the per-layer norms are those of the full gradient, never of a local shard. Sharded gradients are
+read before the optimizer step.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Any, Literal
 
 import torch
 
+from stabwatch import distributed as _dist
 from stabwatch.collectors.base import Collector, CollectorOptions, MonitorContext, Readout
 from stabwatch.functional.gradients import group_norms, squared_norms
 
@@ -69,8 +77,13 @@ class GradCollector(Collector):
         self._owner_idx = ctx.param_layer
         self._index_cache: dict[tuple[int, ...], tuple[list[str], torch.Tensor, torch.Tensor | None]] = {}
         opt = ctx.optimizer
+        # FSDP2: DTensor shards; their squares are summed across ranks before the square root
+        _dist.check_sharding(ctx.model)
+        self._sharded = any(_dist.is_sharded(p) for _, p in ctx.params)
+        self._replication = [_dist.replication(p) for _, p in ctx.params] if self._sharded else []
         self._post = (
-            self.after_step == "auto"
+            not self._sharded
+            and self.after_step == "auto"
             and opt is not None
             and type(opt).__name__ in _READ_ONLY_OPTIMIZERS
             and type(opt).__module__.startswith("torch.optim")
@@ -86,13 +99,36 @@ class GradCollector(Collector):
                 owners.append(self._owner_idx[i])
         return grads, owners
 
+    def _local_squares(self) -> tuple[torch.Tensor, list[int]] | None:
+        """Sharded: squared norms of this rank's gradient shards, each divided by its replication."""
+        assert self.ctx is not None
+        local, owners, repl = [], [], []
+        for i, (_, p) in enumerate(self.ctx.params):
+            if p.grad is not None:
+                local.append(_dist.local_tensor(p.grad).detach())
+                owners.append(self._owner_idx[i])
+                repl.append(float(self._replication[i]))
+        if not local:
+            return None
+        sq = squared_norms(local)
+        if any(r != 1.0 for r in repl):
+            sq = sq / torch.tensor(repl, dtype=sq.dtype, device=sq.device)
+        return sq, owners
+
     def _measure(self, grads: list[torch.Tensor] | None = None, owners: list[int] | None = None) -> None:
-        if grads is None or owners is None:
-            grads, owners = self._grads()
-        if not grads:
-            self._pending = None
-            return
-        sq = squared_norms([g.detach() for g in grads])
+        if self._sharded:
+            found = self._local_squares()
+            if found is None:
+                self._pending = None
+                return
+            sq, owners = found
+        else:
+            if grads is None or owners is None:
+                grads, owners = self._grads()
+            if not grads:
+                self._pending = None
+                return
+            sq = squared_norms([g.detach() for g in grads])
         scale = self.ctx.grad_scale if self.ctx is not None else None
         if scale is not None:  # still multiplied by GradScaler's scale (fused/capturable optimizers)
             sq = sq / scale.to(sq.device, sq.dtype).square()
@@ -139,11 +175,31 @@ class GradCollector(Collector):
             return
         total, squares, owners = self._pending
         self._pending = None
+        if self._sharded:
+            self._add_sharded(readout, squares, owners)
+            return
         readout.add("grad_norm", total)
         if self.per_layer and self.ctx is not None and self.ctx.per_layer:
             names, index, present = self._layer_index(owners, squares.device)
             per_layer = group_norms(squares, index, len(self.layers))
             readout.add_layers("grad_norm", names, per_layer if present is None else per_layer[present])
+
+    def _add_sharded(self, readout: Readout, squares: torch.Tensor, owners: list[int]) -> None:
+        """Local squared norms (total, per layer) summed across ranks, then the norms."""
+        names, index, present = self._layer_index(owners, squares.device)
+        per_layer = self.per_layer and self.ctx is not None and self.ctx.per_layer
+        raw = squares.sum().reshape(1)
+        if per_layer:
+            grouped = torch.zeros(len(self.layers), dtype=torch.float64, device=squares.device)
+            grouped.index_add_(0, index, squares.double())
+            raw = torch.cat([raw, grouped if present is None else grouped[present]])
+
+        def _norms(total_sq: torch.Tensor) -> None:
+            readout.add("grad_norm", total_sq[0].sqrt())
+            if per_layer:
+                readout.add_layers("grad_norm", names, total_sq[1:].sqrt())
+
+        readout.add_reduced(raw, "sum", _norms, key=tuple(names) if per_layer else None)
 
     def _layer_index(
         self, owners: list[int], device: torch.device

@@ -12,6 +12,9 @@ reliable there. Same-shape gradients run as one batch.
 Emits globally ``grad_max_sv`` (max over layers), ``grad_min_sv`` (min over exact layers),
 ``grad_condition`` (max over exact layers); per layer the same plus ``grad_rank``; and
 ``extra["grad_sv/top<i>/<layer>"]`` for i = 1..k (flat key ``grad_sv_layers/top<i>/<layer>``).
+
+FSDP2 (``fully_shard``): each sharded gradient is gathered whole (``DTensor.full_tensor``, one all-gather per
+matrix) at the family's scheduled steps only, and every rank computes the same spectra.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from typing import Any, NamedTuple
 import torch
 from pydantic import Field
 
+from stabwatch import distributed as _dist
 from stabwatch.collectors.base import Collector, CollectorOptions, MonitorContext, Readout, weight_layer_name
+from stabwatch.errors import ConfigError
 from stabwatch.functional.spectral import (
     as_matrix,
     block_krylov_singular_values,
@@ -69,16 +74,37 @@ class GradSVCollector(Collector):
         super().__init__(every, **options)
         self._bases: dict[tuple[int, ...], torch.Tensor] = {}
         self._pending: _Spectra | None = None
+        self._loaded = False  # `_bases` came from load_state_dict before the monitor started: keep it in setup
 
     def setup(self, ctx: MonitorContext) -> None:
+        if not self._loaded:  # a collector attached again starts cold
+            self._bases = {}
+        self._loaded = False
         self._targets = [(name, p) for name, p in ctx.params if p.ndim >= 2 and min(as_matrix(p).shape) > 1]
 
-    def teardown(self) -> None:
-        self._bases = {}
+    # teardown keeps `_bases` (small): state_dict() after the monitor closed still has them
+
+    def state_dict(self) -> dict[str, Any]:
+        """The Krylov start bases of the large gradients (``{"bases": [{"shape": [b, m, n], "basis": tensor}]}``,
+        one per group of same-shape gradients): a resumed run warm-starts from them and measures exactly
+        what an uninterrupted one does."""
+        return {"bases": [{"shape": list(key), "basis": basis} for key, basis in self._bases.items()]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict` output (before or after the monitor starts); a group not in it starts cold."""
+        try:
+            self._bases = {tuple(int(d) for d in item["shape"]): item["basis"] for item in state.get("bases", [])}
+            self._loaded = self.ctx is None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(
+                f"GradSVCollector.load_state_dict: expected {{'bases': [{{'shape': [b, m, n], 'basis': tensor}}]}}; "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
 
     def _groups(self) -> list[tuple[list[str], torch.Tensor]]:
         """``[(parameter names, gradient stack [b, m, n])]``: same-shape gradients as one batch."""
-        named = [(name, p.grad) for name, p in self._targets if p.grad is not None]
+        # FSDP2: every rank gathers each sharded gradient (an all-gather per matrix, on this schedule)
+        named = [(name, _dist.full_tensor(p.grad)) for name, p in self._targets if p.grad is not None]
         return [([named[i][0] for i in idx], stack) for idx, stack in group_matrices([g for _, g in named])]
 
     def begin_step(self, step: int) -> None:
@@ -143,7 +169,9 @@ class GradSVCollector(Collector):
         ell = min(self.top_k + self.oversample, m, n)
         key = (len(names), m, n)
         omega = self._bases.get(key)
-        if omega is None or omega.device != stack.device or omega.dtype != stack.dtype:
+        if omega is not None and omega.device != stack.device:  # loaded from a checkpoint on another device
+            omega = omega.to(stack.device)
+        if omega is None or omega.dtype != stack.dtype or omega.shape != (b, n, ell):
             gen = self.ctx.generator if self.ctx is not None else None
             omega = torch.randn(b, n, ell, generator=gen, dtype=stack.dtype).to(stack.device)
         s, basis, _ = block_krylov_singular_values(stack, omega, self.n_iter)

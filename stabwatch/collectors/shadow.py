@@ -49,7 +49,7 @@ from stabwatch.collectors._replica import (
     paired_state,
 )
 from stabwatch.collectors.base import Collector, MonitorContext, Readout
-from stabwatch.errors import StabwatchError
+from stabwatch.errors import ConfigError, StabwatchError
 from stabwatch.functional.lyapunov import (
     clamp_min_,
     difference_norms,
@@ -130,6 +130,12 @@ class Shadow(Collector):
       ``‖θ̃_l − θ_l‖ / ‖θ‖`` for the parameters module ``l`` owns (their squares sum to the global one's).
 
     Finished windows are kept in `estimates` (`ShadowEstimate`).
+
+    Checkpoints: `state_dict` (part of ``Monitor.state_dict()``) saves an open window whole — the
+    replica's parameters and buffers, its optimizer state and the renormalisation bookkeeping — so a run
+    resumed from a checkpoint continues the window and emits the ``shadow/*`` values an uninterrupted
+    run would, bit for bit. A state taken after the monitor closed has no window (closing frees the
+    replica): the next window then starts at the next scheduled step.
 
     Cost: while a window is open, one extra forward + backward + optimizer step per step and one copy of
     the model and optimizer state; the duty cycle is ``window / every``. Spawning deep-copies the model
@@ -248,6 +254,8 @@ class Shadow(Collector):
         self._window: _Window | None = None
         self._cached: Replica | None = None
         self._generator: torch.Generator | None = None
+        #: a state loaded before the monitor attached the shadow, applied in `setup`
+        self._restore: dict[str, Any] | None = None
         self._reset_run_state()
 
     def _reset_run_state(self) -> None:
@@ -305,6 +313,8 @@ class Shadow(Collector):
         # the root's pre-hooks; registered through the base class, so it is paused while the model is copied
         # and removed on detach (it returns at once while no window is open)
         self.add_hook(ctx.model.register_forward_pre_hook, self.guard(self._capture_rng), prepend=True)
+        if self._restore is not None:  # load_state_dict ran before the monitor started
+            self.load_state_dict(self._restore)
 
     def teardown(self) -> None:
         self._close(keep=False)
@@ -572,22 +582,135 @@ class Shadow(Collector):
 
     # ---------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Finished estimates (an open window is not saved: it restarts at the next scheduled step)."""
+        """Everything a resumed run needs to continue exactly: finished estimates, the perturbation
+        generator, the spawn bookkeeping and, while a window is open, the window itself.
+
+        An open window is saved whole: the replica's parameters and buffers (in `Replica.tensors`
+        order), its optimizer's ``state_dict()`` (momentum, moments, step counts), and the Benettin
+        bookkeeping (steps taken, log-growth sum, last renormalisation). Loading it rebuilds the replica
+        from the model and overwrites its tensors, so the resumed shadow continues the same window with
+        bit-identical values on the same device and dtype. While a window is open the state therefore
+        holds one more copy of the model and of the optimizer state; like ``Module.state_dict()`` the
+        tensors are references (``torch.save`` them, or ``copy.deepcopy`` the dict to keep a snapshot).
+        Every value is a tensor or a plain Python value (``torch.load(weights_only=True)`` loads it).
+        """
+        if self._restore is not None:  # loaded before the monitor started and not applied yet
+            return self._restore
         state: dict[str, Any] = {
             "estimates": [tuple(e) for e in self.estimates],
             "windows_opened": self._windows_opened,
+            "spawned": self._spawned,
+            "window": self._window_state(),
         }
         if self._generator is not None:
             state["generator"] = self._generator.get_state()
         return state
 
+    def _window_state(self) -> dict[str, Any] | None:
+        w = self._window
+        if w is None:
+            return None
+        return {
+            "start": w.start,
+            "n": w.n,
+            "n_start": w.n_start,
+            "last_mark": w.last_mark,
+            "stop": w.stop,
+            "started": w.started,
+            "log_sum": w.log_sum.detach(),
+            "d_start": w.d_start.detach(),
+            "tensors": [t.detach() for _, t in w.replica.tensors],
+            "optimizer": w.optimizer.state_dict(),
+        }
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned, before or after the monitor starts (before, it is applied
+        when the monitor attaches the shadow). A saved open window continues where it was; a state saved
+        by an earlier version (no ``"window"``) starts the next window at the next scheduled step.
+
+        Raises:
+            ConfigError: the saved window does not fit this model (another number or shape of parameters
+                and buffers) or this optimizer.
+        """
+        if not isinstance(state, dict):
+            raise ConfigError(
+                f"Shadow.load_state_dict: expected a dict from Shadow.state_dict(), got {type(state).__name__}"
+            )
+        if self.ctx is None:
+            self._restore = state
+            return
+        self._restore = None
         self._close(keep=False)
         self.estimates = [ShadowEstimate(*e) for e in state.get("estimates", [])]
         self._windows_opened = int(state.get("windows_opened", 0))
         if self._generator is not None and state.get("generator") is not None:
             self._generator.set_state(state["generator"])
-        self._spawned = False
+        self._spawned = bool(state.get("spawned", False))
+        if state.get("window") is not None:
+            self._restore_window(state["window"])
+
+    def _restore_window(self, saved: dict[str, Any]) -> None:
+        """Rebuild the replica of a saved open window and put the saved tensors and optimizer state in it."""
+        ctx = self.ctx
+        assert ctx is not None and ctx.optimizer is not None
+        tensors = list(saved["tensors"])
+        with torch.no_grad():
+            replica = self._replica(ctx.model)
+            mine = [t for _, t in replica.tensors]
+            wrong = [
+                i
+                for i, (a, b) in enumerate(zip(mine, tensors))
+                if not isinstance(b, torch.Tensor) or a.shape != b.shape
+            ]
+            if len(mine) != len(tensors) or wrong:
+                where = (
+                    f"{len(tensors)} saved tensors for {len(mine)} parameters and buffers"
+                    if len(mine) != len(tensors)
+                    else f"tensor {wrong[0]}: saved shape {tuple(getattr(tensors[wrong[0]], 'shape', ()))}, "
+                    f"model {tuple(mine[wrong[0]].shape)}"
+                )
+                raise ConfigError(
+                    f"Shadow.load_state_dict: the saved open window does not fit {type(ctx.model).__name__} "
+                    f"({where}); resume with the model the checkpoint was saved from"
+                )
+            for sh, t in zip(mine, tensors):
+                sh.copy_(t)  # in place: the replica's pairs and the optimizer's parameters stay valid
+            opt = clone_optimizer(ctx.optimizer, replica.param_map)
+            opt_state = saved["optimizer"]
+            try:  # torch keeps tensors of the loaded state as they are: clone so nothing is shared with `saved`
+                opt.load_state_dict(
+                    {
+                        "state": {
+                            k: {n: v.clone() if isinstance(v, torch.Tensor) else v for n, v in st.items()}
+                            for k, st in opt_state["state"].items()
+                        },
+                        "param_groups": opt_state["param_groups"],
+                    }
+                )
+            except (KeyError, ValueError, TypeError) as exc:
+                raise ConfigError(
+                    f"Shadow.load_state_dict: the saved window's optimizer state does not fit "
+                    f"{type(ctx.optimizer).__name__} ({type(exc).__name__}: {exc})"
+                ) from None
+        real_params = [p for g in ctx.optimizer.param_groups for p in g["params"] if p.requires_grad]
+        dev = real_params[0].device
+        layers, owner_idx = self._owners(real_params)
+        self._window = _Window(
+            start=int(saved["start"]),
+            replica=replica,
+            optimizer=opt,
+            real_params=real_params,
+            shadow_params=[replica.param_map[id(p)] for p in real_params],
+            layers=layers,
+            owner_idx=torch.tensor(owner_idx, device=dev),
+            log_sum=saved["log_sum"].to(dev, torch.float64).clone(),
+            d_start=saved["d_start"].to(dev, torch.float64).clone(),
+            started=bool(saved["started"]),
+            n=int(saved["n"]),
+            n_start=int(saved["n_start"]),
+            last_mark=int(saved["last_mark"]),
+            stop=int(saved["stop"]),
+        )
 
     def lyapunov_vector(self) -> dict[str, torch.Tensor] | None:
         """The shadow's parameter difference ``δθ / ‖δθ‖`` (unit global norm), by parameter name.

@@ -50,6 +50,11 @@ spiking layers pooled):
 * ``membrane_mean`` / ``membrane_std`` (``spiking/membrane_mean`` ...): over all membrane elements seen;
 * ``membrane_threshold_distance`` (``spiking/membrane_threshold_distance``): mean of
   ``threshold - v`` (positive: below threshold).
+
+Distributed (more than one process): the per-neuron spike counts, the sample counts and the membrane
+sums (``sum v``, ``sum v^2``, ``sum threshold``, element counts) are summed across ranks in the record's
+one all-gather before the statistics are computed, so every value is that of the combined batch (a
+neuron's rate over all ranks' samples). The all-gather carries one number per neuron of each spiking layer.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from stabwatch import distributed as _dist
 from stabwatch.collectors.base import Collector, CollectorOptions, MonitorContext, Readout
 from stabwatch.errors import StabwatchError
 from stabwatch.functional.spiking import layer_firing_statistics, pooled_membrane_statistics, sample_dims
@@ -625,19 +631,10 @@ class SpikingCollector(Collector):
             return
         counts = [sum(acc.sum(dim=0) for acc in sums[i].spikes.values()) for i in seen]
         names = [self.layers[i] for i in seen]
-        per, pooled = layer_firing_statistics(
-            counts,  # type: ignore[arg-type]
-            [sums[i].samples for i in seen],
-            self.dead_threshold,
-            self.saturated_threshold,
-        )
-        for j, field in enumerate(_FIRING_FIELDS):
-            readout.add_layers(field, names, per[:, j])
-            readout.add(field, pooled[j])
+        samples = [sums[i].samples for i in seen]
         mem = [i for i in seen if sums[i].v]
-        if not mem:
-            return
-        device = per.device
+        device = counts[0].device  # type: ignore[union-attr]
+        table: torch.Tensor | None = None
         rows, n_mem, has_th = [], [], []
         for i in mem:
             s = sums[i]
@@ -649,10 +646,48 @@ class SpikingCollector(Collector):
             th_t = torch.as_tensor(th if not s.no_threshold else float("nan"), dtype=torch.float64).to(device)
             rows.append(torch.stack([s1, s2, th_t.reshape(())]))  # type: ignore[list-item]
             n_mem.append(float(s.n_mem))
-        table = torch.stack(rows)  # [L, 3]: sum v, sum v^2, sum threshold
-        n_t = torch.tensor(n_mem, dtype=torch.float64, device=device)
-        stats, pooled_mem = pooled_membrane_statistics(table, n_t, torch.tensor(has_th, device=device))
+        if rows:
+            table = torch.stack(rows)  # [L, 3]: sum v, sum v^2, sum threshold
         mem_names = [self.layers[i] for i in mem]
+        if not readout.across_ranks:
+            self._add_firing(readout, names, counts, samples)  # type: ignore[arg-type]
+            if table is not None:
+                n_t = torch.tensor(n_mem, dtype=torch.float64, device=device)
+                self._add_membrane(readout, mem_names, table, n_t, has_th)
+            return
+        # more than one process: sum the raw counts and moments across ranks, then the same statistics
+        sizes = [c.numel() for c in counts]  # type: ignore[union-attr]
+        parts = [c.reshape(-1).double() for c in counts]  # type: ignore[union-attr]
+        parts.append(torch.tensor(samples, dtype=torch.float64, device=device))
+        if table is not None:
+            parts += [
+                table.reshape(-1),
+                torch.tensor(n_mem, dtype=torch.float64, device=device),
+                torch.tensor(has_th, dtype=torch.float64, device=device),
+            ]
+        shapes = [c.shape for c in counts]  # type: ignore[union-attr]
+        n_seen, n_rows, ranks = len(seen), len(mem), _dist.world_size()
+
+        def _combined(total: torch.Tensor) -> None:
+            pieces = total.split([*sizes, n_seen, 3 * n_rows, n_rows, n_rows])
+            summed = [p.reshape(shape) for p, shape in zip(pieces[: len(sizes)], shapes, strict=True)]
+            self._add_firing(readout, names, summed, [int(n) for n in pieces[len(sizes)].tolist()])
+            if n_rows:  # a layer's threshold distance needs a threshold on every rank
+                tab, n_t, with_th = pieces[-3].reshape(n_rows, 3), pieces[-2], pieces[-1] == ranks
+                self._add_membrane(readout, mem_names, tab, n_t, with_th.tolist())
+
+        readout.add_reduced(torch.cat(parts), "sum", _combined, key=(tuple(names), tuple(mem_names)))
+
+    def _add_firing(self, readout: Readout, names: list[str], counts: list[torch.Tensor], samples: list[int]) -> None:
+        per, pooled = layer_firing_statistics(counts, samples, self.dead_threshold, self.saturated_threshold)
+        for j, field in enumerate(_FIRING_FIELDS):
+            readout.add_layers(field, names, per[:, j])
+            readout.add(field, pooled[j])
+
+    def _add_membrane(
+        self, readout: Readout, mem_names: list[str], table: torch.Tensor, n_t: torch.Tensor, has_th: list[bool]
+    ) -> None:
+        stats, pooled_mem = pooled_membrane_statistics(table, n_t, torch.tensor(has_th, device=table.device))
         for j, field in enumerate(_MEMBRANE_FIELDS[:2]):
             readout.add_layers(field, mem_names, stats[:, j])
             readout.add(field, pooled_mem[j])

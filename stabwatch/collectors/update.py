@@ -5,6 +5,12 @@ parameters, ``update_norm``, ``weight_norm`` (``update/weight_norm``) and the sa
 (``update_layers/<metric>/<module>``). At a scheduled step the parameters are copied in the optimizer's
 pre-step hook into one persistent scratch buffer (allocated once, the size of the trainable weights) and
 the difference is reduced after the step.
+
+Distributed: under DDP the parameters are the same on every rank, so the values are global as read.
+Under FSDP2 (``fully_shard``) each rank copies and differences its local shards only (the scratch buffer
+is the size of the shard); the squared norms (divided by the replication, for HSDP) are summed across
+ranks in the record's one all-gather before the square roots and the ratios, so every value is that of
+the full parameters.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from typing import Any
 
 import torch
 
+from stabwatch import distributed as _dist
 from stabwatch.collectors.base import Collector, CollectorOptions, MonitorContext, Readout
 from stabwatch.functional.gradients import group_norms, squared_norms
 
@@ -29,7 +36,11 @@ class UpdateCollector(Collector):
     per_layer: bool
 
     def setup(self, ctx: MonitorContext) -> None:
+        _dist.check_sharding(ctx.model)
         self._params = [p for _, p in ctx.params]
+        self._sharded = any(_dist.is_sharded(p) for p in self._params)
+        repl = [float(_dist.replication(p)) for p in self._params] if self._sharded else []
+        self._replication = repl if any(r != 1.0 for r in repl) else None
         self.layers = ctx.layers
         self._owner_idx = ctx.param_layer
         self._buffer: list[torch.Tensor] | None = None
@@ -44,21 +55,27 @@ class UpdateCollector(Collector):
     def begin_step(self, step: int) -> None:
         self._result = None
 
+    def _current(self) -> list[torch.Tensor]:
+        """The parameters as this rank holds them (the local shards under FSDP2)."""
+        if self._sharded:
+            return [_dist.local_tensor(p).detach() for p in self._params]
+        return [p.detach() for p in self._params]
+
     def before_optimizer_step(self) -> None:
         if not self.active:
             return
         with torch.no_grad():
             if self._buffer is None:
-                self._buffer = [p.detach().clone() for p in self._params]
+                self._buffer = [p.clone() for p in self._current()]
             else:
-                torch._foreach_copy_(self._buffer, [p.detach() for p in self._params])
+                torch._foreach_copy_(self._buffer, self._current())
             self._weights_sq = squared_norms(self._buffer)  # ||theta_{t-1}||^2 per tensor, while the copy is hot
 
     def after_optimizer_step(self) -> None:
         if not self.active or self._buffer is None or self._weights_sq is None:
             return
         with torch.no_grad():
-            torch._foreach_sub_(self._buffer, [p.detach() for p in self._params])
+            torch._foreach_sub_(self._buffer, self._current())
             self._result = (self._weights_sq, squared_norms(self._buffer))
         self._weights_sq = None
 
@@ -67,6 +84,9 @@ class UpdateCollector(Collector):
             return
         weights_sq, deltas_sq = self._result
         self._result = None
+        if self._sharded:
+            self._add_sharded(readout, weights_sq, deltas_sq)
+            return
         w_total = weights_sq.sum().sqrt()
         d_total = deltas_sq.sum().sqrt()
         readout.add("weight_norm", w_total)
@@ -78,3 +98,29 @@ class UpdateCollector(Collector):
             both = group_norms(torch.stack([weights_sq, deltas_sq]), self._index, len(self.layers))
             readout.add_layers("weight_norm", self.layers, both[0])
             readout.add_layers("update_ratio", self.layers, both[1] / both[0])
+
+    def _add_sharded(self, readout: Readout, weights_sq: torch.Tensor, deltas_sq: torch.Tensor) -> None:
+        """Local squared norms (totals, per layer) summed across ranks, then norms and ratios."""
+        both = torch.stack([weights_sq, deltas_sq]).double()  # [2, P]
+        if self._replication is not None:
+            both = both / torch.tensor(self._replication, dtype=both.dtype, device=both.device)
+        per_layer = self.per_layer and self.ctx is not None and self.ctx.per_layer
+        raw = both.sum(dim=1)
+        if per_layer:
+            if self._index is None or self._index.device != both.device:
+                self._index = torch.tensor(self._owner_idx, device=both.device)
+            grouped = torch.zeros(2, len(self.layers), dtype=torch.float64, device=both.device)
+            raw = torch.cat([raw, grouped.index_add_(1, self._index, both).reshape(-1)])
+
+        def _values(sq: torch.Tensor) -> None:
+            norms = sq.sqrt()
+            w_total, d_total = norms[0], norms[1]
+            readout.add("weight_norm", w_total)
+            readout.add("update_norm", d_total)
+            readout.add("update_ratio", d_total / w_total)
+            if per_layer:
+                layers = norms[2:].reshape(2, -1)
+                readout.add_layers("weight_norm", self.layers, layers[0])
+                readout.add_layers("update_ratio", self.layers, layers[1] / layers[0])
+
+        readout.add_reduced(raw, "sum", _values)

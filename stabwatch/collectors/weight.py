@@ -7,6 +7,9 @@
   hidden-to-hidden blocks of ``nn.RNN``/``LSTM``/``GRU`` (``weight_hh_l<k>`` split into its 1/4/3
   gate blocks, layer keys ``<module>.weight_hh_l0.<gate>``) and of parameters whose name contains
   ``weight_hh`` or ``recurrent``. With ``radius="square"`` every square 2-D weight is included.
+
+FSDP2 (``fully_shard``): each sharded weight is gathered whole (``DTensor.full_tensor``, one all-gather per
+weight) at the family's scheduled steps only, and every rank computes the same spectrum.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from stabwatch import distributed as _dist
 from stabwatch.collectors.base import Collector, CollectorOptions, MonitorContext, Readout
+from stabwatch.errors import ConfigError
 from stabwatch.functional.spectral import as_matrix, spectral_norm, spectral_radius
 
 __all__ = ["WeightCollector"]
@@ -49,8 +54,12 @@ class WeightCollector(Collector):
     def __init__(self, every: Any = 100, **options: Any) -> None:
         super().__init__(every, **options)
         self._u: dict[str, torch.Tensor] = {}
+        self._loaded = False  # `_u` came from load_state_dict before the monitor started: keep it in setup
 
     def setup(self, ctx: MonitorContext) -> None:
+        if not self._loaded:  # a collector attached again starts cold
+            self._u = {}
+        self._loaded = False
         self._norm_targets = [
             (n[: -len(".weight")] if n.endswith(".weight") else n, p)
             for n, p in ctx.params
@@ -78,8 +87,22 @@ class WeightCollector(Collector):
                 key = name[: -len(".weight")] if name.endswith(".weight") else name
                 self._radius_targets.append((key, p, 0, p.shape[0]))
 
-    def teardown(self) -> None:
-        self._u = {}
+    # teardown keeps `_u` (one vector per weight): state_dict() after the monitor closed still has it
+
+    def state_dict(self) -> dict[str, Any]:
+        """The power iteration's left vector of every weight (``{"u": {layer: tensor}}``): a resumed run
+        warm-starts from them and measures exactly what an uninterrupted one does."""
+        return {"u": dict(self._u)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict` output (before or after the monitor starts); a layer not in it starts cold."""
+        u = state.get("u", {})
+        if not isinstance(u, dict) or not all(isinstance(v, torch.Tensor) for v in u.values()):
+            raise ConfigError(
+                f"WeightCollector.load_state_dict: expected {{'u': {{layer: tensor}}}}, got {state!r:.200}"
+            )
+        self._u = dict(u)
+        self._loaded = self.ctx is None
 
     def collect(self, step: int, readout: Readout, loss: torch.Tensor | None, batch: Any) -> None:
         gen = self.ctx.generator if self.ctx else None
@@ -88,8 +111,10 @@ class WeightCollector(Collector):
             for layer, p in self._norm_targets:
                 try:
                     u = self._u.get(layer)
+                    if u is not None and u.device != p.device:  # loaded from a checkpoint on another device
+                        u = u.to(p.device)
                     sigma, self._u[layer] = spectral_norm(
-                        p, u, n_iter=self.init_iter if u is None else self.n_iter, generator=gen
+                        _dist.full_tensor(p), u, n_iter=self.init_iter if u is None else self.n_iter, generator=gen
                     )
                 except Exception as exc:  # noqa: BLE001
                     self.fail(f"spectral norm of {layer}", exc)
@@ -103,7 +128,7 @@ class WeightCollector(Collector):
             radii, r_layers = [], []
             for key, p, row0, size in self._radius_targets:
                 try:
-                    radii.append(spectral_radius(p.detach()[row0 : row0 + size]).double())
+                    radii.append(spectral_radius(_dist.full_tensor(p).detach()[row0 : row0 + size]).double())
                 except Exception as exc:  # noqa: BLE001
                     self.fail(f"spectral radius of {key}", exc)
                     continue

@@ -39,7 +39,9 @@ class JsonlSink:
     """Append records to a JSON-lines file.
 
     Args:
-        path: the file; parent folders are created. Checked for writability at construction.
+        path: the file; parent folders are created. Checked for writability at construction; the file
+            is created at the first ``write``/``flush``/``close`` (a sink that is never used, e.g. on a
+            rank other than 0 under ``torch.distributed``, creates nothing).
         mode: ``"w"`` (truncate, the default) or ``"a"`` (append).
         flush_every: flush to the OS every N records (``close``/``flush`` always do).
 
@@ -58,30 +60,45 @@ class JsonlSink:
     def __init__(self, path: str | os.PathLike[str], mode: str = "w", flush_every: int = 50) -> None:
         opts = validated(_Options, "JsonlSink", path=path, mode=mode, flush_every=flush_every)
         self.path = Path(opts.path)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file: IO[str] | None = open(self.path, opts.mode, encoding="utf-8")  # noqa: SIM115
-        except OSError as exc:
+        self._mode = opts.mode
+        problem = _unwritable(self.path)
+        if problem:
             raise StabwatchError(
-                f"JsonlSink: cannot open {str(self.path)!r} for writing ({exc.strerror}); choose a writable path"
-            ) from exc
+                f"JsonlSink: cannot open {str(self.path)!r} for writing ({problem}); choose a writable path"
+            )
+        self._file: IO[str] | None = None
+        self._closed = False
         self.flush_every = opts.flush_every
         self._since_flush = 0
 
-    def write(self, record: StabilityMetrics) -> None:
+    def _open(self) -> IO[str]:
         if self._file is None:
-            raise StabwatchError(f"JsonlSink({str(self.path)!r}) is closed")
-        self._file.write(record.to_json_line() + "\n")
+            if self._closed:
+                raise StabwatchError(f"JsonlSink({str(self.path)!r}) is closed")
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, self._mode, encoding="utf-8")  # noqa: SIM115
+            except OSError as exc:
+                raise StabwatchError(
+                    f"JsonlSink: cannot open {str(self.path)!r} for writing ({exc.strerror}); choose a writable path"
+                ) from exc
+        return self._file
+
+    def write(self, record: StabilityMetrics) -> None:
+        self._open().write(record.to_json_line() + "\n")
         self._since_flush += 1
         if self._since_flush >= self.flush_every:
             self.flush()
 
     def flush(self) -> None:
-        if self._file is not None:
-            self._file.flush()
+        if not self._closed:
+            self._open().flush()
             self._since_flush = 0
 
     def close(self) -> None:
+        if not self._closed:
+            self._open()  # a used sink that wrote nothing still leaves its (empty) file
+            self._closed = True
         if self._file is not None:
             self._file.flush()
             self._file.close()
@@ -89,6 +106,22 @@ class JsonlSink:
 
     def __repr__(self) -> str:
         return f"JsonlSink({str(self.path)!r})"
+
+
+def _unwritable(path: Path) -> str:
+    """Why ``path`` could not be created or written, without creating anything ('' when it can)."""
+    if path.exists():
+        if path.is_dir():
+            return "it is a folder"
+        return "" if os.access(path, os.W_OK) else "the file is not writable"
+    probe = path.parent
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{str(probe)!r} is a file, not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"the folder {str(probe)!r} is not writable"
+    return ""
 
 
 class _RunFileNotFound(StabwatchError, FileNotFoundError):

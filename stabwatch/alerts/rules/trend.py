@@ -196,11 +196,24 @@ class TrendRule(Rule):
         return Verdict(triggered, value, detail)
 
     def _dump_state(self, st: _TrendState) -> dict[str, Any]:
-        return {"steps": list(st.steps), "values": list(st.values)}
+        # the running sums and their origin too: recomputing them from the window rounds differently, and
+        # a resumed run must judge (and word its messages) exactly as an uninterrupted one
+        return {
+            "steps": list(st.steps),
+            "values": list(st.values),
+            "x0": st.x0,
+            "sums": list(st.sums),
+            "n_since": st.n_since,
+        }
 
     def _load_state(self, data: dict[str, Any]) -> _TrendState:
         st = _TrendState(self.window)
         st.steps.extend(int(s) for s in data["steps"])
         st.values.extend(float(v) for v in data["values"])
-        st.rebase()
+        if "sums" in data:
+            st.x0 = int(data["x0"])
+            st.sums = [float(v) for v in data["sums"]]
+            st.n_since = int(data["n_since"])
+        else:  # a state saved before the sums were kept
+            st.rebase()
         return st
