@@ -263,6 +263,9 @@ class RecordPipeline:
                     _dist.rank(),
                     step,
                 )
+            if readout.failures and not self._layout_warned:
+                self._layout_warned = True
+                log.warning("stabwatch: values reduced across ranks could not be used (%s)", readout.failures[0])
             values = readout.sync()
         fields: dict[str, Any] = {}
         layers: dict[str, dict[str, float]] = {}

@@ -142,6 +142,8 @@ class Readout:
         self.chunks: list[torch.Tensor] = []
         self.internal_slices: dict[str, tuple[int, int]] = {}
         self.values: list[float] = []
+        #: errors raised by `add_reduced` callbacks in `reduce_across_ranks` (their values stay out)
+        self.failures: list[str] = []
         self._ops: dict[int, tuple[str, int]] = {}  # chunk -> (reduction across ranks, first entry); absent: global
         self._deferred: list[tuple[torch.Tensor, str, Callable[[torch.Tensor], None], object]] = []
 
@@ -240,7 +242,10 @@ class Readout:
             pos += n
         for v, _, then, _ in deferred:
             n = v.numel()
-            then(reduced[pos : pos + n].reshape(v.shape).to(v.device))
+            try:
+                then(reduced[pos : pos + n].reshape(v.shape).to(v.device))
+            except Exception as exc:  # noqa: BLE001 - a failing metric never kills training
+                self.failures.append(f"{type(exc).__name__}: {exc}")
             pos += n
         return True
 

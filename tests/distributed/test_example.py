@@ -23,7 +23,7 @@ def test_ddp_example_runs_two_ranks_and_rank_0_writes(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=90,
-        env={**env, "OMP_NUM_THREADS": "1"},
+        env={**env, "OMP_NUM_THREADS": "1", "TORCH_SHOW_CPP_STACKTRACES": "1"},
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
