@@ -62,7 +62,10 @@ def train(rank: int, world: int, steps: int, out: str, rendezvous: str) -> None:
         last = mon.records[-1]
         print(f"rank 0 of {swd.world_size()}: {len(mon.records)} records, last: {last}")
         print(f"rank 0 wrote {sum(1 for _ in sw.sinks.read_jsonl(out))} lines to {out}")
-    dist.barrier()  # leave together: no rank tears its connections down while another still uses them
+    # leave together, and free DDP (its reducer holds the process group) before the group is destroyed:
+    # a process group torn down under a live DDP can abort the process at exit
+    dist.barrier()
+    del ddp, opt, mon
     dist.destroy_process_group()
 
 

@@ -96,9 +96,9 @@ class StabwatchCallback(TrainerCallback):
     from JSON constructor arguments, which cannot hold sinks, rules or callables.
 
     Distributed (DDP): every process runs a monitor (after the all-reduce the gradients are the same on
-    every rank), records go to the sinks on the main process only (``all_ranks=True`` sends them
-    everywhere), and a stop decided on any rank stops every rank (one tiny all-reduce per optimizer step,
-    only when ``raise_on`` or ``on_alert`` is set).
+    every rank), the loss is averaged over the ranks, records go to the sinks on rank 0 only
+    (``all_ranks=True`` sends them everywhere), and a stop decided on rank 0 stops every rank at the same
+    step (the monitor broadcasts rank 0's decision, only when ``raise_on`` or ``on_alert`` is set).
 
     A ``Trainer.train()`` that raises never reaches ``on_train_end``: call `close` (or use the callback as
     a context manager around ``trainer.train()``) to remove the hooks at once; otherwise they are removed at
@@ -168,7 +168,6 @@ class StabwatchCallback(TrainerCallback):
             **monitor_options,
         }
         self._all_ranks = bool(all_ranks)
-        self._may_stop = raise_on not in (None, False) or on_alert is not None
         #: the monitor of the current (or last) ``train()`` call; ``None`` before training begins
         self.monitor: Monitor | None = None
         self._hook: Any = None
@@ -177,8 +176,6 @@ class StabwatchCallback(TrainerCallback):
         self._loss_count = 0
         self._loss_summed = False
         self._loss_factor = 1.0
-        self._sync_stop = False
-        self._device: Any = None
 
     # results ---------------------------------------------------------------------------------------
     @property
@@ -251,8 +248,6 @@ class StabwatchCallback(TrainerCallback):
                 _set_step(mon, state.global_step + 1)
         except Exception as exc:  # noqa: BLE001 - monitoring never kills training
             log.warning("stabwatch: step %d not recorded (%s: %s)", state.global_step, type(exc).__name__, exc)
-        if self._sync_stop:
-            stop = self._any_rank(stop)
         if stop:
             control.should_training_stop = True
         return control
@@ -283,9 +278,8 @@ class StabwatchCallback(TrainerCallback):
             raise StabwatchError(
                 "DeepSpeed steps its own optimizer (ZeRO partitions the gradients); it is not supported"
             )
-        main = bool(getattr(state, "is_world_process_zero", True))
-        sinks = self._sinks if (main or self._all_ranks) else []
-        mon = Monitor(model, _torch_optimizer(optimizer), sinks=sinks, **self._options)
+        # under torch.distributed the monitor sends to the sinks on rank 0 only (unless all_ranks)
+        mon = Monitor(model, _torch_optimizer(optimizer), sinks=self._sinks, all_ranks=self._all_ranks, **self._options)
         self.monitor = mon
         saved = _load_checkpoint_state(args, state) if state.global_step > 0 else None
         if saved is not None:
@@ -309,8 +303,6 @@ class StabwatchCallback(TrainerCallback):
         self._reset_loss()
         world = int(getattr(args, "world_size", 1) or 1)
         self._loss_factor = float(world) if world > 1 and getattr(args, "average_tokens_across_devices", False) else 1.0
-        self._device = getattr(args, "device", None)
-        self._sync_stop = self._may_stop and world > 1 and _distributed()
         self._hook = model.register_forward_hook(self._capture_loss, with_kwargs=True)
 
     def _capture_loss(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
@@ -347,18 +339,6 @@ class StabwatchCallback(TrainerCallback):
         if not exc.alerts and latest is not None and latest.alerts:
             text += "\n" + "\n".join(f"  {a}" for a in latest.alerts)
         log.error("stabwatch: stopping the Trainer at global step %d: %s", global_step, text)
-
-    def _any_rank(self, stop: bool) -> bool:
-        """Whether any process decided to stop (one all-reduce of a single number)."""
-        import torch.distributed as dist
-
-        try:
-            flag = torch.tensor([1.0 if stop else 0.0], device=self._device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            return bool(flag.item() > 0)
-        except Exception as exc:  # noqa: BLE001
-            log.warning("stabwatch: could not share the stop decision across processes (%s)", exc)
-            return stop
 
 
 def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -411,9 +391,3 @@ def _load_checkpoint_state(args: Any, state: Any) -> dict[str, Any] | None:
         ", ".join(folders),
     )
     return None
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
