@@ -43,7 +43,7 @@ def make_loader(n_samples: int = 512, seed: int = 0) -> DataLoader:
 
 
 def train_fn(model: nn.Module, loader: DataLoader, n_epochs: int) -> dict[str, list[float]]:
-    """A training function in deep-lyapunov's format: the analyzer calls it once per replica."""
+    """A training function in deep-lyapunov's format: the analyzer calls it once per replica per epoch (n_epochs=1)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses, accuracies = [], []
     for _ in range(n_epochs):

@@ -1,36 +1,42 @@
 """Drop-in replacement for the hand-written SNN stability monitors many projects carry.
 
 Such monitors share one shape: a ``StabilityMonitor`` with ``compute(model, lyapunov=None, spikes=None,
-membrane=None, compute_sv=False)``, ``get_trends()`` and ``diagnose()``, plus module functions
-``compute_spectral_radius(W)`` and ``analyze_weight_spectrum(model)``. Code written against them runs
-with its import changed::
+membrane=None, compute_sv=False)`` returning a ``StabilityMetrics`` dataclass, ``get_trends()`` and
+``diagnose()``, plus module functions ``compute_spectral_radius(W)`` and ``analyze_weight_spectrum(model)``.
+Code written against them runs with its import changed::
 
-    from stabwatch.compat import StabilityMonitor, analyze_weight_spectrum, compute_spectral_radius
+    from stabwatch.compat import StabilityMetrics, StabilityMonitor, analyze_weight_spectrum, compute_spectral_radius
 
-What is different inside:
+What stays: `compute` returns a `StabilityMetrics` dataclass with the same fields, defaults, ``to_dict()``
+and ``str()``; the spike statistics are computed with the same float32 operations, so a neuron exactly at
+a threshold is classified the same way; `get_trends` is the same 10-record comparison with the same
+words, and `diagnose` prints the same lines (Lyapunov regime, gradient norm, firing rate).
+
+What is added inside:
 
 * `compute` is a thin front-end over `stabwatch.pipeline.RecordPipeline`, the record path `stabwatch.Monitor`
-  uses: its device tensors go into a `Readout`, reach the host in one copy, become a record, run
-  through the alert rules and, with ``sinks=``, are written by the pipeline's background writers
-  (a tracker that is down gets its records spilled to disk and retried);
+  uses: its device tensors go into a `Readout` by name, reach the host in one copy, become a
+  `stabwatch.StabilityMetrics` record (``metrics.record``), run through stabwatch's alert rules and, with
+  ``sinks=``, are written by the pipeline's background writers (a tracker that is down gets its records
+  spilled to disk and retried);
+* the Lyapunov exponent passed to `compute` is the caller's own estimate, so it is filed under its own key
+  ``compat/lyapunov`` (``record.extra["compat/lyapunov"]``), never under ``shadow/lyapunov`` (the exponent
+  of training measured by `stabwatch.Shadow`);
 * one host transfer per call (the hand-written versions call ``.item()`` per parameter and copy every
-  gradient to the CPU for its SVD); gradient norms are one fused reduction, singular values are
-  computed on the gradients' device, same-shape gradients as one batch (the math is
-  `stabwatch.functional`'s, shared with the collectors);
-* `compute` returns a `stabwatch.StabilityMetrics` (same attribute names; ``to_dict()`` keys are
-  stabwatch's ``family/metric`` keys, ``record.model_dump(exclude_none=True)`` gives field names);
+  gradient to the CPU for its SVD); singular values are computed on the gradients' device, same-shape
+  gradients as one batch (the math is `stabwatch.functional`'s, shared with the collectors);
 * the smallest singular value of a gradient is the smallest *non-zero* one (above the
   ``sigma_1 * max(m, n) * eps`` rank tolerance) and the condition number is taken over those: a batch of
   ``B`` samples gives a rank-``B`` gradient whose other singular values are round-off, and
   ``s_max / (s_min + 1e-12)`` of round-off is noise of order 1e5-1e12;
-* `get_trends` and `diagnose` answer from stabwatch's alert rules (`stabwatch.alerts.default_rules`
-  plus two Lyapunov trend rules), fed every record `compute` makes; the spike statistics of one tensor
-  are reported as the layer ``"network"`` so the per-layer spiking rules apply.
+* `diagnose` adds, below the reference's lines, stabwatch's likely causes of the alerts raised over the
+  kept records, with what to try.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -40,35 +46,100 @@ from torch import nn
 
 from stabwatch.collectors.base import Readout, weight_layer_name
 from stabwatch.errors import ConfigError, StabwatchError
-from stabwatch.functional.gradients import gradient_norm
 from stabwatch.functional.spectral import (
     group_matrices,
     randomized_singular_values,
     spectral_radius,
     spectrum_summary,
 )
-from stabwatch.functional.spiking import (
-    firing_rates,
-    firing_statistics,
-    layer_firing_statistics,
-    membrane_moments,
-    membrane_statistics,
-    pooled_membrane_statistics,
-    spike_counts,
-)
-from stabwatch.metrics import Alert, AlertReason, StabilityMetrics
+from stabwatch.metrics import Alert, AlertReason
+from stabwatch.metrics import StabilityMetrics as Record
 from stabwatch.pipeline import RecordPipeline, sink_list
 
-__all__ = ["StabilityMonitor", "analyze_weight_spectrum", "compute_spectral_radius"]
+__all__ = ["LYAPUNOV_KEY", "StabilityMetrics", "StabilityMonitor", "analyze_weight_spectrum", "compute_spectral_radius"]
 
 #: the layer name under which a single spike / membrane tensor is reported
 NETWORK = "network"
+#: the key (``record.extra``, ``to_dict()``, sinks) of the Lyapunov exponent passed to `StabilityMonitor.compute`
+LYAPUNOV_KEY = "compat/lyapunov"
 #: matrices with more elements than this get a randomized top-k instead of an exact SVD (the
 #: hand-written monitors switch to ``torch.svd_lowrank`` at the same size)
 _EXACT_SVD_MAX_ELEMENTS = 1_000_000
 _FIRING_FIELDS = ("firing_rate_mean", "firing_rate_std", "dead_neuron_frac", "saturated_neuron_frac")
-_SPIKING_FIELDS = set(_FIRING_FIELDS)
+_MEMBRANE_FIELDS = ("membrane_mean", "membrane_std")
 _SV_FIELDS = ("grad_max_sv", "grad_min_sv", "grad_condition")
+#: the default rules that watch what `StabilityMonitor.compute` records (the others would never be fed)
+_RULES = (
+    "non_finite",
+    "grad_explode",
+    "grad_rising",
+    "grad_vanish",
+    "grad_tiny",
+    "ill_conditioned",
+    "spiking_dead",
+    "spiking_saturated",
+    "silent_layer",
+)
+
+
+@dataclasses.dataclass
+class StabilityMetrics:
+    """What `StabilityMonitor.compute` returns: the hand-written monitors' record, field for field.
+
+    Every field is ``None`` unless computed; ``to_dict()`` gives the computed ones by field name and
+    ``str()`` the one-line summary (``λ``, ``∇``, firing rate ± std, dead and saturated fractions in %).
+    The stabwatch record of the same call (alerts, per-layer values, flat keys for sinks) is `record`.
+
+    Example:
+        >>> m = StabilityMetrics(grad_norm=0.5, firing_rate_mean=0.2, firing_rate_std=0.05, dead_neuron_frac=0.125)
+        >>> print(m)
+        ∇=0.5000 | fr=0.200±0.050 | dead=12.5%
+        >>> m.to_dict()
+        {'grad_norm': 0.5, 'firing_rate_mean': 0.2, 'firing_rate_std': 0.05, 'dead_neuron_frac': 0.125}
+        >>> StabilityMetrics().to_dict(), m.record is None
+        ({}, True)
+    """
+
+    lyapunov: float | None = None
+    grad_norm: float | None = None
+    grad_max_sv: float | None = None
+    grad_min_sv: float | None = None
+    grad_condition: float | None = None
+    firing_rate_mean: float | None = None
+    firing_rate_std: float | None = None
+    dead_neuron_frac: float | None = None
+    saturated_neuron_frac: float | None = None
+    membrane_mean: float | None = None
+    membrane_std: float | None = None
+
+    @property
+    def record(self) -> Record | None:
+        """The `stabwatch.StabilityMetrics` record of the `compute` call that made this (``None`` when built
+        by hand): ``step``, ``alerts``, per-layer values in ``layers``, the flat keys of ``to_dict()``."""
+        return self.__dict__.get("_record")
+
+    def to_dict(self) -> dict[str, float]:
+        """``{field name: value}`` of the computed fields (``None`` ones left out)."""
+        out: dict[str, float] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out[f.name] = value
+        return out
+
+    def __str__(self) -> str:
+        parts = []
+        if self.lyapunov is not None:
+            parts.append(f"λ={self.lyapunov:.4f}")
+        if self.grad_norm is not None:
+            parts.append(f"∇={self.grad_norm:.4f}")
+        if self.firing_rate_mean is not None:
+            parts.append(f"fr={self.firing_rate_mean:.3f}±{self.firing_rate_std:.3f}")
+        if self.dead_neuron_frac is not None:
+            parts.append(f"dead={self.dead_neuron_frac:.1%}")
+        if self.saturated_neuron_frac is not None:
+            parts.append(f"sat={self.saturated_neuron_frac:.1%}")
+        return " | ".join(parts)
 
 
 class _GradSV(NamedTuple):
@@ -107,19 +178,55 @@ def _on(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:
     return torch.full((1,), float(value), dtype=torch.float64, device=device)
 
 
-def _spike_layout(spikes: torch.Tensor) -> tuple[torch.Tensor, int | None]:
-    """The hand-written monitors' spike layouts as (tensor, time_dim) for `spike_counts`.
+def _neuron_rates(spikes: torch.Tensor) -> torch.Tensor:
+    """Firing rate of every neuron, float32, with the hand-written monitors' operations and order.
 
-    ``[B, T, H]`` (3-D, and ``[B, T, *features]`` for more dims) averages over batch and time; ``[T, H]``
-    (2-D) over its first dim; a 1-D tensor is one rate per neuron.
+    ``[B, T, H]``: mean over time, then over the batch; ``[T, H]``: mean over time; ``[H]``: the rates
+    themselves; more dims are ``[B, T, *features]`` (each feature position a neuron). The same float32
+    operations as the reference make the same roundings, so a rate at a threshold compares the same way.
     """
     if spikes.ndim == 0:
         raise StabwatchError("StabilityMonitor: spikes must have at least one dim, got a 0-d tensor")
-    if spikes.ndim == 1:
-        return spikes.unsqueeze(0), None
-    if spikes.ndim == 2:
-        return spikes, None
-    return spikes, 1
+    s = spikes.detach().float()
+    if s.ndim == 1:
+        return s
+    if s.ndim == 2:
+        return s.mean(dim=0)
+    rates = s.mean(dim=1).mean(dim=0)
+    return rates.reshape(-1) if rates.ndim > 1 else rates
+
+
+def _firing_vector(rates: torch.Tensor, dead: float, saturated: float) -> torch.Tensor:
+    """``[mean, std, dead fraction, saturated fraction]`` of float32 rates, compared in float32 as the
+    hand-written monitors do (``rates < dead``: the threshold is rounded to float32)."""
+    return torch.stack([rates.mean(), rates.std(), (rates < dead).float().mean(), (rates > saturated).float().mean()])
+
+
+#: `_mean_std` takes the one-pass route while ``E[v^2] / var(v)`` stays below this (its float32 sums then
+#: give the std to ~1e-7 relative); a membrane far from zero relative to its spread gets the two-pass ``std``
+_ONE_PASS_MAX_RATIO = 10.0
+#: below this many elements the two reductions of ``mean()`` and ``std()`` cost less than the host reads
+_ONE_PASS_MIN_SIZE = 1 << 16
+
+
+def _mean_std(v: torch.Tensor) -> torch.Tensor:
+    """``[mean, std]`` (unbiased) of all elements of ``v``, in ``v``'s dtype (float64 on the CPU fast path).
+
+    On the CPU, float32/float64, from `_ONE_PASS_MIN_SIZE` elements: one pass of two cascaded sums,
+    ``sum v`` and ``sum v^2`` (about 2.5x faster than ``mean()`` plus ``std()``), unless ``E[v^2] / var``
+    is above `_ONE_PASS_MAX_RATIO`, where ``E[v^2] - mean^2`` would lose digits and the two-pass ``std()``
+    is used. Reading the two sums costs no device sync on the CPU. Elsewhere: ``mean()`` and ``std()``,
+    the hand-written monitors' operations, kept on the device.
+    """
+    n = v.numel()
+    if v.device.type != "cpu" or v.dtype not in (torch.float32, torch.float64) or n < _ONE_PASS_MIN_SIZE:
+        return torch.stack([v.mean(), v.std()])
+    mean = float(v.sum()) / n
+    ms = float(v.square().sum()) / n
+    var = (ms - mean * mean) * n / (n - 1)
+    if not (var > 0 and ms <= _ONE_PASS_MAX_RATIO * var):  # cancellation, zero spread, NaN or inf
+        return torch.tensor([mean, float(v.std())], dtype=torch.float64)
+    return torch.tensor([mean, var**0.5], dtype=torch.float64)
 
 
 def _named(value: torch.Tensor | Mapping[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
@@ -134,43 +241,60 @@ def _named(value: torch.Tensor | Mapping[str, torch.Tensor], what: str) -> dict[
 
 
 def _compat_rules() -> list[Any]:
-    from stabwatch.alerts import TrendRule, default_rules
+    """The default rules that watch what `compute` records (fresh instances)."""
+    from stabwatch.alerts import default_rules
 
-    trend = {"window": 20, "min_change": 0.1, "min_t": 3.0, "log": False, "severity": "info"}
-    return [
-        *default_rules(),
-        TrendRule(
-            "lyapunov",
-            direction="rising",
-            name="lyapunov_rising",
-            **trend,  # type: ignore[arg-type]
-            suggestion="the Lyapunov exponent is rising: lower the learning rate or strengthen the "
-            "Lyapunov regulariser",
-        ),
-        TrendRule(
-            "lyapunov",
-            direction="falling",
-            name="lyapunov_falling",
-            **trend,  # type: ignore[arg-type]
-            suggestion="the Lyapunov exponent is falling: training is stabilising",
-        ),
-    ]
+    return [rule for rule in default_rules() if rule.name in _RULES]
+
+
+#: a warning of `StabilityMonitor.get_trends` -> (what it means, what to try); `diagnose` states it as a
+#: cause when no stabwatch rule raised an alert of one of these reasons over the same records
+_TREND_CAUSES: dict[str, tuple[str, str, frozenset[AlertReason]]] = {
+    "⚠️ INCREASING (becoming unstable)": (
+        "the Lyapunov exponent you pass rose: the last 10 values average more than 0.1 above the first 10",
+        "increase the Lyapunov regulariser (lambda_reg) or lower the learning rate",
+        frozenset({AlertReason.CHAOTIC_TRAINING}),
+    ),
+    "⚠️ EXPLODING": (
+        "the gradient norm grew: the last 10 records average more than 10× the first 10",
+        "lower the learning rate; clip the gradient norm (torch.nn.utils.clip_grad_norm_)",
+        frozenset({AlertReason.EXPLODING_GRADIENT, AlertReason.NON_FINITE}),
+    ),
+    "⚠️ VANISHING": (
+        "the gradient norm collapsed: the last 10 records average less than 1/10 of the first 10",
+        "look for silent spiking layers (no spike, no surrogate gradient); widen the surrogate gradient, "
+        "lower the firing thresholds or rescale the inputs",
+        frozenset({AlertReason.VANISHING_GRADIENT, AlertReason.SILENT_LAYER}),
+    ),
+    "⚠️ DEAD NETWORK": (
+        "the network stopped firing: the mean firing rate of the last 10 records is below 0.01",
+        "lower the firing thresholds, raise the input gain or the initial weights, or add a firing-rate "
+        "regulariser that pulls rates up",
+        frozenset({AlertReason.DEAD_NEURONS, AlertReason.SILENT_LAYER}),
+    ),
+    "⚠️ SATURATED": (
+        "the network fires almost always: the mean firing rate of the last 10 records is above 0.8",
+        "raise the firing thresholds, lower the input gain or the weights, or add a firing-rate regulariser",
+        frozenset({AlertReason.SATURATED_NEURONS}),
+    ),
+}
 
 
 class StabilityMonitor:
     """Stability metrics of an SNN per training step, with the API of the common hand-written monitors.
 
-    Call `compute` after ``loss.backward()``; every call makes one `StabilityMetrics` record through a
-    `stabwatch.pipeline.RecordPipeline`: the record is fed to stabwatch's alert rules, kept (the last
-    ``history_size``) and, with ``sinks=``, written by the pipeline's background writers. Firing
-    statistics follow `stabwatch.functional.spiking` (a neuron is dead below ``dead_threshold``,
-    saturated above ``saturated_threshold``).
+    Call `compute` after ``loss.backward()``; every call returns a `StabilityMetrics` (the hand-written
+    monitors' record) and makes one stabwatch record through a `stabwatch.pipeline.RecordPipeline`: fed to
+    stabwatch's alert rules, kept (the last ``history_size``) and, with ``sinks=``, written by the
+    pipeline's background writers. A neuron is dead when its firing rate is below ``dead_threshold`` and
+    saturated above ``saturated_threshold``, compared in float32 as the hand-written monitors do.
 
     Args:
         dead_threshold: firing rate below which a neuron is dead.
         saturated_threshold: firing rate above which a neuron is saturated.
         history_size: records (and history values) kept for trends.
-        rules: alert rules (default: `stabwatch.alerts.default_rules` plus Lyapunov trend rules).
+        rules: alert rules (default: the `stabwatch.alerts.default_rules` that watch gradient norms,
+            singular values and spiking layers).
         log_alerts: log alerts as they fire (logger ``stabwatch.alerts``).
         sinks: where records also go: a sink or a list of sinks (`stabwatch.sinks`, e.g.
             ``JsonlSink("run.jsonl")`` or ``MlflowSink(...)``). Call `close` (or use ``with``) at the end.
@@ -178,7 +302,7 @@ class StabilityMonitor:
     Attributes:
         lyap_history / grad_history / fr_history: the last ``history_size`` Lyapunov exponents, gradient
             norms and mean firing rates, as in the hand-written monitors.
-        records: the last ``history_size`` records; alerts: every alert raised so far.
+        records: the last ``history_size`` stabwatch records; alerts: every alert raised so far.
 
     Raises:
         StabwatchError: (a `stabwatch.errors.ConfigError`) a threshold, ``history_size`` or ``sinks``
@@ -189,11 +313,11 @@ class StabilityMonitor:
         >>> from stabwatch.compat import StabilityMonitor
         >>> model = torch.nn.Linear(3, 2); model(torch.ones(4, 3)).sum().backward()
         >>> mon = StabilityMonitor()
-        >>> m = mon.compute(model, spikes=torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
-        >>> m.firing_rate_mean, m.dead_neuron_frac, m.saturated_neuron_frac
-        (0.5, 0.5, 0.5)
-        >>> round(m.grad_norm ** 2, 3)  # 6 weight and 2 bias gradients of 4 each
-        128.0
+        >>> m = mon.compute(model, lyapunov=0.25, spikes=torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+        >>> print(m)
+        λ=0.2500 | ∇=11.3137 | fr=0.500±0.707 | dead=50.0% | sat=50.0%
+        >>> m.record.step, m.record.to_dict()["compat/lyapunov"]
+        (0, 0.25)
     """
 
     def __init__(
@@ -218,8 +342,8 @@ class StabilityMonitor:
             raise ConfigError(f"StabilityMonitor: history_size must be a positive int, got {history_size!r}")
         from stabwatch.alerts import AlertEngine
 
-        self.dead_threshold = float(dead_threshold)
-        self.saturated_threshold = float(saturated_threshold)
+        self.dead_threshold = dead_threshold
+        self.saturated_threshold = saturated_threshold
         self.history_size = history_size
         self.engine = AlertEngine(_compat_rules() if rules is None else list(rules), log_alerts=log_alerts)
         self.sinks = sink_list(sinks, "StabilityMonitor")
@@ -232,8 +356,8 @@ class StabilityMonitor:
         self._pipeline.open(self._describe())
 
     @property
-    def records(self) -> collections.deque[StabilityMetrics]:
-        """The last ``history_size`` records `compute` made."""
+    def records(self) -> collections.deque[Record]:
+        """The last ``history_size`` stabwatch records `compute` made."""
         return self._pipeline.records
 
     def _describe(self) -> dict[str, str]:
@@ -252,11 +376,18 @@ class StabilityMonitor:
     # device-side pieces ---------------------------------------------------------------------------
     @staticmethod
     def _grad_norm(model: nn.Module) -> torch.Tensor:
+        """``sqrt(sum_p ||g_p||^2)`` as a 0-d float64 tensor: each ``||g_p||`` in the gradient's precision
+        (the hand-written monitors' ``p.grad.norm(2)``), squared and summed in float64, no host sync."""
         grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
-        if grads:
-            return gradient_norm(grads)[0]
-        first = next(model.parameters(), None)
-        return torch.zeros((), dtype=torch.float64, device=first.device if first is not None else "cpu")
+        if not grads:
+            first = next(model.parameters(), None)
+            return torch.zeros((), dtype=torch.float64, device=first.device if first is not None else "cpu")
+        device, dtype = grads[0].device, grads[0].dtype
+        if all(g.device == device and g.dtype == dtype for g in grads):
+            norms = torch.stack([torch.linalg.vector_norm(g) for g in grads]).double()
+        else:  # gradients on several devices or in several dtypes: each norm moved to the first device
+            norms = torch.stack([torch.linalg.vector_norm(g).to(device, torch.float64) for g in grads])
+        return norms.square().sum().sqrt()
 
     def _sv(self, model: nn.Module, top_k: int) -> list[_GradSV]:
         """Singular values of every 2-D gradient, in parameter order; same-shape gradients as one batch.
@@ -294,25 +425,33 @@ class StabilityMonitor:
         conds = torch.stack([r.kappa.to(dev, torch.float64) for r in rows])
         return torch.stack([tops.max(), mins.nan_to_num(nan=float("inf")).min(), conds.nanmean()])
 
-    def _firing(self, spikes: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        counts, samples = [], []
-        for t in spikes.values():
-            c, n = spike_counts(*_spike_layout(t))
-            counts.append(c)
-            samples.append(n)
-        return layer_firing_statistics(counts, samples, self.dead_threshold, self.saturated_threshold)
+    def _firing(self, spikes: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Per-tensor ``[L, 4]`` (``None`` for one tensor) and pooled ``[4]`` firing statistics."""
+        rates = [_neuron_rates(t) for t in spikes.values()]
+        d, s = self.dead_threshold, self.saturated_threshold
+        if len(rates) == 1:
+            return None, _firing_vector(rates[0], d, s)
+        device = rates[0].device
+        per = torch.stack([_firing_vector(r, d, s).to(device) for r in rates])
+        return per, _firing_vector(torch.cat([r.to(device) for r in rates]), d, s)
 
     @staticmethod
-    def _membrane(membrane: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-tensor ``[L, 3]`` and pooled ``[3]`` membrane statistics (`pooled_membrane_statistics`)."""
-        device = next(iter(membrane.values())).device
-        no_threshold = torch.full((1,), float("nan"), dtype=torch.float64, device=device)
-        rows, counts = [], []
-        for v in membrane.values():
-            moments, _, n = membrane_moments(v)
-            rows.append(torch.cat([moments.to(device, torch.float64), no_threshold]))
-            counts.append(float(n))
-        return pooled_membrane_statistics(torch.stack(rows), torch.tensor(counts, dtype=torch.float64, device=device))
+    def _membrane(membrane: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Per-tensor ``[L, 2]`` (``None`` for one tensor) and pooled ``[2]`` membrane mean and std.
+
+        One tensor: its ``mean()`` and ``std()``, the hand-written monitors' operations. Several: each
+        tensor's, and the pooled ones combined exactly from ``(n, mean, std)`` in float64.
+        """
+        values = [v.detach() for v in membrane.values()]
+        if len(values) == 1:
+            return None, _mean_std(values[0])
+        device = values[0].device
+        per = torch.stack([_mean_std(v).to(device, torch.float64) for v in values])
+        n = torch.tensor([float(v.numel()) for v in values], dtype=torch.float64, device=device)
+        total = n.sum()
+        mean = (n * per[:, 0]).sum() / total
+        m2 = ((n - 1) * per[:, 1].nan_to_num().square() + n * (per[:, 0] - mean).square()).sum()
+        return per, torch.stack([mean, (m2 / (total - 1)).sqrt()])
 
     # the hand-written monitors' methods -----------------------------------------------------------
     def compute_gradient_norm(self, model: nn.Module) -> float:
@@ -355,13 +494,15 @@ class StabilityMonitor:
             spikes: ``[B, T, H]`` (more dims: ``[B, T, *features]``), ``[T, H]`` or ``[H]`` (rates);
                 values 0/1 (graded spikes count by value).
         """
-        rates = firing_rates(*_spike_layout(spikes))
-        a, b, c, d = _to_host([firing_statistics(rates, self.dead_threshold, self.saturated_threshold)])
+        with torch.no_grad():
+            stats = _firing_vector(_neuron_rates(spikes), self.dead_threshold, self.saturated_threshold)
+        a, b, c, d = _to_host([stats])
         return a, b, c, d
 
     def compute_membrane_stats(self, membrane: torch.Tensor) -> tuple[float, float]:
         """``(mean, std)`` of a membrane-potential tensor over all its elements."""
-        a, b = _to_host([membrane_statistics(membrane)[:2]])
+        with torch.no_grad():
+            a, b = _to_host([self._membrane({NETWORK: membrane})[1]])
         return a, b
 
     def compute(
@@ -376,66 +517,105 @@ class StabilityMonitor:
 
         Args:
             model: the SNN (for gradient norms / singular values; call after ``backward()``).
-            lyapunov: a Lyapunov-exponent estimate from the forward pass.
+            lyapunov: your Lyapunov-exponent estimate (e.g. from the forward pass); recorded under
+                ``compat/lyapunov``.
             spikes: recorded spikes (layouts in `compute_firing_stats`), or ``{layer: spikes}``.
             membrane: recorded membrane potentials, or ``{layer: membrane}``.
             compute_sv: also compute gradient singular values (the expensive part).
 
         Returns:
-            The `StabilityMetrics` record of this call (alerts it raised in ``record.alerts``); it is
-            also queued to the ``sinks``.
+            The `StabilityMetrics` of this call; ``metrics.record`` is the stabwatch record (alerts it
+            raised in ``record.alerts``), also queued to the ``sinks``.
         """
         spike_map = _named(spikes, "spikes") if spikes is not None else {}
         mem_map = _named(membrane, "membrane") if membrane is not None else {}
-        readout = Readout()
-        grad_norm = self._grad_norm(model)
-        if lyapunov is not None:
-            readout.add("lyapunov", _on(lyapunov, grad_norm.device))
-        readout.add("grad_norm", grad_norm)
-        if compute_sv:
-            self._read_sv(readout, self._sv(model, 5))
-        if spike_map:
-            per, pooled = self._firing(spike_map)
-            for j, field in enumerate(_FIRING_FIELDS):
-                readout.add(field, pooled[j])
-                readout.add_layers(field, list(spike_map), per[:, j])
-        if mem_map:
-            per, pooled = self._membrane(mem_map)
-            for j, field in enumerate(("membrane_mean", "membrane_std")):
-                readout.add(field, pooled[j])
-                readout.add_layers(field, list(mem_map), per[:, j])
+        entries: list[tuple[str, str | None]] = []  # (field or extra key, layer) of each value
+        chunks: list[torch.Tensor] = []
+        with torch.no_grad():
+            grad_norm = self._grad_norm(model)
+            device = grad_norm.device
+            if lyapunov is not None:
+                entries.append((LYAPUNOV_KEY, None))
+                chunks.append(_on(lyapunov, device))
+            entries.append(("grad_norm", None))
+            chunks.append(grad_norm.reshape(1))
+            if compute_sv:
+                self._read_sv(entries, chunks, self._sv(model, 5))
+            for fields, values in ((_FIRING_FIELDS, spike_map), (_MEMBRANE_FIELDS, mem_map)):
+                if not values:
+                    continue
+                per, pooled = (self._firing if fields is _FIRING_FIELDS else self._membrane)(values)
+                entries += [(name, None) for name in fields]
+                chunks.append(pooled)
+                if per is None:  # one tensor: its layer's values are the pooled ones
+                    entries += [(name, NETWORK) for name in fields]
+                    chunks.append(pooled)
+                else:
+                    entries += [(name, layer) for layer in values for name in fields]
+                    chunks.append(per.reshape(-1))
+            readout = Readout()  # one device->host copy of everything
+            readout.add_internal("compute", torch.cat([c.reshape(-1).to(device, torch.float64) for c in chunks]))
+            host = readout.sync()
+        fields_: dict[str, Any] = {}
+        layers: dict[str, dict[str, float]] = {}
+        extra: dict[str, float] = {}
+        for (name, layer), value in zip(entries, host, strict=True):
+            if name == LYAPUNOV_KEY:
+                extra[name] = value
+            elif layer is None:
+                fields_[name] = value
+            else:
+                layers.setdefault(layer, {})[name] = value
         pipe = self._pipeline
-        record = pipe.publish(pipe.build(pipe.step, readout))
+        record = pipe.publish(Record(step=pipe.step, layers=layers, extra=extra, **fields_))
         pipe.step += 1
         self.alerts.extend(record.alerts)
-        for history, value in (
-            (self.lyap_history, record.lyapunov),
-            (self.grad_history, record.grad_norm),
-            (self.fr_history, record.firing_rate_mean),
-        ):
-            if value is not None:
-                history.append(value)
-                del history[: -self.history_size]
-        return record
+        out = StabilityMetrics(
+            lyapunov=record.extra.get(LYAPUNOV_KEY),
+            grad_norm=record.grad_norm,
+            grad_max_sv=record.grad_max_sv,
+            grad_min_sv=record.grad_min_sv,
+            grad_condition=record.grad_condition,
+            firing_rate_mean=record.firing_rate_mean,
+            firing_rate_std=record.firing_rate_std,
+            dead_neuron_frac=record.dead_neuron_frac,
+            saturated_neuron_frac=record.saturated_neuron_frac,
+            membrane_mean=record.membrane_mean,
+            membrane_std=record.membrane_std,
+        )
+        out.__dict__["_record"] = record
+        kept: tuple[tuple[list[float], float | None], ...] = (
+            (self.lyap_history, out.lyapunov),
+            (self.grad_history, out.grad_norm),
+            (self.fr_history, out.firing_rate_mean),
+        )
+        for history, latest in kept:
+            if latest is not None:
+                history.append(latest)
+                if len(history) > self.history_size:
+                    del history[0]
+        return out
 
-    def _read_sv(self, readout: Readout, rows: list[_GradSV]) -> None:
+    def _read_sv(self, entries: list[tuple[str, str | None]], chunks: list[torch.Tensor], rows: list[_GradSV]) -> None:
         """The aggregate into the record's fields (the mean condition number, as the hand-written monitors
         report it) and, per layer, sigma_1 and, for exact spectra, the smallest non-zero value and the
         condition number."""
         stats = self._aggregate_sv(rows)
         if stats is None:
             return
-        for j, field in enumerate(_SV_FIELDS):
-            readout.add(field, stats[j])
+        entries += [(name, None) for name in _SV_FIELDS]
+        chunks.append(stats)
         dev = stats.device
-        readout.add_layers(
-            "grad_max_sv", [weight_layer_name(r.name) for r in rows], torch.stack([r.top[0].to(dev) for r in rows])
-        )
+        entries += [("grad_max_sv", weight_layer_name(r.name)) for r in rows]
+        chunks.append(torch.stack([r.top[0].to(dev) for r in rows]))
         exact = [r for r in rows if r.exact]
         if exact:
-            layers = [weight_layer_name(r.name) for r in exact]
-            readout.add_layers("grad_min_sv", layers, torch.stack([r.s_min.to(dev) for r in exact]))
-            readout.add_layers("grad_condition", layers, torch.stack([r.kappa.to(dev) for r in exact]))
+            for name, values in (
+                ("grad_min_sv", [r.s_min for r in exact]),
+                ("grad_condition", [r.kappa for r in exact]),
+            ):
+                entries += [(name, weight_layer_name(r.name)) for r in exact]
+                chunks.append(torch.stack([v.to(dev) for v in values]))
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every record reached the sinks; ``False`` if one is still failing (its records are
@@ -452,69 +632,110 @@ class StabilityMonitor:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # answers from the rule engine -----------------------------------------------------------------
-    def _active(self) -> list[tuple[str | None, AlertReason, str]]:
-        """``(bound field, reason, rule name)`` of every rule with a stream in an alert episode now."""
-        out = []
-        for rule in self.engine:
-            if rule.active_layers():
-                field = getattr(getattr(rule, "binding", None), "field", None)
-                out.append((field, rule.reason, rule.name))
-        return out
-
+    # what a person reads --------------------------------------------------------------------------
     def get_trends(self) -> dict[str, str]:
-        """Trend of each watched quantity, from the alert rules' current episodes.
+        """Trend of each watched quantity, as the hand-written monitors compute it.
 
-        Keys and words follow the hand-written monitors (a key appears once it has 10 values):
+        A key appears once its history has 10 values; the mean of the last 10 values is compared with the
+        mean of the first 10 kept:
 
-        * ``"lyapunov"``: ``"⚠️ INCREASING (becoming unstable)"`` (a significant rising trend),
-          ``"✓ DECREASING (stabilizing)"``, ``"⚠️ CHAOTIC (positive for several records)"`` or
-          ``"→ STABLE"``;
-        * ``"gradients"``: ``"⚠️ EXPLODING"``, ``"⚠️ VANISHING"`` or ``"✓ STABLE"``;
-        * ``"firing"``: ``"⚠️ DEAD NETWORK"`` (a dead or silent spiking layer), ``"⚠️ SATURATED"`` or
-          ``"✓ HEALTHY"``.
+        * ``"lyapunov"``: ``"⚠️ INCREASING (becoming unstable)"`` (up by more than 0.1),
+          ``"✓ DECREASING (stabilizing)"`` (down by more than 0.1) or ``"→ STABLE"``;
+        * ``"gradients"``: ``"⚠️ EXPLODING"`` (ratio above 10), ``"⚠️ VANISHING"`` (below 0.1) or
+          ``"✓ STABLE"``;
+        * ``"firing"`` (the last 10 mean rates only): ``"⚠️ DEAD NETWORK"`` (below 0.01),
+          ``"⚠️ SATURATED"`` (above 0.8) or ``"✓ HEALTHY"``.
         """
-        active = self._active()
-
-        def has(fields: set[str], *reasons: AlertReason, names: tuple[str, ...] = ()) -> bool:
-            return any(f in fields and (r in reasons or n in names) for f, r, n in active if f is not None)
-
         trends: dict[str, str] = {}
         if len(self.lyap_history) >= 10:
-            lyap = {"lyapunov"}
-            if has(lyap, names=("lyapunov_rising",)):
+            recent = np.mean(self.lyap_history[-10:])
+            older = np.mean(self.lyap_history[:10])
+            if recent > older + 0.1:
                 trends["lyapunov"] = "⚠️ INCREASING (becoming unstable)"
-            elif has(lyap, AlertReason.CHAOTIC_TRAINING):
-                trends["lyapunov"] = "⚠️ CHAOTIC (positive for several records)"
-            elif has(lyap, names=("lyapunov_falling",)):
+            elif recent < older - 0.1:
                 trends["lyapunov"] = "✓ DECREASING (stabilizing)"
             else:
                 trends["lyapunov"] = "→ STABLE"
         if len(self.grad_history) >= 10:
-            grads = {"grad_norm"}
-            if has(grads, AlertReason.EXPLODING_GRADIENT):
+            ratio = np.mean(self.grad_history[-10:]) / (np.mean(self.grad_history[:10]) + 1e-8)
+            if ratio > 10:
                 trends["gradients"] = "⚠️ EXPLODING"
-            elif has(grads, AlertReason.VANISHING_GRADIENT, AlertReason.SILENT_LAYER):
+            elif ratio < 0.1:
                 trends["gradients"] = "⚠️ VANISHING"
             else:
                 trends["gradients"] = "✓ STABLE"
         if len(self.fr_history) >= 10:
-            if has(_SPIKING_FIELDS, AlertReason.DEAD_NEURONS, AlertReason.SILENT_LAYER):
+            recent = np.mean(self.fr_history[-10:])
+            if recent < 0.01:
                 trends["firing"] = "⚠️ DEAD NETWORK"
-            elif has(_SPIKING_FIELDS, AlertReason.SATURATED_NEURONS):
+            elif recent > 0.8:
                 trends["firing"] = "⚠️ SATURATED"
             else:
                 trends["firing"] = "✓ HEALTHY"
         return trends
 
     def diagnose(self) -> str:
-        """A readable summary: stabwatch's diagnosis of the kept records and the alerts raised."""
-        from stabwatch.diagnosis import diagnose
+        """The hand-written monitors' summary, then stabwatch's likely causes and what to try.
 
+        The first lines are the hand-written monitors' own: the Lyapunov exponent averaged over the last
+        20 values with its regime (above 0.5 chaotic, below -0.5 over-stable, else the edge of chaos)
+        and its suggestion, the gradient norm's average and maximum over the last 20, the mean firing
+        rate, each with its `get_trends` word (the same dict, so the two never disagree). Below, under
+        ``--- stabwatch ---``: the likely causes of the alerts raised over the kept records (the same
+        history), each with its evidence and what to try; a `get_trends` warning that no rule raised an
+        alert for is stated as a cause too, so the two parts never disagree either.
+        """
+        trends = self.get_trends()
         lines = ["=== Stability Diagnosis ==="]
-        lines += [f"{key}: {value}" for key, value in self.get_trends().items()]
-        lines.append(diagnose(list(self.records), list(self.alerts)))
-        return "\n".join(lines)
+        if self.lyap_history:
+            avg_lyap = np.mean(self.lyap_history[-20:])
+            lines.append(f"Lyapunov exponent: {avg_lyap:.4f}")
+            if avg_lyap > 0.5:
+                lines.append(" → Network is CHAOTIC (trajectories diverge quickly)")
+                lines.append(" → Suggestion: Increase lambda_reg or decrease learning rate")
+            elif avg_lyap < -0.5:
+                lines.append(" → Network is OVER-STABLE (trajectories collapse)")
+                lines.append(" → Suggestion: May lose expressiveness, consider reducing regularization")
+            else:
+                lines.append(" → Network is at EDGE OF CHAOS (good for learning)")
+        if self.grad_history:
+            avg_grad = np.mean(self.grad_history[-20:])
+            max_grad = max(self.grad_history[-20:])
+            lines.append(f"Gradient norm: avg={avg_grad:.4f}, max={max_grad:.4f}")
+            if "gradients" in trends:
+                lines.append(f" → {trends['gradients']}")
+        if self.fr_history:
+            avg_fr = np.mean(self.fr_history[-20:])
+            lines.append(f"Firing rate: {avg_fr:.4f}")
+            if "firing" in trends:
+                lines.append(f" → {trends['firing']}")
+        return "\n".join(lines + self._stabwatch_lines(trends))
+
+    def _stabwatch_lines(self, trends: dict[str, str]) -> list[str]:
+        """stabwatch's part of `diagnose`: causes and suggestions from the alerts of the kept records."""
+        from stabwatch.diagnosis import analyse
+
+        records = list(self.records)
+        if not records:
+            return []
+        alerts = [a for r in records for a in r.alerts if a.reason is not AlertReason.RECOVERED]
+        span = f"steps {records[0].step}-{records[-1].step}" if len(records) > 1 else f"step {records[0].step}"
+        lines = ["", f"--- stabwatch: {len(alerts)} alert(s) over the last {len(records)} records ({span}) ---"]
+        causes = [(c.title, c.evidence, c.actions) for c in analyse(records, alerts).causes]
+        seen = {a.reason for a in alerts}
+        for word in trends.values():
+            if word in _TREND_CAUSES and not (_TREND_CAUSES[word][2] & seen):
+                meaning, action, _ = _TREND_CAUSES[word]
+                causes.append((meaning, [f"get_trends: {word}"], [action]))
+        if not causes:
+            lines.append("likely causes: none — no sign of instability in these records.")
+            return lines
+        lines.append("likely causes (most likely first):")
+        for i, (title, evidence, actions) in enumerate(causes, 1):
+            lines.append(f"  {i}. {title}")
+            lines.append(f"     evidence: {'; '.join(evidence)}")
+            lines += [f"     try: {action}" for action in actions]
+        return lines
 
 
 def compute_spectral_radius(weight_matrix: torch.Tensor) -> float:

@@ -201,6 +201,13 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
         "`log(s(t_{k+1})/s(t_k)) / (t_{k+1} − t_k)`.",
         "nats per epoch (step = epoch)",
     ),
+    # compat
+    "compat/lyapunov": (
+        "The Lyapunov exponent you pass to `stabwatch.compat.StabilityMonitor.compute(lyapunov=...)` (your "
+        "model's own estimate, e.g. from its forward pass), kept apart from `shadow/lyapunov`, which "
+        'stabwatch measures. The record holds it in `extra` (`record.extra["compat/lyapunov"]`).',
+        "your estimate's unit; per `compute` call",
+    ),
 }
 
 #: summaries across layers that the tracker sinks' layer-key policy adds (not in ``record.to_dict()``)
@@ -359,10 +366,30 @@ def analyzer_keys() -> set[str]:
     return keys
 
 
+def compat_keys() -> set[str]:
+    """Every key of the records of the SNN-monitor drop-in (`stabwatch.compat.StabilityMonitor`)."""
+    import torch
+
+    from stabwatch.compat import StabilityMonitor
+
+    model = torch.nn.Linear(4, 3)
+    model(torch.ones(2, 4)).sum().backward()
+    spikes = (torch.rand(2, 5, 3, generator=torch.Generator().manual_seed(0)) < 0.5).float()
+    with StabilityMonitor() as mon:
+        m = mon.compute(model, lyapunov=0.1, spikes=spikes, membrane=torch.randn(2, 5, 3), compute_sv=True)
+    return set(m.record.to_dict()) if m.record is not None else set()
+
+
 def emitted_patterns() -> dict[str, set[str]]:
-    """``{pattern: {sources}}`` over the reference runs (sources: ``Monitor``, ``StabilityAnalyzer``)."""
+    """``{pattern: {sources}}`` over the reference runs (sources: ``Monitor``, ``StabilityAnalyzer``,
+    ``compat.StabilityMonitor``)."""
     found: dict[str, set[str]] = {}
-    for source, keys in (("Monitor", monitor_keys()), ("StabilityAnalyzer", analyzer_keys())):
+    runs = (
+        ("Monitor", monitor_keys()),
+        ("StabilityAnalyzer", analyzer_keys()),
+        ("compat.StabilityMonitor", compat_keys()),
+    )
+    for source, keys in runs:
         for key in keys:
             found.setdefault(pattern(key), set()).add(source)
     return found
@@ -427,6 +454,7 @@ _TITLES = {
     "shadow": "Lyapunov exponent of training (`shadow`)",
     "monitor": "The monitor",
     "analysis": "Offline analyzer (`stabwatch.analysis`)",
+    "compat": "The SNN-monitor drop-in (`stabwatch.compat`)",
 }
 
 

@@ -9,9 +9,17 @@ on the same batches; the exact pairwise distances between them in the full weigh
 spread ``s(t)``, the convergence ratio ``s(T)/s(0)`` and the Lyapunov exponent
 ``log(s(T)/s(0)) / T`` with per-interval local exponents and jackknife confidence intervals. See
 ``docs/analysis.md``.
+
+deep-lyapunov's other documented names are here too, so that only import lines change:
+``metrics`` and ``visualization`` (its functions, stabwatch's definitions), ``config`` (`MetricsConfig`,
+`VisualizationConfig`, which take effect), ``__version__`` and `get_logger`.
 """
 
-from stabwatch.analysis._config import AnalyzerConfig
+import logging
+
+from stabwatch import __version__
+from stabwatch.analysis import config, metrics, visualization
+from stabwatch.analysis._config import AnalyzerConfig, MetricsConfig, VisualizationConfig
 from stabwatch.analysis._errors import AnalysisWarning
 from stabwatch.analysis._results import AnalysisResults, TrajectoryMetrics
 from stabwatch.analysis._training import TrainStep
@@ -21,7 +29,27 @@ __all__ = [
     "AnalysisResults",
     "AnalysisWarning",
     "AnalyzerConfig",
+    "MetricsConfig",
     "StabilityAnalyzer",
     "TrainStep",
     "TrajectoryMetrics",
+    "VisualizationConfig",
+    "__version__",
+    "config",
+    "get_logger",
+    "metrics",
+    "visualization",
 ]
+
+
+def get_logger() -> logging.Logger:
+    """The logger the analysis writes to (``"stabwatch.analysis"``), as deep-lyapunov's ``get_logger()``.
+
+    Configure it as you configured deep-lyapunov's: ``get_logger().setLevel(logging.DEBUG)``, add a
+    handler, or ``logging.basicConfig(level=logging.INFO)`` (records propagate to the root logger).
+
+    Example:
+        >>> get_logger().name
+        'stabwatch.analysis'
+    """
+    return logging.getLogger("stabwatch.analysis")

@@ -10,7 +10,7 @@ from typing import Any
 
 from stabwatch.errors import ConfigError
 
-__all__ = ["AnalyzerConfig"]
+__all__ = ["AnalyzerConfig", "MetricsConfig", "VisualizationConfig"]
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -125,3 +125,85 @@ def _refuse_unknown_keywords(init: Any) -> Any:
 
 
 AnalyzerConfig.__init__ = _refuse_unknown_keywords(AnalyzerConfig.__init__)  # type: ignore[method-assign]
+
+
+@dataclass
+class MetricsConfig:
+    """How the metrics are computed (the fields of ``deep_lyapunov.config.MetricsConfig``, here in effect).
+
+    Pass it as ``StabilityAnalyzer(..., metrics_config=...)`` or to the functions of
+    `stabwatch.analysis.metrics`. deep-lyapunov defined these fields but never read them, so its
+    numbers were those of this class's defaults (which differ from its declared defaults where noted).
+
+    Attributes:
+        convergence_threshold: `AnalysisResults.behavior` is ``"convergent"`` when the convergence
+            ratio is below this, else ``"divergent"``.
+        lyapunov_window: ``w``, the number of checkpoint intervals one local exponent spans in
+            `stabwatch.analysis.metrics.compute_local_lyapunov` and the Lyapunov plot of
+            `stabwatch.analysis.visualization` (sliding, step 1). The analyzer's
+            `AnalysisResults.local_lyapunov` stays one exponent per interval. Default 1 (declared 5 in
+            deep-lyapunov, which used 1).
+        min_trajectory_length: fewer recorded checkpoints than this adds a diagnostic (and an
+            `AnalysisWarning`) saying the exponent rests on few points. Default 2 (declared 10 in
+            deep-lyapunov, which did not check).
+        use_robust_estimators: the spread ``s(t)`` is ``sqrt(median_{i<j} ||theta_i - theta_j||^2)``
+            instead of the root mean square: one runaway replica no longer sets the exponent.
+            Default False (declared True in deep-lyapunov, which used means).
+
+    Example:
+        >>> MetricsConfig(convergence_threshold=0.9).lyapunov_window
+        1
+    """
+
+    convergence_threshold: float = 1.0
+    lyapunov_window: int = 1
+    min_trajectory_length: int = 2
+    use_robust_estimators: bool = False
+
+    def __post_init__(self) -> None:
+        t = self.convergence_threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise ConfigError(f"convergence_threshold must be a finite positive number, got {t!r}")
+        for name in ("lyapunov_window", "min_trajectory_length"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ConfigError(f"{name} must be an int of at least 1, got {value!r}")
+        if not isinstance(self.use_robust_estimators, bool):
+            raise ConfigError(f"use_robust_estimators must be True or False, got {self.use_robust_estimators!r}")
+
+
+_FIGURE_FORMATS = ("png", "pdf", "svg")
+
+
+@dataclass
+class VisualizationConfig:
+    """How figures look and are saved (the fields of ``deep_lyapunov.config.VisualizationConfig``, in effect).
+
+    Pass it as ``config=`` to the functions of `stabwatch.analysis.visualization`.
+
+    Attributes:
+        figure_dpi: resolution of figures saved by ``create_analysis_dashboard(save_path=...)``.
+        figure_format: ``"png"``, ``"pdf"`` or ``"svg"``: the format used when a ``save_path`` has no
+            suffix.
+        colormap: matplotlib colormap the replicas' colours are drawn from.
+        show_confidence_bands: draw the jackknife confidence intervals on the Lyapunov plot.
+
+    Example:
+        >>> VisualizationConfig(figure_format="svg").figure_dpi
+        150
+    """
+
+    figure_dpi: int = 150
+    figure_format: str = "png"
+    colormap: str = "viridis"
+    show_confidence_bands: bool = True
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.figure_dpi) or self.figure_dpi < 1:
+            raise ConfigError(f"figure_dpi must be a positive int, got {self.figure_dpi!r}")
+        if self.figure_format not in _FIGURE_FORMATS:
+            raise ConfigError(f"figure_format must be one of {', '.join(_FIGURE_FORMATS)}, got {self.figure_format!r}")
+        if not isinstance(self.colormap, str) or not self.colormap:
+            raise ConfigError(f"colormap must be a matplotlib colormap name, got {self.colormap!r}")
+        if not isinstance(self.show_confidence_bands, bool):
+            raise ConfigError(f"show_confidence_bands must be True or False, got {self.show_confidence_bands!r}")

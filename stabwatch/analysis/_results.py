@@ -222,7 +222,13 @@ class AnalysisResults:
     # ------------------------------------------------------------------ serialisation
 
     def to_dict(self) -> dict[str, Any]:
-        """Everything, as plain Python values (lists, floats, str); round-trips with `from_dict`."""
+        """Everything, as plain JSON values; round-trips with `from_dict`.
+
+        Valid strict JSON for every number of trajectories (``json.dumps(d, allow_nan=False)``): a
+        number that is not finite (the jackknife interval with ``N = 2``, which has no pairs left
+        to resample; a diverged loss) is the string ``"NaN"``, ``"Infinity"`` or ``"-Infinity"``,
+        exactly as in `to_json`, so ``to_dict() == json.loads(to_json())``.
+        """
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -233,7 +239,8 @@ class AnalysisResults:
             elif isinstance(value, (tuple, list)):
                 value = list(value)
             out[f.name] = value
-        return out
+        encoded: dict[str, Any] = _encode(out)
+        return encoded
 
     def to_json(self, path: str | Path | None = None) -> str:
         """Strict JSON (non-finite numbers as ``"NaN"``/``"Infinity"``/``"-Infinity"`` strings).
@@ -244,7 +251,7 @@ class AnalysisResults:
         Returns:
             The JSON text.
         """
-        text = json.dumps(_encode(self.to_dict()), indent=2, allow_nan=False)
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=False)
         if path is not None:
             Path(path).write_text(text, encoding="utf-8")
         return text

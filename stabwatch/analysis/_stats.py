@@ -7,6 +7,7 @@ Notation: ``N`` replicas, ``T`` checkpoints at times ``t_0 < ... < t_{T-1}`` (ep
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -48,6 +49,18 @@ def rms_spread(d2: FloatArray) -> FloatArray:
     return np.sqrt(np.mean(np.asarray(d2, dtype=np.float64), axis=1))
 
 
+def median_spread(d2: FloatArray) -> FloatArray:
+    r"""Robust spread ``s(t) = sqrt(median_m d2[t, m])``: a single runaway replica does not set it.
+
+    Args:
+        d2: squared distances, shape ``[T, M]``.
+
+    Returns:
+        ``s``, shape ``[T]``.
+    """
+    return np.sqrt(np.median(np.asarray(d2, dtype=np.float64), axis=1))
+
+
 def growth_rates(spread: FloatArray, times: FloatArray) -> tuple[float, FloatArray]:
     r"""Global and local Lyapunov exponents of a spread curve.
 
@@ -79,6 +92,7 @@ def jackknife_intervals(
     membership: NDArray[np.bool_],
     times: FloatArray,
     level: float = 0.95,
+    reducer: Callable[[FloatArray], FloatArray] = rms_spread,
 ) -> tuple[tuple[float, float], FloatArray]:
     r"""Confidence intervals of the global and local exponents, delete-one-unit jackknife.
 
@@ -99,6 +113,7 @@ def jackknife_intervals(
         membership: ``[U, M]``, True where unit ``u`` takes part in pair ``m``.
         times: ``[T]``.
         level: coverage, e.g. 0.95.
+        reducer: squared distances ``[T, M]`` to the spread ``[T]`` (`rms_spread` or `median_spread`).
 
     Returns:
         ``((low, high), local)`` where ``local`` is ``[T-1, 2]``.
@@ -109,14 +124,14 @@ def jackknife_intervals(
     units = membership.shape[0]
     if units < 2:
         return (math.nan, math.nan), nan_local
-    full_lam, full_local = growth_rates(rms_spread(d2), times)
+    full_lam, full_local = growth_rates(reducer(d2), times)
     lams = np.empty(units)
     locals_ = np.empty((units, n_times - 1))
     for u in range(units):
         keep = ~membership[u]
         if not keep.any():
             return (math.nan, math.nan), nan_local
-        lams[u], locals_[u] = growth_rates(rms_spread(d2[:, keep]), times)
+        lams[u], locals_[u] = growth_rates(reducer(d2[:, keep]), times)
     quantile = float(stats.t.ppf(0.5 + level / 2.0, units - 1))
 
     def interval(center: FloatArray, deleted: FloatArray) -> NDArray[np.float64]:

@@ -9,17 +9,17 @@ same random noise unless asked otherwise:
   pass per epoch, one forward/backward/optimizer step per batch for the whole ensemble.
 * `train_sequential`: the same `TrainStep`, one replica after the other per batch (models ``vmap``
   cannot batch, optimizers that are not element-wise).
-* `train_with_fn`: an arbitrary deep-lyapunov style ``train_fn(model, loader, n_epochs, **kw)``,
-  called **once** per replica with all epochs, so an optimizer it creates lives through the whole
-  run. Each call runs in its own thread, but only one runs at a time: at the end of every full pass
-  over the loader the replica hands control back, the analyzer records, and the next replica goes.
+* `train_with_fn`: the user's deep-lyapunov style ``train_fn``, called exactly as deep-lyapunov calls
+  it: ``train_fn(model, loader, 1, **kwargs)`` once per replica per epoch, with the user's own loader
+  and keyword arguments. Nothing of the user's code is replaced, so training is what it would be
+  under deep-lyapunov (same replicas, same calls); only the RNG seeding per call differs (every
+  replica gets the same data order and noise).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -31,7 +31,6 @@ from torch import nn
 from stabwatch.analysis._replicas import (
     LoaderGenerators,
     derive_seed,
-    parameter_version,
     seed_everything,
     tracked_parameters,
 )
@@ -370,119 +369,8 @@ def train_sequential(
 
 
 # --------------------------------------------------------------------------------------------------
-# User train_fn, one thread per replica, strictly one running at a time.
+# User train_fn, deep-lyapunov's contract: train_fn(model, loader, 1, **kwargs) once per epoch.
 # --------------------------------------------------------------------------------------------------
-
-
-class _Abort(BaseException):
-    """Raised inside a replica thread to unwind it when the analysis stops early."""
-
-
-class _EpochLoader:
-    """Stands in for the user's loader; reports the end of every full pass that changed the model.
-
-    Iteration, ``len()`` and attribute access (``.dataset``, ``.batch_size``...) go to the wrapped
-    loader. A pass after which no parameter changed (an evaluation pass) is not an epoch.
-    """
-
-    def __init__(self, loader: Any, worker: _ReplicaWorker) -> None:
-        self._loader = loader
-        self._worker = worker
-
-    def __iter__(self) -> Iterator[Any]:
-        worker = self._worker
-        for batch in self._loader:
-            if worker.abort:
-                raise _Abort
-            yield batch
-        worker.end_of_pass()
-
-    def __len__(self) -> int:
-        return len(self._loader)
-
-    def __getattr__(self, name: str) -> Any:
-        if name in ("_loader", "_worker"):
-            raise AttributeError(name)
-        return getattr(self._loader, name)
-
-
-class _ReplicaWorker:
-    """Runs ``train_fn`` for one replica in a thread that pauses at every epoch boundary."""
-
-    def __init__(
-        self,
-        index: int,
-        model: nn.Module,
-        train_fn: Callable[..., Any],
-        loader: Any,
-        n_epochs: int,
-        kwargs: dict[str, Any],
-    ) -> None:
-        self.index = index
-        self.model = model
-        self.train_fn = train_fn
-        self.loader = _EpochLoader(loader, self)
-        self.n_epochs = n_epochs
-        self.kwargs = kwargs
-        self.resume = threading.Event()
-        self.paused = threading.Event()
-        self.abort = False
-        self.finished = False
-        self.error: BaseException | None = None
-        self.results: list[Any] = []
-        self.passes = 0
-        self.extra_calls = 0
-        self._version = parameter_version([model])
-        self.thread = threading.Thread(target=self._run, name=f"stabwatch-replica-{index}", daemon=True)
-
-    def end_of_pass(self) -> None:
-        version = parameter_version([self.model])
-        if version == self._version:
-            return
-        self._version = version
-        self.passes += 1
-        self._hand_back()
-
-    def _hand_back(self) -> None:
-        self.paused.set()
-        self.resume.wait()
-        self.resume.clear()
-        if self.abort:
-            raise _Abort
-
-    def _run(self) -> None:
-        try:
-            self.resume.wait()
-            self.resume.clear()
-            if self.abort:
-                raise _Abort
-            remaining = self.n_epochs
-            while remaining > 0:
-                before = self.passes
-                self.results.append(self.train_fn(self.model, self.loader, remaining, **self.kwargs))
-                done = self.passes - before
-                if done == 0 or done >= remaining:
-                    break
-                remaining -= done
-                self.extra_calls += 1
-        except _Abort:
-            pass
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
-            self.error = exc
-        finally:
-            self.finished = True
-            self.paused.set()
-
-    def run_until_pause(self) -> None:
-        """Let this replica run until its next epoch boundary or its end (main thread)."""
-        self.resume.set()
-        self.paused.wait()
-        self.paused.clear()
-
-    def stop(self) -> None:
-        """Unwind a paused thread (main thread)."""
-        self.abort = True
-        self.resume.set()
 
 
 def _merge_results(results: list[Any]) -> History:
@@ -501,6 +389,13 @@ def _merge_results(results: list[Any]) -> History:
     return merged
 
 
+def _loader_generators(loader: Any, train_kwargs: dict[str, Any]) -> list[LoaderGenerators]:
+    """Generators of ``loader`` and of every loader-like keyword argument (rewound per replica)."""
+    found = [LoaderGenerators(loader)]
+    found += [LoaderGenerators(v) for v in train_kwargs.values() if v is not loader and hasattr(v, "sampler")]
+    return found
+
+
 def train_with_fn(
     train_fn: Callable[..., Any],
     replicas: list[nn.Module],
@@ -513,72 +408,42 @@ def train_with_fn(
     on_epoch_end: EpochCallback,
     progress: Progress,
 ) -> tuple[list[History], list[str], int]:
-    """Run ``train_fn(model, loader, n_epochs, **kw)`` once per replica, epoch-major.
+    """Call ``train_fn(model, loader, 1, **train_kwargs)`` once per replica per epoch, as deep-lyapunov does.
 
-    Round ``r`` lets each replica run its epoch ``r`` (until its loader pass ends), with the global
-    RNGs seeded from ``(seed, r)`` and the loader's own generators rewound to where they were for
-    replica 0, so every replica gets the same shuffling and noise. After the round the analyzer
-    records. A ``train_fn`` that trains fewer passes than asked (e.g. one that ignores its
-    ``n_epochs`` argument) is called again for the remaining epochs.
+    ``loader`` and ``train_kwargs`` are passed through unchanged (the user's own objects). The calls
+    are epoch-major: epoch ``e`` of every replica, then ``on_epoch_end(view, e + 1)`` records a
+    checkpoint. Before each call the global RNGs are seeded from ``(seed, e)`` (``same_order``) and
+    the loaders' own generators are rewound to where they were for replica 0, so every replica sees
+    the same shuffling and the same dropout masks; otherwise from ``(seed, e, replica)``.
 
     Returns:
-        ``(histories, notes, epochs)``: per-replica merged results of ``train_fn``, warnings about
-        how ``train_fn`` used the loader, and the number of epochs (rounds) run.
+        ``(histories, notes, epochs)``: per-replica merged results of ``train_fn`` (one entry per
+        epoch, as deep-lyapunov keeps the last value of each call), warnings (none today), and the
+        number of epochs trained.
     """
-    workers = [_ReplicaWorker(i, m, train_fn, loader, n_epochs, train_kwargs) for i, m in enumerate(replicas)]
-    generators = LoaderGenerators(loader)
+    generators = _loader_generators(loader, train_kwargs)
     view = ModelsView(replicas)
-    notes: list[str] = []
-    epoch = 0
-    try:
-        for w in workers:
-            w.thread.start()
-        while True:
-            advanced = False
-            first_in_round = True
-            for w in workers:
-                if w.finished:
-                    continue
-                if same_order:
-                    seed_everything(derive_seed(seed, epoch))
-                    if first_in_round:
-                        generators.snapshot()
+    results: list[list[Any]] = [[] for _ in replicas]
+    for epoch in range(n_epochs):
+        for i, model in enumerate(replicas):
+            if same_order:
+                seed_everything(derive_seed(seed, epoch))
+                for g in generators:
+                    if i == 0:
+                        g.snapshot()
                     else:
-                        generators.restore()
-                else:
-                    seed_everything(derive_seed(seed, epoch, w.index))
-                first_in_round = False
-                w.run_until_pause()
-                if w.error is not None:
-                    raise w.error
-                if not w.finished:
-                    advanced = True
-                    progress.update(1)
-            if not advanced:
-                break
-            epoch += 1
-            on_epoch_end(view, epoch)
-    finally:
-        for w in workers:
-            if not w.finished:
-                w.stop()
-        for w in workers:
-            w.thread.join(timeout=10.0)
+                        g.restore()
+            else:
+                seed_everything(derive_seed(seed, epoch, i))
+            results[i].append(_last_of_each(train_fn(model, loader, 1, **train_kwargs)))
+            progress.update(1)
+        on_epoch_end(view, epoch + 1)
+    logger.debug("train_fn driver: %d epochs x %d replicas", n_epochs, len(replicas))
+    return [_merge_results(r) for r in results], [], n_epochs
 
-    passes = [w.passes for w in workers]
-    if max(passes) == 0:
-        notes.append(
-            "train_fn never finished a pass over train_loader (did it iterate the loader it was "
-            "given?): only the initial and final states were recorded"
-        )
-    elif min(passes) != max(passes):
-        notes.append(f"replicas trained different numbers of epochs {passes}: checkpoints are misaligned")
-    elif passes[0] != n_epochs:
-        notes.append(f"train_fn made {passes[0]} passes over train_loader for n_epochs={n_epochs}")
-    if any(w.extra_calls for w in workers):
-        notes.append(
-            f"train_fn returned before n_epochs={n_epochs} passes and was called again for the rest; "
-            "an optimizer created inside train_fn was re-created at each call"
-        )
-    logger.debug("train_fn driver: %d epochs, passes per replica %s", epoch, passes)
-    return [_merge_results(w.results) for w in workers], notes, epoch
+
+def _last_of_each(result: Any) -> Any:
+    """deep-lyapunov keeps the last element of each list a one-epoch call returns."""
+    if not isinstance(result, dict):
+        return result
+    return {k: (v[-1] if isinstance(v, (list, tuple)) and v else v) for k, v in result.items()}

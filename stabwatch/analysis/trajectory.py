@@ -30,7 +30,7 @@ from numpy.typing import NDArray
 from torch import nn
 from tqdm.auto import tqdm
 
-from stabwatch.analysis._config import AnalyzerConfig, UnknownSettingError
+from stabwatch.analysis._config import AnalyzerConfig, MetricsConfig, UnknownSettingError
 from stabwatch.analysis._errors import StateError, warn
 from stabwatch.analysis._recorder import ReplicaView, TrajectoryRecorder
 from stabwatch.analysis._replicas import (
@@ -44,6 +44,7 @@ from stabwatch.analysis._stats import (
     centered_gram_spectrum,
     growth_rates,
     jackknife_intervals,
+    median_spread,
     pair_indices,
     pair_membership,
     participation_ratio,
@@ -118,6 +119,8 @@ class StabilityAnalyzer:
             are computed, through a `stabwatch.pipeline.RecordPipeline` (a background writer per sink,
             a sink that fails gets its records spilled to disk and retried). `close` (or ``with``) closes
             them.
+        metrics_config: a `MetricsConfig`: the behaviour threshold, the minimum number of checkpoints
+            before a diagnostic, and mean or median spread (default ``MetricsConfig()``).
 
     Example:
         >>> import torch, torch.nn.functional as F
@@ -148,6 +151,7 @@ class StabilityAnalyzer:
         projection_dim: int = 1024,
         max_exact_bytes: int = 256 * 2**20,
         sinks: Any = None,
+        metrics_config: MetricsConfig | None = None,
         **unknown: Any,
     ) -> None:
         if unknown:
@@ -178,6 +182,9 @@ class StabilityAnalyzer:
             if overridden:
                 logger.warning("config= given: ignoring the individual settings %s", ", ".join(overridden))
             explicit = config
+        if metrics_config is not None and not isinstance(metrics_config, MetricsConfig):
+            raise ConfigError(f"metrics_config must be a MetricsConfig, got {type(metrics_config).__name__}")
+        self._metrics_config = metrics_config if metrics_config is not None else MetricsConfig()
         self._config = explicit
         self._base_model = model
         self._torch_device = _resolve_device(self._config.device)
@@ -327,10 +334,12 @@ class StabilityAnalyzer:
         """Train the replicas and compute the metrics.
 
         Args:
-            train_fn: either a deep-lyapunov style ``train_fn(model, loader, n_epochs, **kw)``
-                (called once per replica with all epochs, so an optimizer it creates persists; a
-                checkpoint is recorded at the end of every pass over ``train_loader``), or a
-                `TrainStep` (loss as a function of ``(model, batch)``) for vectorised training.
+            train_fn: either a deep-lyapunov style ``train_fn(model, loader, n_epochs, **kw)``,
+                called as deep-lyapunov calls it: ``train_fn(model, train_loader, 1, **train_kwargs)``
+                once per replica per epoch (an optimizer created inside is re-created every epoch),
+                a checkpoint after every epoch; or a `TrainStep` (loss as a function of
+                ``(model, batch)``) for vectorised training with one optimizer per replica for the
+                whole run.
             train_loader: the training batches (any re-iterable; a `DataLoader` with
                 ``shuffle=True`` is fine: every replica gets the same order).
             n_epochs: epochs to train.
@@ -499,6 +508,8 @@ class StabilityAnalyzer:
             self._record(self._view, self._pending)
             self._pending = None
         cfg = self._config
+        mcfg = self._metrics_config
+        reducer = median_spread if mcfg.use_robust_estimators else rms_spread
         n = cfg.n_trajectories
         times = np.asarray(rec.times)
         pair_sq = np.stack(rec.pair_sq)
@@ -512,10 +523,10 @@ class StabilityAnalyzer:
             d2 = pair_sq[:, iu, ju]
             membership = pair_membership(n)
             measured = d2
-        spread = rms_spread(d2)
+        spread = reducer(d2)
         ratio = float(spread[-1] / spread[0])
         lam, local = growth_rates(spread, times)
-        ci, local_ci = jackknife_intervals(d2, membership, times)
+        ci, local_ci = jackknife_intervals(d2, membership, times, reducer=reducer)
         vals, vecs = centered_gram_spectrum(rec.gram())
         n_comp = min(cfg.n_pca_components, rec.n_params, vals.shape[0])
         scores, explained = pca_scores(vals, vecs, n_comp)
@@ -524,10 +535,17 @@ class StabilityAnalyzer:
             if message not in diagnostics:
                 diagnostics.append(message)
                 warn(message)
+        if len(times) < mcfg.min_trajectory_length:
+            message = (
+                f"only {len(times)} checkpoints, fewer than min_trajectory_length="
+                f"{mcfg.min_trajectory_length}: the exponent rests on few points"
+            )
+            diagnostics.append(message)
+            warn(message)
         results = AnalysisResults(
             convergence_ratio=ratio,
             lyapunov=lam,
-            behavior="convergent" if ratio < 1.0 else "divergent",
+            behavior="convergent" if ratio < mcfg.convergence_threshold else "divergent",
             spread_evolution=spread,
             pca_trajectories=scores.reshape(len(times), n, -1),
             pca_explained_variance=explained,

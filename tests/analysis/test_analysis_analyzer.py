@@ -151,51 +151,78 @@ def test_saturation_is_reported_and_renormalisation_removes_it():
 # ---------------------------------------------------------------------------------------------- train_fn path
 
 
-def test_train_fn_is_called_once_per_replica_so_its_optimizer_persists(quiet):
+def test_train_fn_is_called_once_per_epoch_like_deep_lyapunov(quiet):
     calls, returned = [], {}
     base_fn = make_train_fn(lr=0.01, optimizer=torch.optim.Adam)
-
-    def train_fn(model, loader, n_epochs):
-        calls.append(n_epochs)
-        returned[id(model)] = base_fn(model, loader, n_epochs)
-        return returned[id(model)]
-
     loader = regression_loader()
+
+    def train_fn(model, loader_arg, n_epochs):
+        assert loader_arg is loader  # the user's own object, unwrapped
+        calls.append((id(model), n_epochs))
+        returned.setdefault(id(model), []).append(base_fn(model, loader_arg, n_epochs)["loss"][-1])
+        return {"loss": returned[id(model)][-1]}
+
     kw = {"n_trajectories": 3}
     analyzer = StabilityAnalyzer(mlp(), verbose=False, **kw)
     results = analyzer.analyze(train_fn, loader, 4)
-    assert calls == [4, 4, 4]
-    assert results.n_checkpoints == 5
     models = analyzer.get_models()
-    assert len(models) == len(results.trajectory_metrics) == 3
+    ids = [id(m) for m in models]
+    assert calls == [(i, 1) for _ in range(4) for i in ids]  # epoch-major, always n_epochs=1
+    assert results.n_checkpoints == 5
+    np.testing.assert_array_equal(results.checkpoint_times, [0, 1, 2, 3, 4])
     for m, tm in zip(models, results.trajectory_metrics, strict=True):
-        assert tm.final_loss == returned[id(m)]["loss"][-1]
+        assert tm.final_loss == returned[id(m)][-1]
 
     twin = StabilityAnalyzer(mlp(), verbose=False, **kw)
     twin.start_recording()
-    direct = copy.deepcopy(twin.get_models()[2])
-    base_fn(direct, loader, 4)  # one Adam for all 4 epochs
-    np.testing.assert_allclose(_weights([analyzer.get_models()[2]]), _weights([direct]), atol=1e-6)
-
     restarted = copy.deepcopy(twin.get_models()[2])
-    for _ in range(4):  # what deep-lyapunov did: a fresh Adam every epoch
+    for _ in range(4):  # deep-lyapunov's calls: a fresh Adam every epoch
         base_fn(restarted, loader, 1)
-    assert not np.allclose(_weights([restarted]), _weights([direct]), atol=1e-4)
+    np.testing.assert_allclose(_weights([models[2]]), _weights([restarted]), atol=1e-6)
 
 
-def test_train_fn_that_ignores_n_epochs_is_called_again():
-    one_pass = make_train_fn()
-
+def test_fixed_steps_per_epoch_train_fn_trains_every_epoch(quiet):
     def train_fn(model, loader, n_epochs):
-        return one_pass(model, loader, 1)
+        assert isinstance(loader, DataLoader)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for _ in range(n_epochs):
+            for step, (x, y) in enumerate(loader):
+                if step == 2:  # a fixed number of steps per epoch: the loader is never exhausted
+                    break
+                opt.zero_grad()
+                F.mse_loss(model(x), y).backward()
+                opt.step()
+        return {"loss": [0.0]}
 
-    with pytest.warns(AnalysisWarning, match="called again"):
-        results = StabilityAnalyzer(mlp(), n_trajectories=3, verbose=False).analyze(train_fn, regression_loader(), 3)
-    np.testing.assert_array_equal(results.checkpoint_times, [0, 1, 2, 3])
-    assert len({round(float(s), 12) for s in results.spread_evolution}) == 4
+    n_epochs = 5
+    results = StabilityAnalyzer(mlp(), n_trajectories=3, verbose=False).analyze(train_fn, regression_loader(), n_epochs)
+    assert results.n_checkpoints == n_epochs + 1
+    np.testing.assert_array_equal(results.checkpoint_times, np.arange(n_epochs + 1))
+    assert len({round(float(s), 12) for s in results.spread_evolution}) == n_epochs + 1
+    assert math.isclose(results.lyapunov, math.log(results.convergence_ratio) / n_epochs, rel_tol=1e-9)
 
 
-def test_train_fn_that_never_iterates_the_loader_still_gives_start_and_end():
+def test_a_loader_passed_through_kwargs_reaches_train_fn_unchanged(quiet):
+    loader = regression_loader(shuffle=True)
+    seen: list[object] = []
+
+    def train_fn(model, _unused, n_epochs, data=None, lr=0.0):
+        seen.append(data)
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        for x, y in data:
+            opt.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+        return {"loss": 0.0}
+
+    results = StabilityAnalyzer(mlp(), n_trajectories=3, verbose=False).analyze(
+        train_fn, [None], 2, data=loader, lr=0.05
+    )
+    assert len(seen) == 6 and all(d is loader for d in seen)
+    assert results.n_checkpoints == 3 and np.isfinite(results.lyapunov)
+
+
+def test_train_fn_that_never_iterates_the_loader_still_gets_a_checkpoint_per_epoch(quiet):
     x, y = torch.randn(32, 6), torch.randn(32, 3)
 
     def train_fn(model, loader, n_epochs):
@@ -205,9 +232,8 @@ def test_train_fn_that_never_iterates_the_loader_still_gives_start_and_end():
             F.mse_loss(model(x), y).backward()
             opt.step()
 
-    with pytest.warns(AnalysisWarning, match="never finished a pass"):
-        results = StabilityAnalyzer(mlp(), n_trajectories=3, verbose=False).analyze(train_fn, regression_loader(), 3)
-    np.testing.assert_array_equal(results.checkpoint_times, [0, 3])
+    results = StabilityAnalyzer(mlp(), n_trajectories=3, verbose=False).analyze(train_fn, regression_loader(), 3)
+    np.testing.assert_array_equal(results.checkpoint_times, [0, 1, 2, 3])
 
 
 def test_errors_raised_by_train_fn_propagate_unchanged():

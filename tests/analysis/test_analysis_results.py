@@ -153,3 +153,16 @@ def test_importing_the_analysis_does_not_need_matplotlib():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "StabilityAnalyzer" in out.stdout
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_to_dict_is_strict_json_for_every_number_of_trajectories(n, one_thread):
+    res = StabilityAnalyzer(mlp(), n_trajectories=n, verbose=False).analyze(mse_step(), regression_loader(), 2)
+    d = res.to_dict()
+    text = json.dumps(d, allow_nan=False)  # raises on NaN / inf
+    assert json.loads(text) == d == json.loads(res.to_json())
+    if n == 2:  # no pair is left when one of two replicas is deleted: the interval is undefined
+        assert d["lyapunov_ci"] == ["NaN", "NaN"] and math.isnan(res.lyapunov_ci[0])
+    else:
+        assert all(isinstance(v, float) for v in d["lyapunov_ci"])
+    _assert_same(AnalysisResults.from_dict(d), res)
