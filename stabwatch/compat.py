@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -68,6 +69,8 @@ _EXACT_SVD_MAX_ELEMENTS = 1_000_000
 _FIRING_FIELDS = ("firing_rate_mean", "firing_rate_std", "dead_neuron_frac", "saturated_neuron_frac")
 _MEMBRANE_FIELDS = ("membrane_mean", "membrane_std")
 _SV_FIELDS = ("grad_max_sv", "grad_min_sv", "grad_condition")
+#: the fields of `StabilityMetrics` that are fields of the stabwatch record too
+_RECORD_FIELDS = ("grad_norm", *_SV_FIELDS, *_FIRING_FIELDS, *_MEMBRANE_FIELDS)
 #: the default rules that watch what `StabilityMonitor.compute` records (the others would never be fed)
 _RULES = (
     "non_finite",
@@ -142,14 +145,90 @@ class StabilityMetrics:
         return " | ".join(parts)
 
 
-class _GradSV(NamedTuple):
-    """Singular values of one 2-D gradient, on its device."""
+class _SVGroup(NamedTuple):
+    """Singular values of a group of same-shape 2-D gradients, on their device."""
 
-    name: str  # the parameter's name
-    top: torch.Tensor  # [k] leading singular values
-    s_min: torch.Tensor  # 0-d smallest non-zero singular value (NaN when not exact)
-    kappa: torch.Tensor  # 0-d condition number over the non-zero ones (NaN when not exact)
-    exact: bool  # False: the top-k of a randomized SVD, no s_min / kappa
+    positions: list[int]  # the gradients' positions among the 2-D gradients, in parameter order
+    names: list[str]  # the parameters' names
+    top: torch.Tensor  # [b, k] leading singular values
+    s_min: torch.Tensor | None  # [b] smallest non-zero singular value (None: a randomized top-k, not exact)
+    kappa: torch.Tensor | None  # [b] condition number over the non-zero ones (None when not exact)
+
+
+#: one 2-D gradient's spectrum on the host: (parameter name, top-k values, s_min, kappa); None when not exact
+_SVRow = tuple[str, list[float], float | None, float | None]
+
+
+def _sv_chunks(groups: Sequence[_SVGroup]) -> list[torch.Tensor]:
+    """The groups' values as 1-D tensors for the one host copy; `_sv_rows` reads them back."""
+    chunks: list[torch.Tensor] = []
+    for g in groups:
+        chunks.append(g.top.reshape(-1))
+        if g.s_min is not None and g.kappa is not None:
+            chunks += [g.s_min, g.kappa]
+    return chunks
+
+
+def _sv_rows(groups: Sequence[_SVGroup], host: Sequence[float]) -> list[_SVRow]:
+    """The host values of `_sv_chunks` as one row per gradient, in parameter order."""
+    rows: dict[int, _SVRow] = {}
+    pos = 0
+    for g in groups:
+        b, k = g.top.shape
+        tops = host[pos : pos + b * k]
+        pos += b * k
+        mins: Sequence[float | None] = [None] * b
+        kappas: Sequence[float | None] = mins
+        if g.s_min is not None:
+            mins, kappas = host[pos : pos + b], host[pos + b : pos + 2 * b]
+            pos += 2 * b
+        for j, i in enumerate(g.positions):
+            rows[i] = (g.names[j], list(tops[j * k : (j + 1) * k]), mins[j], kappas[j])
+    return [rows[i] for i in sorted(rows)]
+
+
+def _aggregate_sv(rows: Sequence[_SVRow]) -> tuple[float, float, float] | None:
+    """``(max sigma_1, min non-zero sigma, mean condition number)`` over layers; randomized spectra (no
+    s_min, kappa) and NaN ones (non-finite gradients) left out of the last two; ``None``: no layer."""
+    if not rows:
+        return None
+    mins = [r[2] for r in rows if r[2] is not None and not math.isnan(r[2])]
+    kappas = [r[3] for r in rows if r[3] is not None and not math.isnan(r[3])]
+    return (
+        max(r[1][0] for r in rows),
+        min(mins) if mins else float("inf"),
+        sum(kappas) / len(kappas) if kappas else float("nan"),
+    )
+
+
+def _total_norm(norms: Sequence[float]) -> float:
+    """``sqrt(sum_p ||g_p||^2)`` of per-parameter norms, summed in order in Python floats (float64) as the
+    hand-written monitors do (0.0 without norms)."""
+    total = 0.0
+    for n in norms:
+        total += n**2
+    return float(total**0.5)
+
+
+def _host_scalar(value: torch.Tensor | float) -> torch.Tensor | float:
+    """A scalar (or a tensor's first element) as a host float, or as a 1-element tensor on its
+    accelerator (read in the call's one copy, without a device sync of its own)."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().reshape(-1)[:1]
+        if t.numel() == 0:
+            raise StabwatchError("StabilityMonitor.compute: lyapunov is an empty tensor")
+        return t if t.device.type != "cpu" else float(t[0])
+    return float(value)
+
+
+def _one_copy(chunks: Sequence[torch.Tensor]) -> list[float]:
+    """1-D tensors to the host as floats: one ``cat`` (dtypes promoted, exactly) and one copy of the
+    first tensor's device (others are moved there first)."""
+    device = chunks[0].device
+    if any(c.device != device for c in chunks):
+        chunks = [c.to(device) for c in chunks]
+    flat = torch.cat(list(chunks))
+    return (flat if flat.device.type == "cpu" else flat.cpu()).tolist()
 
 
 def _to_host(values: Sequence[torch.Tensor]) -> list[float]:
@@ -162,20 +241,6 @@ def _to_host(values: Sequence[torch.Tensor]) -> list[float]:
     for i, v in enumerate(values):
         readout.add_internal(str(i), v.reshape(-1))
     return readout.sync()
-
-
-def _on(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:
-    """A scalar (or a tensor's first element) as float64 on ``device``, without a device sync.
-
-    A host number is written on the device by a fill kernel; a tensor on another accelerator stays
-    where it is (the readout copies each device once).
-    """
-    if isinstance(value, torch.Tensor):
-        t = value.detach().reshape(-1)[:1].to(torch.float64)
-        if t.device == device or t.device.type != "cpu":
-            return t
-        value = float(t.item())  # a host tensor: reading it costs no device sync
-    return torch.full((1,), float(value), dtype=torch.float64, device=device)
 
 
 def _neuron_rates(spikes: torch.Tensor) -> torch.Tensor:
@@ -375,22 +440,22 @@ class StabilityMonitor:
 
     # device-side pieces ---------------------------------------------------------------------------
     @staticmethod
-    def _grad_norm(model: nn.Module) -> torch.Tensor:
-        """``sqrt(sum_p ||g_p||^2)`` as a 0-d float64 tensor: each ``||g_p||`` in the gradient's precision
-        (the hand-written monitors' ``p.grad.norm(2)``), squared and summed in float64, no host sync."""
-        grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+    def _grad_norms(model: nn.Module) -> torch.Tensor:
+        """``||g_p||`` of every gradient, 1-D on the first gradient's device, no host sync: each in the
+        gradient's precision (the hand-written monitors' ``p.grad.norm(2)``; one ``torch._foreach_norm``
+        when all gradients share a device and dtype). `_total_norm` combines them on the host."""
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
         if not grads:
             first = next(model.parameters(), None)
-            return torch.zeros((), dtype=torch.float64, device=first.device if first is not None else "cpu")
+            return torch.zeros(0, device=first.device if first is not None else "cpu")
         device, dtype = grads[0].device, grads[0].dtype
         if all(g.device == device and g.dtype == dtype for g in grads):
-            norms = torch.stack([torch.linalg.vector_norm(g) for g in grads]).double()
-        else:  # gradients on several devices or in several dtypes: each norm moved to the first device
-            norms = torch.stack([torch.linalg.vector_norm(g).to(device, torch.float64) for g in grads])
-        return norms.square().sum().sqrt()
+            return torch.stack(torch._foreach_norm(grads, 2.0))
+        # gradients on several devices or in several dtypes: each norm moved to the first device
+        return torch.stack([torch.linalg.vector_norm(g).to(device, torch.float64) for g in grads])
 
-    def _sv(self, model: nn.Module, top_k: int) -> list[_GradSV]:
-        """Singular values of every 2-D gradient, in parameter order; same-shape gradients as one batch.
+    def _sv(self, model: nn.Module, top_k: int) -> list[_SVGroup]:
+        """Singular values of every 2-D gradient; same-shape gradients as one batch.
 
         Exact (`stabwatch.functional.spectrum_summary`) up to ``_EXACT_SVD_MAX_ELEMENTS`` elements, a
         randomized top-k above (`stabwatch.functional.randomized_singular_values`).
@@ -400,30 +465,19 @@ class StabilityMonitor:
             for name, p in model.named_parameters()
             if p.grad is not None and p.ndim == 2 and min(p.shape) > 0
         ]
-        rows: dict[int, _GradSV] = {}
+        groups: list[_SVGroup] = []
         small = [i for i, (_, g) in enumerate(named) if g.numel() <= _EXACT_SVD_MAX_ELEMENTS]
         with torch.no_grad():
             for idx, stack in group_matrices([named[i][1] for i in small]):
                 top, s_min, _, kappa = spectrum_summary(stack, top_k)
-                for j, i in enumerate(small[k] for k in idx):
-                    rows[i] = _GradSV(named[i][0], top[j], s_min[j], kappa[j], True)
+                index = [small[k] for k in idx]
+                groups.append(_SVGroup(index, [named[i][0] for i in index], top, s_min, kappa))
+            exact = set(small)
             for i, (name, g) in enumerate(named):
-                if i not in rows:
+                if i not in exact:
                     top, _ = randomized_singular_values(g, top_k, generator=self._generator)
-                    nan = torch.full((), float("nan"), dtype=top.dtype, device=top.device)
-                    rows[i] = _GradSV(name, top, nan, nan, False)
-        return [rows[i] for i in range(len(named))]
-
-    @staticmethod
-    def _aggregate_sv(rows: list[_GradSV]) -> torch.Tensor | None:
-        """``[max sigma_1, min non-zero sigma, mean condition number]`` over layers (``None``: no layer)."""
-        if not rows:
-            return None
-        dev = rows[0].top.device
-        tops = torch.stack([r.top[0].to(dev, torch.float64) for r in rows])
-        mins = torch.stack([r.s_min.to(dev, torch.float64) for r in rows])
-        conds = torch.stack([r.kappa.to(dev, torch.float64) for r in rows])
-        return torch.stack([tops.max(), mins.nan_to_num(nan=float("inf")).min(), conds.nanmean()])
+                    groups.append(_SVGroup([i], [name], top[None], None, None))
+        return groups
 
     def _firing(self, spikes: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Per-tensor ``[L, 4]`` (``None`` for one tensor) and pooled ``[4]`` firing statistics."""
@@ -456,7 +510,8 @@ class StabilityMonitor:
     # the hand-written monitors' methods -----------------------------------------------------------
     def compute_gradient_norm(self, model: nn.Module) -> float:
         """Global L2 norm of all gradients, ``sqrt(sum_p ||g_p||^2)`` (0.0 without gradients)."""
-        return _to_host([self._grad_norm(model)])[0]
+        with torch.no_grad():
+            return _total_norm(_to_host([self._grad_norms(model)]))
 
     def compute_gradient_singular_values(self, model: nn.Module, top_k: int = 5) -> dict[str, tuple[np.ndarray, float]]:
         """Singular values of every 2-D weight gradient.
@@ -466,26 +521,18 @@ class StabilityMonitor:
             number is ``s_max / s_min`` over the non-zero singular values (NaN for matrices above 1e6
             elements, whose top-k come from a randomized SVD).
         """
-        rows = self._sv(model, top_k)
-        host = _to_host([torch.cat([r.top.reshape(-1), r.kappa.reshape(1).to(r.top.dtype)]) for r in rows])
-        out: dict[str, tuple[np.ndarray, float]] = {}
-        i = 0
-        for r in rows:
-            k = r.top.numel()
-            out[r.name] = (np.asarray(host[i : i + k]), host[i + k])
-            i += k + 1
-        return out
+        groups = self._sv(model, top_k)
+        rows = _sv_rows(groups, _to_host(_sv_chunks(groups)))
+        return {name: (np.asarray(top), float("nan") if kappa is None else kappa) for name, top, _, kappa in rows}
 
     def get_aggregate_gradient_sv(self, model: nn.Module) -> tuple[float, float, float]:
         """``(max singular value, min non-zero singular value, mean condition number)`` over layers.
 
         ``(0.0, 0.0, 1.0)`` when no 2-D parameter has a gradient.
         """
-        stats = self._aggregate_sv(self._sv(model, 5))
-        if stats is None:
-            return 0.0, 0.0, 1.0
-        a, b, c = _to_host([stats])
-        return a, b, c
+        groups = self._sv(model, 5)
+        stats = _aggregate_sv(_sv_rows(groups, _to_host(_sv_chunks(groups))))
+        return (0.0, 0.0, 1.0) if stats is None else stats
 
     def compute_firing_stats(self, spikes: torch.Tensor) -> tuple[float, float, float, float]:
         """``(mean rate, std over neurons, dead fraction, saturated fraction)`` of one spike tensor.
@@ -529,18 +576,22 @@ class StabilityMonitor:
         """
         spike_map = _named(spikes, "spikes") if spikes is not None else {}
         mem_map = _named(membrane, "membrane") if membrane is not None else {}
-        entries: list[tuple[str, str | None]] = []  # (field or extra key, layer) of each value
-        chunks: list[torch.Tensor] = []
+        fields_: dict[str, Any] = {}
+        layers: dict[str, dict[str, float]] = {}
+        extra: dict[str, float] = {}
+        entries: list[tuple[str, str | None]] = []  # (field or extra key, layer) of each value after the norms
         with torch.no_grad():
-            grad_norm = self._grad_norm(model)
-            device = grad_norm.device
+            norms = self._grad_norms(model)
+            groups = self._sv(model, 5) if compute_sv else []
+            sv_chunks = _sv_chunks(groups)
+            chunks = [norms, *sv_chunks]
             if lyapunov is not None:
-                entries.append((LYAPUNOV_KEY, None))
-                chunks.append(_on(lyapunov, device))
-            entries.append(("grad_norm", None))
-            chunks.append(grad_norm.reshape(1))
-            if compute_sv:
-                self._read_sv(entries, chunks, self._sv(model, 5))
+                lyap = _host_scalar(lyapunov)
+                if isinstance(lyap, torch.Tensor):
+                    entries.append((LYAPUNOV_KEY, None))
+                    chunks.append(lyap)
+                else:
+                    extra[LYAPUNOV_KEY] = lyap
             for fields, values in ((_FIRING_FIELDS, spike_map), (_MEMBRANE_FIELDS, mem_map)):
                 if not values:
                     continue
@@ -553,36 +604,31 @@ class StabilityMonitor:
                 else:
                     entries += [(name, layer) for layer in values for name in fields]
                     chunks.append(per.reshape(-1))
-            readout = Readout()  # one device->host copy of everything
-            readout.add_internal("compute", torch.cat([c.reshape(-1).to(device, torch.float64) for c in chunks]))
-            host = readout.sync()
-        fields_: dict[str, Any] = {}
-        layers: dict[str, dict[str, float]] = {}
-        extra: dict[str, float] = {}
-        for (name, layer), value in zip(entries, host, strict=True):
+            host = _one_copy(chunks)  # one device->host copy of everything
+        n_norms, n_sv = norms.numel(), sum(c.numel() for c in sv_chunks)
+        fields_["grad_norm"] = _total_norm(host[:n_norms])
+        rows = _sv_rows(groups, host[n_norms : n_norms + n_sv])
+        stats = _aggregate_sv(rows)
+        if stats is not None:  # the mean condition number, as the hand-written monitors report it
+            fields_.update(zip(_SV_FIELDS, stats))
+            for name, top, s_min, kappa in rows:  # per layer: sigma_1 and, for exact spectra, s_min and kappa
+                layer = layers.setdefault(weight_layer_name(name), {})
+                layer["grad_max_sv"] = top[0]
+                if s_min is not None and kappa is not None:
+                    layer["grad_min_sv"], layer["grad_condition"] = s_min, kappa
+        for (name, where), value in zip(entries, host[n_norms + n_sv :], strict=True):
             if name == LYAPUNOV_KEY:
                 extra[name] = value
-            elif layer is None:
+            elif where is None:
                 fields_[name] = value
             else:
-                layers.setdefault(layer, {})[name] = value
+                layers.setdefault(where, {})[name] = value
         pipe = self._pipeline
+        # validated (~5 us; pydantic's model_construct is slower here: it resolves every default per call)
         record = pipe.publish(Record(step=pipe.step, layers=layers, extra=extra, **fields_))
         pipe.step += 1
         self.alerts.extend(record.alerts)
-        out = StabilityMetrics(
-            lyapunov=record.extra.get(LYAPUNOV_KEY),
-            grad_norm=record.grad_norm,
-            grad_max_sv=record.grad_max_sv,
-            grad_min_sv=record.grad_min_sv,
-            grad_condition=record.grad_condition,
-            firing_rate_mean=record.firing_rate_mean,
-            firing_rate_std=record.firing_rate_std,
-            dead_neuron_frac=record.dead_neuron_frac,
-            saturated_neuron_frac=record.saturated_neuron_frac,
-            membrane_mean=record.membrane_mean,
-            membrane_std=record.membrane_std,
-        )
+        out = StabilityMetrics(lyapunov=extra.get(LYAPUNOV_KEY), **{f: fields_.get(f) for f in _RECORD_FIELDS})
         out.__dict__["_record"] = record
         kept: tuple[tuple[list[float], float | None], ...] = (
             (self.lyap_history, out.lyapunov),
@@ -595,27 +641,6 @@ class StabilityMonitor:
                 if len(history) > self.history_size:
                     del history[0]
         return out
-
-    def _read_sv(self, entries: list[tuple[str, str | None]], chunks: list[torch.Tensor], rows: list[_GradSV]) -> None:
-        """The aggregate into the record's fields (the mean condition number, as the hand-written monitors
-        report it) and, per layer, sigma_1 and, for exact spectra, the smallest non-zero value and the
-        condition number."""
-        stats = self._aggregate_sv(rows)
-        if stats is None:
-            return
-        entries += [(name, None) for name in _SV_FIELDS]
-        chunks.append(stats)
-        dev = stats.device
-        entries += [("grad_max_sv", weight_layer_name(r.name)) for r in rows]
-        chunks.append(torch.stack([r.top[0].to(dev) for r in rows]))
-        exact = [r for r in rows if r.exact]
-        if exact:
-            for name, values in (
-                ("grad_min_sv", [r.s_min for r in exact]),
-                ("grad_condition", [r.kappa for r in exact]),
-            ):
-                entries += [(name, weight_layer_name(r.name)) for r in exact]
-                chunks.append(torch.stack([v.to(dev) for v in values]))
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every record reached the sinks; ``False`` if one is still failing (its records are

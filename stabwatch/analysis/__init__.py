@@ -46,7 +46,9 @@ def get_logger() -> logging.Logger:
     """The logger the analysis writes to (``"stabwatch.analysis"``), as deep-lyapunov's ``get_logger()``.
 
     Configure it as you configured deep-lyapunov's: ``get_logger().setLevel(logging.DEBUG)``, add a
-    handler, or ``logging.basicConfig(level=logging.INFO)`` (records propagate to the root logger).
+    handler, or ``logging.basicConfig(level=logging.INFO)`` (records propagate to the root logger). A
+    logger configured by name, ``logging.getLogger("deep_lyapunov")`` (a level or a handler), gets the
+    same records at its own level too; the root's handlers still get each record once.
 
     Example:
         >>> get_logger().name

@@ -138,11 +138,11 @@ class MetricsConfig:
     Attributes:
         convergence_threshold: `AnalysisResults.behavior` is ``"convergent"`` when the convergence
             ratio is below this, else ``"divergent"``.
-        lyapunov_window: ``w``, the number of checkpoint intervals one local exponent spans in
-            `stabwatch.analysis.metrics.compute_local_lyapunov` and the Lyapunov plot of
-            `stabwatch.analysis.visualization` (sliding, step 1). The analyzer's
-            `AnalysisResults.local_lyapunov` stays one exponent per interval. Default 1 (declared 5 in
-            deep-lyapunov, which used 1).
+        lyapunov_window: ``w``, the number of checkpoint intervals one local exponent spans (sliding,
+            step 1): in the analyzer's `AnalysisResults.local_lyapunov` and its confidence intervals,
+            the report and plots drawn from them, `stabwatch.analysis.metrics.compute_local_lyapunov`
+            and the Lyapunov plot of `stabwatch.analysis.visualization`. Clipped to ``T - 1``.
+            Default 1 (declared 5 in deep-lyapunov, which used 1).
         min_trajectory_length: fewer recorded checkpoints than this adds a diagnostic (and an
             `AnalysisWarning`) saying the exponent rests on few points. Default 2 (declared 10 in
             deep-lyapunov, which did not check).

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+    from stabwatch.analysis._config import VisualizationConfig
     from stabwatch.analysis._results import AnalysisResults
 
 __all__: list[str] = []
@@ -53,9 +54,10 @@ def plot_trajectories(
     results: AnalysisResults,
     ax: Axes | None = None,
     components: tuple[int, int] = (0, 1),
+    config: VisualizationConfig | None = None,
     **kwargs: Any,
 ) -> Figure:
-    """Each replica's path on two principal components of the trajectory cloud."""
+    """Each replica's path on two principal components of the trajectory cloud (``config.colormap``)."""
     fig, ax = _target(ax, (8.0, 6.5))
     pca = results.pca_trajectories
     if pca.ndim != 3 or pca.size == 0:
@@ -65,7 +67,8 @@ def plot_trajectories(
     c1, c2 = components
     import matplotlib
 
-    colors = matplotlib.colormaps["viridis"](np.linspace(0.0, 0.9, n_rep))
+    cmap = config.colormap if config is not None else "viridis"
+    colors = matplotlib.colormaps[cmap](np.linspace(0.0, 0.9, n_rep))
     var = results.pca_explained_variance
     for i in range(n_rep):
         x = pca[:, i, c1] if c1 < n_comp else results.checkpoint_times
@@ -93,7 +96,9 @@ def plot_trajectories(
     return fig
 
 
-def plot_convergence(results: AnalysisResults, ax: Axes | None = None, **kwargs: Any) -> Figure:
+def plot_convergence(
+    results: AnalysisResults, ax: Axes | None = None, config: VisualizationConfig | None = None, **kwargs: Any
+) -> Figure:
     """Spread ``s(t)`` on a log axis, with the initial spread for reference."""
     fig, ax = _target(ax, (8.0, 5.0))
     t = results.checkpoint_times
@@ -116,31 +121,38 @@ def plot_convergence(results: AnalysisResults, ax: Axes | None = None, **kwargs:
     return fig
 
 
-def plot_lyapunov(results: AnalysisResults, ax: Axes | None = None, **kwargs: Any) -> Figure:
-    """Bars of the local exponents (one per interval) with confidence intervals; the global line."""
+def plot_lyapunov(
+    results: AnalysisResults, ax: Axes | None = None, config: VisualizationConfig | None = None, **kwargs: Any
+) -> Figure:
+    """Bars of the local exponents (one per window) and the global line; their confidence intervals
+    unless ``config.show_confidence_bands`` is False."""
     fig, ax = _target(ax, (8.0, 5.0))
     local = results.local_lyapunov
     if local.size == 0:
         ax.text(0.5, 0.5, "fewer than two checkpoints", ha="center", va="center", transform=ax.transAxes)
         return fig
     t = results.checkpoint_times
-    mids = 0.5 * (t[1:] + t[:-1])
-    widths = 0.8 * np.diff(t)
+    w = results.lyapunov_window
+    mids = 0.5 * (t[w:] + t[:-w])
+    widths = 0.8 * (np.diff(t) if w == 1 else np.full(local.shape[0], np.min(np.diff(t))))
     colors = [_GREEN if v < 0 else _RED for v in local]
     ci = results.local_lyapunov_ci
-    has_ci = ci.shape == (local.shape[0], 2) and np.isfinite(ci).all()
+    bands = config.show_confidence_bands if config is not None else True
+    has_ci = bands and ci.shape == (local.shape[0], 2) and bool(np.isfinite(ci).all())
     yerr = np.abs(np.stack([local - ci[:, 0], ci[:, 1] - local])) if has_ci else None
     ax.bar(mids, local, width=widths, color=colors, alpha=0.75, yerr=yerr, capsize=3, **kwargs)
     ax.axhline(0.0, color="black", linewidth=1)
     low, high = results.lyapunov_ci
     label = f"global λ = {fmt(results.lyapunov)}"
-    if np.isfinite([low, high]).all():
+    if bands and np.isfinite([low, high]).all():
         label += f" [{fmt(low, 3)}, {fmt(high, 3)}]"
         ax.axhspan(low, high, color="tab:blue", alpha=0.12)
     ax.axhline(results.lyapunov, color="tab:blue", linestyle="--", linewidth=2, label=label)
-    ax.set_xlabel("epoch (interval midpoint)")
+    ax.set_xlabel("epoch (interval midpoint)" if w == 1 else f"epoch (midpoint of {w}-interval windows)")
     ax.set_ylabel("local exponent (1/epoch)")
-    ax.set_title(f"Local Lyapunov exponents, {results.ci_level:.0%} jackknife intervals")
+    ax.set_title(
+        f"Local Lyapunov exponents, {results.ci_level:.0%} jackknife intervals" if bands else "Local Lyapunov exponents"
+    )
     ax.legend(loc="best")
     ax.grid(True, alpha=0.3)
     return fig

@@ -14,7 +14,6 @@ values) and ``P`` bytes of random signs.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterable
 from typing import Protocol
@@ -24,11 +23,12 @@ import scipy.fft
 import torch
 from numpy.typing import NDArray
 
+from stabwatch.analysis._log import analysis_logger
 from stabwatch.analysis._replicas import derive_seed
 
 __all__: list[str] = []
 
-logger = logging.getLogger("stabwatch.analysis")
+logger = analysis_logger()
 
 #: Largest projection done in float64; above it the FFT runs in float32.
 _FLOAT64_FFT_MAX = 2**20

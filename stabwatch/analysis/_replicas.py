@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import math
 import random
 from collections.abc import Iterator
@@ -14,11 +13,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from stabwatch.analysis._log import analysis_logger
 from stabwatch.errors import StabwatchError
 
 __all__: list[str] = []
 
-logger = logging.getLogger("stabwatch.analysis")
+logger = analysis_logger()
 
 #: Noise scale used for a tensor that is identically zero (same constant as deep-lyapunov).
 _ZERO_TENSOR_SCALE = 0.01

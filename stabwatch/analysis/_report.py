@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import base64
 import html
-import logging
+import io
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stabwatch.analysis._config import VisualizationConfig
+from stabwatch.analysis._log import analysis_logger
 from stabwatch.analysis._plots import plot_convergence, plot_lyapunov, plot_trajectories
 from stabwatch.errors import ConfigError
 from stabwatch.numeric import fmt
-from stabwatch.plotting import figure_data_uri, figure_png, new_figure, require_matplotlib
+from stabwatch.plotting import new_figure, require_matplotlib
 
 if TYPE_CHECKING:
     from stabwatch.analysis._results import AnalysisResults
 
 __all__: list[str] = []
 
-logger = logging.getLogger("stabwatch.analysis")
+logger = analysis_logger()
 
 _PLOTS = (
     ("trajectories", plot_trajectories, (8.0, 6.5), "Replica paths on the first two principal components."),
@@ -49,25 +52,39 @@ def _summary_rows(r: AnalysisResults) -> list[tuple[str, str, str]]:
 def _local_rows(r: AnalysisResults) -> list[tuple[str, str, str]]:
     rows = []
     t = r.checkpoint_times
+    w = r.lyapunov_window
     for k, lam in enumerate(r.local_lyapunov):
         low, high = r.local_lyapunov_ci[k]
         ci = f"[{fmt(low)}, {fmt(high)}]" if math.isfinite(low) and math.isfinite(high) else "n/a"
-        rows.append((f"{fmt(t[k], 6)} → {fmt(t[k + 1], 6)}", fmt(lam), ci))
+        rows.append((f"{fmt(t[k], 6)} → {fmt(t[k + w], 6)}", fmt(lam), ci))
     return rows
 
 
-def _render_plots(r: AnalysisResults, out: Path, embed: bool) -> dict[str, str]:
-    """PNG of each plot: base64 text when embedded, else the file name written next to the report."""
+_MIME = {"png": "image/png", "svg": "image/svg+xml", "pdf": "application/pdf"}
+
+
+def _figure_bytes(fig: Any, fmt: str, dpi: int) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=dpi)
+    return buf.getvalue()
+
+
+def _render_plots(r: AnalysisResults, out: Path, embed: bool, config: VisualizationConfig) -> dict[str, str]:
+    """Each plot: a data URI when embedded (SVG if ``config.figure_format`` is svg, else PNG), else the
+    name of the file written next to the report (in ``config.figure_format``); at ``config.figure_dpi``."""
     refs: dict[str, str] = {}
     for name, plot, size, _ in _PLOTS:
         fig, ax = new_figure(size, "the stability report")
-        plot(r, ax=ax)
+        plot(r, ax=ax, config=config)
         fig.tight_layout()
         if embed:
-            refs[name] = figure_data_uri(fig, dpi=120, tight=False)
+            fmt_ = "svg" if config.figure_format == "svg" else "png"
+            data = base64.b64encode(_figure_bytes(fig, fmt_, config.figure_dpi)).decode("ascii")
+            refs[name] = f"data:{_MIME[fmt_]};base64,{data}"
         else:
-            (out / f"{name}.png").write_bytes(figure_png(fig, dpi=120, tight=False))
-            refs[name] = f"{name}.png"
+            file = f"{name}.{config.figure_format}"
+            (out / file).write_bytes(_figure_bytes(fig, config.figure_format, config.figure_dpi))
+            refs[name] = file
     return refs
 
 
@@ -128,7 +145,14 @@ def _html(r: AnalysisResults, images: dict[str, str]) -> str:
     )
 
 
-def save_report(r: AnalysisResults, output_dir: Any, *, embed_images: bool = True, fmt: str = "html") -> Path:
+def save_report(
+    r: AnalysisResults,
+    output_dir: Any,
+    *,
+    embed_images: bool = True,
+    fmt: str = "html",
+    config: VisualizationConfig | None = None,
+) -> Path:
     """Write ``metrics.json``, the plots and ``report.html`` / ``report.md``; return the report path."""
     kind = {"html": "html", "markdown": "markdown", "md": "markdown"}.get(str(fmt).lower())
     if kind is None:
@@ -141,7 +165,7 @@ def save_report(r: AnalysisResults, output_dir: Any, *, embed_images: bool = Tru
         )
     require_matplotlib("the stability report")
     out.mkdir(parents=True, exist_ok=True)
-    images = _render_plots(r, out, embed_images)
+    images = _render_plots(r, out, embed_images, config if config is not None else VisualizationConfig())
     r.to_json(out / "metrics.json")
     report = out / ("report.html" if kind == "html" else "report.md")
     text = _html(r, images) if kind == "html" else _markdown(r, images)

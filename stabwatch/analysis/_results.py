@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from stabwatch.analysis._config import VisualizationConfig
 from stabwatch.analysis._stats import growth_rates
+from stabwatch.errors import ConfigError
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -107,8 +109,9 @@ class AnalysisResults:
         trajectory_metrics: one `TrajectoryMetrics` per replica.
         n_trajectories, n_checkpoints, n_parameters: ``N``, ``T``, ``P``.
         checkpoint_times: ``t_k`` in epochs (or calls), ``[T]``.
-        local_lyapunov: ``(log s(t_{k+1}) - log s(t_k)) / (t_{k+1} - t_k)``, ``[T-1]``.
-        local_lyapunov_ci: jackknife confidence interval of each local exponent, ``[T-1, 2]``.
+        local_lyapunov: ``(log s(t_{k+w}) - log s(t_k)) / (t_{k+w} - t_k)``, ``[T-w]``, over sliding
+            windows of ``w`` = `MetricsConfig.lyapunov_window` intervals (default 1: one per interval).
+        local_lyapunov_ci: jackknife confidence interval of each local exponent, ``[T-w, 2]``.
         lyapunov_ci: jackknife confidence interval of `lyapunov` (NaN with fewer than 3 replicas).
         ci_level: coverage of the intervals.
         pairwise_distances: measured distance of every replica pair at every checkpoint,
@@ -117,6 +120,8 @@ class AnalysisResults:
         pca_method: ``"exact"`` or ``"projection(k=...)"`` (see `AnalyzerConfig.max_exact_bytes`).
         gradient_norms: ``[T, N]`` global gradient norms when ``track_gradients`` was on.
         diagnostics: warnings raised during the analysis (resolution, saturation, data order).
+        visualization_config: the `VisualizationConfig` the plots and `save_report` use when they are not
+            given one (the analyzer's ``visualization_config=``; None: the defaults).
     """
 
     convergence_ratio: float
@@ -140,6 +145,7 @@ class AnalysisResults:
     pca_method: str = "exact"
     gradient_norms: NDArray[np.float64] | None = None
     diagnostics: list[str] = field(default_factory=list)
+    visualization_config: VisualizationConfig | None = None
 
     def __post_init__(self) -> None:
         self.spread_evolution = np.asarray(self.spread_evolution, dtype=np.float64).reshape(-1)
@@ -149,7 +155,7 @@ class AnalysisResults:
         times = np.asarray(self.checkpoint_times, dtype=np.float64).reshape(-1)
         self.checkpoint_times = times if times.shape[0] == n_t else np.arange(n_t, dtype=np.float64)
         local = np.asarray(self.local_lyapunov, dtype=np.float64).reshape(-1)
-        if local.shape[0] != max(n_t - 1, 0) and n_t >= 2:
+        if n_t >= 2 and not 1 <= local.shape[0] <= n_t - 1:
             _, local = growth_rates(self.spread_evolution, self.checkpoint_times)
         self.local_lyapunov = local
         ci = np.asarray(self.local_lyapunov_ci, dtype=np.float64)
@@ -164,6 +170,11 @@ class AnalysisResults:
         if not self.n_checkpoints:
             self.n_checkpoints = n_t
 
+    @property
+    def lyapunov_window(self) -> int:
+        """``w``: how many checkpoint intervals each of `local_lyapunov` spans (``T - len(local_lyapunov)``)."""
+        return max(1, self.spread_evolution.shape[0] - self.local_lyapunov.shape[0])
+
     def __repr__(self) -> str:
         low, high = self.lyapunov_ci
         return (
@@ -176,33 +187,55 @@ class AnalysisResults:
 
     # ------------------------------------------------------------------ plots and report
 
-    def plot_trajectories(self, ax: Axes | None = None, components: tuple[int, int] = (0, 1), **kwargs: Any) -> Figure:
+    def _viz(self, config: VisualizationConfig | None) -> VisualizationConfig:
+        if config is not None:
+            if not isinstance(config, VisualizationConfig):
+                raise ConfigError(f"config must be a VisualizationConfig, got {type(config).__name__}")
+            return config
+        return self.visualization_config if self.visualization_config is not None else VisualizationConfig()
+
+    def plot_trajectories(
+        self,
+        ax: Axes | None = None,
+        components: tuple[int, int] = (0, 1),
+        *,
+        config: VisualizationConfig | None = None,
+        **kwargs: Any,
+    ) -> Figure:
         """Replica paths on two principal components (circles: start, squares: end).
 
         Needs matplotlib (``pip install stabwatch[plot]``). Returns the figure; pass ``ax`` to draw
-        into an existing one.
+        into an existing one. ``config`` (default `visualization_config`): the colormap of the replicas.
+        Other keywords go to ``ax.plot``.
         """
         from stabwatch.analysis._plots import plot_trajectories
 
-        return plot_trajectories(self, ax=ax, components=components, **kwargs)
+        return plot_trajectories(self, ax=ax, components=components, config=self._viz(config), **kwargs)
 
-    def plot_convergence(self, ax: Axes | None = None, **kwargs: Any) -> Figure:
+    def plot_convergence(
+        self, ax: Axes | None = None, *, config: VisualizationConfig | None = None, **kwargs: Any
+    ) -> Figure:
         """Spread ``s(t)`` over training on a log axis (the slope is the local exponent)."""
         from stabwatch.analysis._plots import plot_convergence
 
-        return plot_convergence(self, ax=ax, **kwargs)
+        return plot_convergence(self, ax=ax, config=self._viz(config), **kwargs)
 
-    def plot_lyapunov(self, ax: Axes | None = None, **kwargs: Any) -> Figure:
-        """Local exponents per interval with their confidence intervals, and the global one."""
+    def plot_lyapunov(
+        self, ax: Axes | None = None, *, config: VisualizationConfig | None = None, **kwargs: Any
+    ) -> Figure:
+        """Local exponents (one per window of `lyapunov_window` intervals) and the global one; with
+        ``config.show_confidence_bands`` (default) their jackknife intervals as error bars and a band."""
         from stabwatch.analysis._plots import plot_lyapunov
 
-        return plot_lyapunov(self, ax=ax, **kwargs)
+        return plot_lyapunov(self, ax=ax, config=self._viz(config), **kwargs)
 
     def save_report(
         self,
         output_dir: str | Path,
         embed_images: bool = True,
         format: Literal["html", "markdown"] = "html",
+        *,
+        config: VisualizationConfig | None = None,
     ) -> Path:
         """Write ``metrics.json`` and ``report.html`` (or ``report.md``) into ``output_dir``.
 
@@ -211,13 +244,17 @@ class AnalysisResults:
             embed_images: embed the three plots as base64 PNG; False writes ``trajectories.png``,
                 ``convergence.png`` and ``lyapunov.png`` next to the report.
             format: ``"html"`` or ``"markdown"`` (``"md"`` accepted).
+            config: `VisualizationConfig` (default `visualization_config`): the plots' colormap and
+                confidence bands, ``figure_dpi`` of the images, and ``figure_format`` of the image files
+                written with ``embed_images=False`` (embedded images are SVG when the format is
+                ``"svg"``, else PNG: a PDF cannot be shown inline).
 
         Returns:
             The path of the report file.
         """
         from stabwatch.analysis._report import save_report
 
-        return save_report(self, output_dir, embed_images=embed_images, fmt=format)
+        return save_report(self, output_dir, embed_images=embed_images, fmt=format, config=self._viz(config))
 
     # ------------------------------------------------------------------ serialisation
 
@@ -234,6 +271,8 @@ class AnalysisResults:
             value = getattr(self, f.name)
             if f.name == "trajectory_metrics":
                 value = [asdict(tm) for tm in value]
+            elif f.name == "visualization_config":
+                value = None if value is None else asdict(value)
             elif isinstance(value, np.ndarray):
                 value = value.tolist()
             elif isinstance(value, (tuple, list)):
@@ -269,6 +308,7 @@ class AnalysisResults:
             TrajectoryMetrics(**{k: v for k, v in tm.items() if k in known}) for tm in d.get("trajectory_metrics", [])
         ]
         grads = d.get("gradient_norms")
+        viz = d.get("visualization_config")
         ci = d.get("lyapunov_ci") or [math.nan, math.nan]
         return cls(
             convergence_ratio=float(d["convergence_ratio"]),
@@ -292,6 +332,7 @@ class AnalysisResults:
             pca_method=str(d.get("pca_method", "unknown")),
             gradient_norms=None if grads is None else _array(grads, 2),
             diagnostics=[str(x) for x in d.get("diagnostics", [])],
+            visualization_config=None if viz is None else VisualizationConfig(**viz),
         )
 
     @classmethod

@@ -61,28 +61,30 @@ def median_spread(d2: FloatArray) -> FloatArray:
     return np.sqrt(np.median(np.asarray(d2, dtype=np.float64), axis=1))
 
 
-def growth_rates(spread: FloatArray, times: FloatArray) -> tuple[float, FloatArray]:
+def growth_rates(spread: FloatArray, times: FloatArray, window: int = 1) -> tuple[float, FloatArray]:
     r"""Global and local Lyapunov exponents of a spread curve.
 
     .. math::
         \lambda = \frac{\log s(t_{T-1}) - \log s(t_0)}{t_{T-1} - t_0}, \qquad
-        \lambda_k = \frac{\log s(t_{k+1}) - \log s(t_k)}{t_{k+1} - t_k}
+        \lambda_k = \frac{\log s(t_{k+w}) - \log s(t_k)}{t_{k+w} - t_k}
 
-    The global exponent is the time-weighted mean of the local ones. A spread of exactly 0 gives
-    ``-inf`` (the replicas merged), never a silent 0.
+    With ``w = 1`` the global exponent is the time-weighted mean of the local ones. A spread of exactly
+    0 gives ``-inf`` (the replicas merged), never a silent 0.
 
     Args:
         spread: ``s(t_k)``, shape ``[T]``, ``T >= 2``.
         times: ``t_k``, strictly increasing, shape ``[T]``.
+        window: ``w``, the checkpoint intervals one local exponent spans (clipped to ``[1, T - 1]``).
 
     Returns:
-        ``(lambda, local)`` with ``local`` of shape ``[T-1]``.
+        ``(lambda, local)`` with ``local`` of shape ``[T-w]``.
     """
     s = np.asarray(spread, dtype=np.float64)
     t = np.asarray(times, dtype=np.float64)
+    w = max(1, min(int(window), s.shape[0] - 1))
     with np.errstate(divide="ignore", invalid="ignore"):
         log_s = np.log(s)
-        local = np.diff(log_s) / np.diff(t)
+        local = (log_s[w:] - log_s[:-w]) / (t[w:] - t[:-w])
         lam = float((log_s[-1] - log_s[0]) / (t[-1] - t[0]))
     return lam, local
 
@@ -93,6 +95,7 @@ def jackknife_intervals(
     times: FloatArray,
     level: float = 0.95,
     reducer: Callable[[FloatArray], FloatArray] = rms_spread,
+    window: int = 1,
 ) -> tuple[tuple[float, float], FloatArray]:
     r"""Confidence intervals of the global and local exponents, delete-one-unit jackknife.
 
@@ -114,24 +117,26 @@ def jackknife_intervals(
         times: ``[T]``.
         level: coverage, e.g. 0.95.
         reducer: squared distances ``[T, M]`` to the spread ``[T]`` (`rms_spread` or `median_spread`).
+        window: ``w`` of the local exponents (see `growth_rates`).
 
     Returns:
-        ``((low, high), local)`` where ``local`` is ``[T-1, 2]``.
+        ``((low, high), local)`` where ``local`` is ``[T-w, 2]``.
     """
     d2 = np.asarray(d2, dtype=np.float64)
     n_times = d2.shape[0]
-    nan_local = np.full((n_times - 1, 2), np.nan)
+    w = max(1, min(int(window), n_times - 1))
+    nan_local = np.full((n_times - w, 2), np.nan)
     units = membership.shape[0]
     if units < 2:
         return (math.nan, math.nan), nan_local
-    full_lam, full_local = growth_rates(reducer(d2), times)
+    full_lam, full_local = growth_rates(reducer(d2), times, w)
     lams = np.empty(units)
-    locals_ = np.empty((units, n_times - 1))
+    locals_ = np.empty((units, n_times - w))
     for u in range(units):
         keep = ~membership[u]
         if not keep.any():
             return (math.nan, math.nan), nan_local
-        lams[u], locals_[u] = growth_rates(reducer(d2[:, keep]), times)
+        lams[u], locals_[u] = growth_rates(reducer(d2[:, keep]), times, w)
     quantile = float(stats.t.ppf(0.5 + level / 2.0, units - 1))
 
     def interval(center: FloatArray, deleted: FloatArray) -> NDArray[np.float64]:

@@ -19,7 +19,6 @@ same random noise unless asked otherwise:
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from stabwatch.analysis._log import analysis_logger
 from stabwatch.analysis._replicas import (
     LoaderGenerators,
     derive_seed,
@@ -39,7 +39,7 @@ from stabwatch.errors import ConfigError, StabwatchError
 
 __all__ = ["TrainStep"]
 
-logger = logging.getLogger("stabwatch.analysis")
+logger = analysis_logger()
 
 #: Optimizers whose update of an element depends only on that element's own history (and on
 #: scalars such as the step count), so one optimizer over ``[N, ...]`` tensors equals ``N``

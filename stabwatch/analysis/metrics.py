@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any
 
@@ -32,6 +31,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from stabwatch.analysis._config import MetricsConfig
+from stabwatch.analysis._log import analysis_logger
 from stabwatch.analysis._stats import centered_gram_spectrum, pair_indices, participation_ratio, pca_scores
 from stabwatch.errors import InputError
 
@@ -45,7 +45,7 @@ __all__ = [
     "project_to_pca",
 ]
 
-logger = logging.getLogger("stabwatch.analysis")
+logger = analysis_logger()
 
 FloatArray = NDArray[np.float64]
 

@@ -19,7 +19,6 @@ training drivers in `_training`.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
@@ -30,8 +29,9 @@ from numpy.typing import NDArray
 from torch import nn
 from tqdm.auto import tqdm
 
-from stabwatch.analysis._config import AnalyzerConfig, MetricsConfig, UnknownSettingError
+from stabwatch.analysis._config import AnalyzerConfig, MetricsConfig, UnknownSettingError, VisualizationConfig
 from stabwatch.analysis._errors import StateError, warn
+from stabwatch.analysis._log import analysis_logger
 from stabwatch.analysis._recorder import ReplicaView, TrajectoryRecorder
 from stabwatch.analysis._replicas import (
     isolated_rng,
@@ -65,7 +65,7 @@ from stabwatch.pipeline import RecordPipeline, sink_list
 
 __all__ = ["StabilityAnalyzer"]
 
-logger = logging.getLogger("stabwatch.analysis")
+logger = analysis_logger()
 
 #: Spread / weight norm above which the perturbation is no longer "small" (saturation warning).
 _SATURATION_LEVEL = 0.1
@@ -121,6 +121,9 @@ class StabilityAnalyzer:
             them.
         metrics_config: a `MetricsConfig`: the behaviour threshold, the minimum number of checkpoints
             before a diagnostic, and mean or median spread (default ``MetricsConfig()``).
+        visualization_config: a `VisualizationConfig` carried by the results
+            (`AnalysisResults.visualization_config`): the default of their ``plot_*`` methods and
+            ``save_report`` (colormap, confidence bands, dpi and format of saved images).
 
     Example:
         >>> import torch, torch.nn.functional as F
@@ -152,6 +155,7 @@ class StabilityAnalyzer:
         max_exact_bytes: int = 256 * 2**20,
         sinks: Any = None,
         metrics_config: MetricsConfig | None = None,
+        visualization_config: VisualizationConfig | None = None,
         **unknown: Any,
     ) -> None:
         if unknown:
@@ -185,6 +189,11 @@ class StabilityAnalyzer:
         if metrics_config is not None and not isinstance(metrics_config, MetricsConfig):
             raise ConfigError(f"metrics_config must be a MetricsConfig, got {type(metrics_config).__name__}")
         self._metrics_config = metrics_config if metrics_config is not None else MetricsConfig()
+        if visualization_config is not None and not isinstance(visualization_config, VisualizationConfig):
+            raise ConfigError(
+                f"visualization_config must be a VisualizationConfig, got {type(visualization_config).__name__}"
+            )
+        self._visualization_config = visualization_config
         self._config = explicit
         self._base_model = model
         self._torch_device = _resolve_device(self._config.device)
@@ -525,8 +534,9 @@ class StabilityAnalyzer:
             measured = d2
         spread = reducer(d2)
         ratio = float(spread[-1] / spread[0])
-        lam, local = growth_rates(spread, times)
-        ci, local_ci = jackknife_intervals(d2, membership, times, reducer=reducer)
+        window = mcfg.lyapunov_window
+        lam, local = growth_rates(spread, times, window)
+        ci, local_ci = jackknife_intervals(d2, membership, times, reducer=reducer, window=window)
         vals, vecs = centered_gram_spectrum(rec.gram())
         n_comp = min(cfg.n_pca_components, rec.n_params, vals.shape[0])
         scores, explained = pca_scores(vals, vecs, n_comp)
@@ -563,6 +573,7 @@ class StabilityAnalyzer:
             pca_method=rec.method,
             gradient_norms=np.stack(rec.grad_norms) if rec.grad_norms else None,
             diagnostics=diagnostics,
+            visualization_config=self._visualization_config,
         )
         logger.info(
             "stability: ratio=%.4g lyapunov=%.4g [%.3g, %.3g] %s, effective dim %.3g (%s)",
@@ -661,15 +672,18 @@ class StabilityAnalyzer:
 
 def _checkpoint_records(results: AnalysisResults) -> list[StabilityMetrics]:
     """One record per checkpoint: ``step`` = the checkpoint time, ``lyapunov`` = ``log(s(t)/s(0))/(t - t0)``,
-    ``extra`` = the spread and the local exponent of the interval ending there."""
+    ``extra`` = the spread and the local exponent of the window ending there (from the ``w``-th checkpoint on,
+    ``w`` = `MetricsConfig.lyapunov_window`)."""
     records = []
     s0 = results.spread_evolution[0]
     t0 = results.checkpoint_times[0]
+    w = results.lyapunov_window
     for k, t in enumerate(results.checkpoint_times):
         extra = {"analysis/spread": float(results.spread_evolution[k])}
         lyapunov = None
+        if k >= w:
+            extra["analysis/lyapunov_local"] = float(results.local_lyapunov[k - w])
         if k > 0:
-            extra["analysis/lyapunov_local"] = float(results.local_lyapunov[k - 1])
             with np.errstate(divide="ignore"):
                 lyapunov = float(np.log(results.spread_evolution[k] / s0) / (t - t0))
         records.append(StabilityMetrics(step=round(float(t)), lyapunov=lyapunov, extra=extra))

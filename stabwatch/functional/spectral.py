@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from stabwatch.errors import InputError
@@ -76,8 +77,14 @@ def batched_singular_values(a: torch.Tensor) -> torch.Tensor:
     float64, more accurate for the small singular values than a float32 SVD (a value at the
     ``sigma_1 * max(m, n) * eps`` rank tolerance comes out to ~1e-9 relative instead of ~1e-3). The
     values are returned in the input's precision. float64 matrices use ``svdvals``.
+
+    On the CPU, where reading a flag costs no device sync, a batch with no NaN/Inf skips the zero stand-in
+    and the NaN masking (same values, fewer small kernels).
     """
-    a, finite = _finite_or_zero(_as_float(a))
+    a = _as_float(a)
+    finite: torch.Tensor | None = None
+    if a.device.type != "cpu" or not bool(torch.isfinite(a).all()):
+        a, finite = _finite_or_zero(a)
     m, n = a.shape[-2:]
     if m < n:
         a, m, n = _t(a), n, m
@@ -88,7 +95,7 @@ def batched_singular_values(a: torch.Tensor) -> torch.Tensor:
     else:
         d = a.double()
         s = torch.linalg.eigvalsh(_t(d) @ d).flip(-1).clamp_min(0).sqrt().to(a.dtype)
-    return _nan_unless(finite, s)
+    return s if finite is None else _nan_unless(finite, s)
 
 
 def _orthonormal(y: torch.Tensor) -> torch.Tensor:
@@ -229,6 +236,8 @@ def condition_number(s: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Ten
         ``s_min`` = 0 and ``kappa`` = inf for a zero
         matrix).
     """
+    if s.device.type == "cpu" and s.shape[-1] > 0 and s.dtype in (torch.float32, torch.float64):
+        return _condition_number_host(s, shape)
     eps = torch.finfo(s.dtype).eps
     tol = s[..., :1] * max(shape) * eps
     nonzero = s > tol
@@ -238,6 +247,22 @@ def condition_number(s: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Ten
     s_min = torch.where(rank > 0, s_min, torch.zeros_like(s_min))
     kappa = torch.where(rank > 0, s[..., 0] / s_min, torch.full_like(s_min, float("inf")))
     return s_min, rank.to(s.dtype), kappa
+
+
+def _condition_number_host(s: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`condition_number` of a CPU spectrum with numpy on the same memory: the same IEEE operations in the
+    same precision (so the same bits), at ~1 us per operation instead of a torch kernel launch each."""
+    v = s.detach().numpy()
+    f = v.dtype.type
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tol = v[..., :1] * f(max(shape)) * f(torch.finfo(s.dtype).eps)
+        nonzero = v > tol
+        rank = nonzero.sum(-1)
+        s_min = np.where(nonzero, v, f(np.inf)).min(-1)
+        s_min = np.where(rank > 0, s_min, f(0)).astype(v.dtype)
+        kappa = np.where(rank > 0, v[..., 0] / s_min, f(np.inf)).astype(v.dtype)
+    out = (s_min, rank.astype(v.dtype), kappa)
+    return tuple(torch.from_numpy(np.asarray(x)) for x in out)  # type: ignore[return-value]
 
 
 class SpectrumSummary(NamedTuple):
@@ -278,7 +303,8 @@ def group_matrices(tensors: Sequence[torch.Tensor]) -> list[tuple[list[int], tor
     and cast to float32 unless it is float32 or float64.
 
     Returns:
-        ``[(indices into tensors, stack [b, m, n])]``, groups in order of first appearance.
+        ``[(indices into tensors, stack [b, m, n])]``, groups in order of first appearance (a group of one
+        is a view of its tensor, not a copy).
 
     Example:
         >>> groups = group_matrices([torch.ones(2, 3), torch.ones(4, 4), torch.zeros(2, 3)])
@@ -289,7 +315,10 @@ def group_matrices(tensors: Sequence[torch.Tensor]) -> list[tuple[list[int], tor
     for i, t in enumerate(tensors):
         m = _as_float(as_matrix(t.detach()))
         members.setdefault((tuple(m.shape), m.dtype, m.device), []).append((i, m))
-    return [([i for i, _ in group], torch.stack([m for _, m in group])) for group in members.values()]
+    return [
+        ([i for i, _ in group], torch.stack([m for _, m in group]) if len(group) > 1 else group[0][1][None])
+        for group in members.values()
+    ]
 
 
 def spectral_norm(

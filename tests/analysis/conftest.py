@@ -29,3 +29,13 @@ def quiet():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AnalysisWarning)
         yield
+
+
+@pytest.fixture(autouse=True)
+def _close_pyplot_figures():
+    """Plots go through pyplot once a test has imported it (as deep-lyapunov users do); close them."""
+    yield
+    import sys
+
+    if "matplotlib.pyplot" in sys.modules:
+        sys.modules["matplotlib.pyplot"].close("all")

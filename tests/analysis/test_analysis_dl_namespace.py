@@ -234,3 +234,182 @@ def test_get_logger_is_the_logger_the_analysis_writes_to(caplog, one_thread):
         log.removeHandler(handler)
         log.setLevel(old)
     assert any("stability: ratio=" in r.getMessage() for r in seen)
+
+
+def _jackknife_local(d2: np.ndarray, times: np.ndarray, n: int, w: int) -> np.ndarray:
+    """Delete-one-replica jackknife of the windowed local exponents, by loops (independent of stabwatch)."""
+    from scipy import stats
+
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+
+    def local(cols: list[int]) -> np.ndarray:
+        s = np.sqrt(d2[:, cols].mean(axis=1))
+        return np.array([(math.log(s[k + w]) - math.log(s[k])) / (times[k + w] - times[k]) for k in range(len(s) - w)])
+
+    full = local(list(range(len(pairs))))
+    deleted = np.stack([local([m for m, p in enumerate(pairs) if u not in p]) for u in range(n)])
+    se = np.sqrt((n - 1) / n * np.sum((deleted - deleted.mean(axis=0)) ** 2, axis=0))
+    q = stats.t.ppf(0.975, n - 1)
+    return np.stack([full - q * se, full + q * se], axis=1)
+
+
+def test_lyapunov_window_changes_the_results_local_exponents(tmp_path, one_thread):
+    loader = regression_loader()
+    n, epochs, w = 4, 5, 2
+    one = StabilityAnalyzer(mlp(), n_trajectories=n, verbose=False).analyze(mse_step(), loader, epochs)
+    res = StabilityAnalyzer(
+        mlp(), n_trajectories=n, verbose=False, metrics_config=MetricsConfig(lyapunov_window=w)
+    ).analyze(mse_step(), loader, epochs)
+    s, t = res.spread_evolution, res.checkpoint_times
+    np.testing.assert_allclose(s, one.spread_evolution, rtol=1e-12)  # the window changes no spread
+    want = [(math.log(s[k + w]) - math.log(s[k])) / (t[k + w] - t[k]) for k in range(len(s) - w)]
+    assert res.local_lyapunov.shape == (epochs + 1 - w,) and one.local_lyapunov.shape == (epochs,)
+    np.testing.assert_allclose(res.local_lyapunov, want, rtol=1e-10)
+    assert res.lyapunov_window == w and one.lyapunov_window == 1
+    assert res.lyapunov == pytest.approx(one.lyapunov, rel=1e-12)  # the global exponent does not depend on w
+    iu, ju = np.triu_indices(n, 1)
+    d2 = res.pairwise_distances[:, iu, ju] ** 2
+    np.testing.assert_allclose(res.local_lyapunov_ci, _jackknife_local(d2, t, n, w), rtol=1e-8)
+    back = type(res).from_dict(res.to_dict())
+    assert back.lyapunov_window == w
+    np.testing.assert_allclose(back.local_lyapunov, res.local_lyapunov)
+    # clipped to T - 1
+    big = StabilityAnalyzer(
+        mlp(), n_trajectories=n, verbose=False, metrics_config=MetricsConfig(lyapunov_window=50)
+    ).analyze(mse_step(), loader, epochs)
+    assert big.local_lyapunov.shape == (1,) and big.local_lyapunov[0] == pytest.approx(big.lyapunov, rel=1e-12)
+    pytest.importorskip("matplotlib")
+    fig = res.plot_lyapunov()
+    heights = [p.get_height() for p in fig.axes[0].patches if hasattr(p, "get_height") and p.get_width() < 1.0]
+    np.testing.assert_allclose(heights, res.local_lyapunov, rtol=1e-10)
+    report = res.save_report(tmp_path / "r", format="markdown").read_text()
+    assert f"| {t[0]:g} → {t[w]:g} |" in report.replace(".0 ", " ")
+
+
+def _png_width(data: bytes) -> int:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big")
+
+
+def test_visualization_config_takes_effect_in_results_plots_and_report(tmp_path, one_thread):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    cfg = VisualizationConfig(colormap="plasma", show_confidence_bands=False, figure_dpi=40, figure_format="svg")
+    an = StabilityAnalyzer(mlp(), n_trajectories=3, verbose=False, visualization_config=cfg)
+    res = an.analyze(mse_step(), regression_loader(), 3)
+    plain = StabilityAnalyzer(mlp(), n_trajectories=3, verbose=False).analyze(mse_step(), regression_loader(), 3)
+    assert res.visualization_config is cfg and plain.visualization_config is None
+
+    def first_color(fig) -> tuple:
+        return matplotlib.colors.to_rgba(fig.axes[0].get_lines()[0].get_color())
+
+    assert first_color(res.plot_trajectories()) == pytest.approx(matplotlib.colormaps["plasma"](0.0))
+    assert first_color(plain.plot_trajectories()) == pytest.approx(matplotlib.colormaps["viridis"](0.0))
+    override = VisualizationConfig(colormap="cividis")
+    assert first_color(res.plot_trajectories(config=override)) == pytest.approx(matplotlib.colormaps["cividis"](0.0))
+    # confidence bands: error bars on the local exponents and a band around the global one
+    with_bands, without = plain.plot_lyapunov().axes[0], res.plot_lyapunov().axes[0]
+    assert np.isfinite(plain.lyapunov_ci).all() and np.isfinite(plain.local_lyapunov_ci).all()
+    from matplotlib.container import ErrorbarContainer
+
+    def n_errorbars(ax) -> int:
+        return sum(isinstance(c, ErrorbarContainer) for c in ax.containers)
+
+    assert n_errorbars(with_bands) == 1 and n_errorbars(without) == 0
+    assert len(with_bands.patches) == len(without.patches) + 1  # the global exponent's band
+    # the report: files in the configured format and dpi, embedded images in SVG
+    out = res.save_report(tmp_path / "files", embed_images=False)
+    for name in ("trajectories", "convergence", "lyapunov"):
+        assert (out.parent / f"{name}.svg").read_text().startswith("<?xml")
+        assert f"{name}.svg" in out.read_text()
+    assert "data:image/svg+xml;base64," in res.save_report(tmp_path / "embedded").read_text()
+    png = res.save_report(tmp_path / "png", embed_images=False, config=VisualizationConfig(figure_dpi=40))
+    assert _png_width((png.parent / "convergence.png").read_bytes()) == 8 * 40  # 8-inch wide figure
+    default = plain.save_report(tmp_path / "default", embed_images=False)
+    assert _png_width((default.parent / "convergence.png").read_bytes()) == 8 * 150
+    assert type(res).from_dict(res.to_dict()).visualization_config == cfg
+    with pytest.raises(ConfigError):
+        res.plot_convergence(config={"colormap": "plasma"})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        StabilityAnalyzer(mlp(), visualization_config=object())  # type: ignore[arg-type]
+
+
+class _Keep(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.NOTSET)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def messages(self, text: str) -> list[logging.LogRecord]:
+        return [r for r in self.records if text in r.getMessage()]
+
+
+@pytest.fixture
+def dl_logger():
+    """``logging.getLogger("deep_lyapunov")`` with a handler, restored afterwards."""
+    log = logging.getLogger("deep_lyapunov")
+    keep = _Keep()
+    old_level, old_propagate = log.level, log.propagate
+    log.addHandler(keep)
+    yield log, keep
+    log.removeHandler(keep)
+    log.setLevel(old_level)
+    log.propagate = old_propagate
+
+
+def _run_analysis() -> None:
+    StabilityAnalyzer(mlp(), n_trajectories=3, verbose=False).analyze(make_train_fn(), regression_loader(), 1)
+
+
+def test_a_configured_deep_lyapunov_logger_gets_the_records_once(dl_logger, caplog, one_thread):
+    log, keep = dl_logger
+    log.setLevel(logging.DEBUG)  # what deep-lyapunov's docstring tells its users to do
+    caplog.set_level(logging.WARNING)  # root at WARNING: stabwatch.analysis itself is not enabled for INFO
+    caplog.handler.setLevel(logging.NOTSET)  # ... but the root's handler takes every level (basicConfig's does)
+    _run_analysis()
+    summary = keep.messages("stability: ratio=")
+    assert len(summary) == 1 and summary[0].name == "deep_lyapunov" and summary[0].levelno == logging.INFO
+    assert summary[0].pathname.endswith("trajectory.py")  # the caller, not the logging helper
+    assert len(keep.messages("train_fn driver")) == 1  # DEBUG records too
+    # the root's handlers (here pytest's) see each record exactly once, as with deep-lyapunov
+    at_root = [r for r in caplog.records if "stability: ratio=" in r.getMessage()]
+    assert len(at_root) == 1
+
+
+def test_both_loggers_enabled_no_duplicate_at_the_root(dl_logger, caplog, one_thread):
+    log, keep = dl_logger
+    log.setLevel(logging.INFO)
+    caplog.set_level(logging.INFO)  # root INFO: the stabwatch.analysis chain is enabled as well
+    _run_analysis()
+    at_root = [r for r in caplog.records if "stability: ratio=" in r.getMessage()]
+    assert [r.name for r in at_root] == ["stabwatch.analysis"]
+    assert len(keep.messages("stability: ratio=")) == 1
+    assert not keep.messages("train_fn driver")  # DEBUG is below the deep_lyapunov logger's level
+
+
+def test_an_unconfigured_deep_lyapunov_logger_is_left_alone(dl_logger, caplog, one_thread):
+    log, keep = dl_logger
+    log.removeHandler(keep)
+    log.addHandler(logging.NullHandler())  # what deep-lyapunov's import installs
+    try:
+        caplog.set_level(logging.INFO)
+        _run_analysis()
+    finally:
+        log.handlers = [h for h in log.handlers if not isinstance(h, logging.NullHandler)]
+        log.addHandler(keep)
+    at_root = [r for r in caplog.records if "stability: ratio=" in r.getMessage()]
+    assert [r.name for r in at_root] == ["stabwatch.analysis"]
+
+
+def test_deep_lyapunov_logger_that_does_not_propagate(dl_logger, caplog, one_thread):
+    log, keep = dl_logger
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    caplog.set_level(logging.WARNING)
+    caplog.handler.setLevel(logging.NOTSET)
+    _run_analysis()
+    assert len(keep.messages("stability: ratio=")) == 1
+    assert not [r for r in caplog.records if "stability: ratio=" in r.getMessage()]

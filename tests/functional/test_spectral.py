@@ -199,3 +199,46 @@ def test_group_matrices_batches_same_shape_dtype_and_device_in_first_seen_order(
     assert groups[1][1].shape == (1, 2, 6)  # a conv kernel [out, in, k, 1] as [out, in*k]
     assert groups[2][1].dtype == torch.float64
     assert F.group_matrices([]) == []
+
+
+def _condition_number_in_torch(s, shape):
+    """`condition_number`'s tensor operations, written out: what it computes off the CPU."""
+    tol = s[..., :1] * max(shape) * torch.finfo(s.dtype).eps
+    nonzero = s > tol
+    rank = nonzero.sum(-1)
+    s_min = torch.where(nonzero, s, torch.full_like(s, float("inf"))).min(-1).values
+    s_min = torch.where(rank > 0, s_min, torch.zeros_like(s_min))
+    kappa = torch.where(rank > 0, s[..., 0] / s_min, torch.full_like(s_min, float("inf")))
+    return s_min, rank.to(s.dtype), kappa
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_condition_number_on_the_cpu_is_bit_identical_to_the_tensor_operations(dtype):
+    # the CPU computes it with numpy on the spectrum's memory: same IEEE operations, same precision
+    g = torch.Generator().manual_seed(5)
+    for m, n in ((32, 20), (4, 32), (64, 64), (100, 7)):
+        a = torch.randn(5, m, n, generator=g, dtype=dtype)
+        a[1] = 0  # rank 0: s_min 0, kappa inf
+        a[2] = torch.randn(m, 1, generator=g, dtype=dtype) @ torch.randn(1, n, generator=g, dtype=dtype)  # rank 1
+        a[3, 0, 0] = float("nan")  # NaN spectrum
+        s = F.batched_singular_values(a)
+        for spectrum in (s, s[0], s[2], s[3]):
+            for got, want in zip(condition_number(spectrum, (m, n)), _condition_number_in_torch(spectrum, (m, n))):
+                assert got.dtype == want.dtype and got.shape == want.shape
+                assert torch.equal(got.nan_to_num(-1.0), want.nan_to_num(-1.0))
+    assert condition_number(torch.tensor([0.0, 0.0]), (2, 2))[2].item() == math.inf
+    with pytest.raises(AssertionError):  # the comparison can fail: a wrong tolerance changes the rank
+        s = torch.tensor([1.0, 25 * torch.finfo(dtype).eps], dtype=dtype)  # rank 1 for 40x40, 2 for 4x4
+        torch.testing.assert_close(condition_number(s, (40, 40))[1], _condition_number_in_torch(s, (4, 4))[1])
+
+
+def test_batched_singular_values_skips_the_nan_mask_without_changing_a_value():
+    # a batch with a NaN member takes the masked path; the same matrices without it the CPU's fast path
+    g = torch.Generator().manual_seed(6)
+    for m, n in ((32, 20), (10, 256), (64, 64)):
+        a = torch.randn(3, m, n, generator=g)
+        fast = F.batched_singular_values(a)
+        masked = F.batched_singular_values(torch.cat([a, torch.full((1, m, n), float("nan"))]))
+        assert torch.equal(fast, masked[:3]) and torch.isnan(masked[3]).all()
+        ref = torch.linalg.svdvals(a.double())
+        torch.testing.assert_close(fast.double(), ref, rtol=1e-5, atol=1e-6 * float(ref.max()))
