@@ -15,7 +15,7 @@ words, and `diagnose` prints the same lines (Lyapunov regime, gradient norm, fir
 What is added inside:
 
 * `compute` is a thin front-end over `stabwatch.pipeline.RecordPipeline`, the record path `stabwatch.Monitor`
-  uses: its device tensors go into a `Readout` by name, reach the host in one copy, become a
+  uses: its device tensors reach the host in one copy (one ``cat``, then ``tolist``), become a
   `stabwatch.StabilityMetrics` record (``metrics.record``), run through stabwatch's alert rules and, with
   ``sinks=``, are written by the pipeline's background writers (a tracker that is down gets its records
   spilled to disk and retried);
@@ -23,7 +23,9 @@ What is added inside:
   ``compat/lyapunov`` (``record.extra["compat/lyapunov"]``), never under ``shadow/lyapunov`` (the exponent
   of training measured by `stabwatch.Shadow`);
 * one host transfer per call (the hand-written versions call ``.item()`` per parameter and copy every
-  gradient to the CPU for its SVD); singular values are computed on the gradients' device, same-shape
+  gradient to the CPU for its SVD): the per-parameter gradient norms (one ``torch._foreach_norm``) come
+  over in that copy and are combined on the host as the hand-written versions combine them, so
+  ``grad_norm`` is the same float; singular values are computed on the gradients' device, same-shape
   gradients as one batch (the math is `stabwatch.functional`'s, shared with the collectors);
 * the smallest singular value of a gradient is the smallest *non-zero* one (above the
   ``sigma_1 * max(m, n) * eps`` rank tolerance) and the condition number is taken over those: a batch of
@@ -214,6 +216,8 @@ def _host_scalar(value: torch.Tensor | float) -> torch.Tensor | float:
     """A scalar (or a tensor's first element) as a host float, or as a 1-element tensor on its
     accelerator (read in the call's one copy, without a device sync of its own)."""
     if isinstance(value, torch.Tensor):
+        if value.ndim == 0 and value.device.type == "cpu":
+            return float(value.detach())
         t = value.detach().reshape(-1)[:1]
         if t.numel() == 0:
             raise StabwatchError("StabilityMonitor.compute: lyapunov is an empty tensor")
@@ -235,7 +239,7 @@ def _to_host(values: Sequence[torch.Tensor]) -> list[float]:
     """Scalars / vectors to the host, flat, in the pipeline's one copy per device (`Readout.sync`).
 
     For the methods that answer with plain numbers (`StabilityMonitor.compute_firing_stats` ...);
-    `StabilityMonitor.compute` fills a `Readout` with named entries instead.
+    `StabilityMonitor.compute` uses `_one_copy` on its own chunks instead.
     """
     readout = Readout()
     for i, v in enumerate(values):
@@ -252,7 +256,9 @@ def _neuron_rates(spikes: torch.Tensor) -> torch.Tensor:
     """
     if spikes.ndim == 0:
         raise StabwatchError("StabilityMonitor: spikes must have at least one dim, got a 0-d tensor")
-    s = spikes.detach().float()
+    s = spikes.detach()
+    if s.dtype != torch.float32:
+        s = s.float()
     if s.ndim == 1:
         return s
     if s.ndim == 2:

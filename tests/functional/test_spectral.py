@@ -242,3 +242,16 @@ def test_batched_singular_values_skips_the_nan_mask_without_changing_a_value():
         assert torch.equal(fast, masked[:3]) and torch.isnan(masked[3]).all()
         ref = torch.linalg.svdvals(a.double())
         torch.testing.assert_close(fast.double(), ref, rtol=1e-5, atol=1e-6 * float(ref.max()))
+
+
+@pytest.mark.parametrize(("m", "n", "r"), [(32, 20, 3), (4, 32, 4), (784, 10, 6), (12, 40, 12), (64, 48, 5)])
+def test_small_and_gram_routes_match_a_float64_svd_down_to_the_rank_tolerance(m, n, r):
+    # small matrices take float64 svdvals on the CPU, larger ones the float64 Gram route: both to 1e-6
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(m, r, generator=g) @ torch.randn(r, n, generator=g) * 1e-2
+    s = F.batched_singular_values(a[None])[0]
+    ref = np.linalg.svd(a.double().numpy(), compute_uv=False)
+    keep = ref > ref[0] * max(m, n) * np.finfo(np.float32).eps
+    assert keep.sum() == r
+    np.testing.assert_allclose(s[:r].double().numpy(), ref[keep], rtol=1e-6)
+    assert (s[r:].double().numpy() <= ref[0] * max(m, n) * np.finfo(np.float32).eps).all()
