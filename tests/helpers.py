@@ -36,3 +36,24 @@ def train(model, opt, steps, monitor=None, batch=16, seed=0):
             if rec is not None:
                 out.append(rec)
     return out
+
+
+def offline_tracker_env(monkeypatch, tmp_path) -> None:
+    """Isolate trackers in ``tmp_path``: wandb offline with private cache/config/data folders, no MLflow
+    run or experiment inherited from the environment, spill files in ``tmp_path/spill``."""
+    monkeypatch.setenv("STABWATCH_SPILL_DIR", str(tmp_path / "spill"))
+    for key, value in {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_DISABLE_GIT": "true",
+        "WANDB_DISABLE_CODE": "true",
+        "WANDB_CONSOLE": "off",
+        "WANDB__DISABLE_STATS": "true",
+        "WANDB__DISABLE_META": "true",
+        "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
+        "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
+        "WANDB_DATA_DIR": str(tmp_path / "wandb-data"),
+    }.items():
+        monkeypatch.setenv(key, value)
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)

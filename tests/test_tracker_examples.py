@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import offline_tracker_env
 from tests.sinks.readers import read_mlflow, read_wandb
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -23,22 +24,7 @@ def _main(name: str) -> Any:
 @pytest.fixture
 def _quiet_trackers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("STABWATCH_SPILL_DIR", str(tmp_path / "spill"))
-    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in {
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "WANDB_DISABLE_GIT": "true",
-        "WANDB_DISABLE_CODE": "true",
-        "WANDB_CONSOLE": "off",
-        "WANDB__DISABLE_STATS": "true",
-        "WANDB__DISABLE_META": "true",
-        "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
-        "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
-        "WANDB_DATA_DIR": str(tmp_path / "wandb-data"),
-    }.items():
-        monkeypatch.setenv(key, value)
+    offline_tracker_env(monkeypatch, tmp_path)
 
 
 def _grad_norms(monitor: Any) -> list[tuple[int, float]]:

@@ -197,9 +197,11 @@ class StabwatchCallback(pl.Callback):
 
     def diagnose(self) -> str:
         """A readable summary of the run so far (see `stabwatch.Monitor.diagnose`)."""
+        if self._monitor is not None:
+            return self._monitor.diagnose()
         from stabwatch.diagnosis import diagnose
 
-        return diagnose(list(self.records), list(self.alerts))
+        return diagnose([], [])
 
     # ------------------------------------------------------------------------------------ lifecycle
     @property

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import offline_tracker_env
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -87,23 +89,8 @@ def live_mlflow(mlflow_server: MlflowServer) -> MlflowServer:
 
 @pytest.fixture(autouse=True)
 def _private_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("STABWATCH_SPILL_DIR", str(tmp_path / "spill"))
-    for key, value in {
-        "WANDB_MODE": "offline",
-        "WANDB_DIR": str(tmp_path),
-        "WANDB_SILENT": "true",
-        "WANDB_DISABLE_GIT": "true",
-        "WANDB_DISABLE_CODE": "true",
-        "WANDB_CONSOLE": "off",
-        "WANDB__DISABLE_STATS": "true",
-        "WANDB__DISABLE_META": "true",
-        "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
-        "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
-        "WANDB_DATA_DIR": str(tmp_path / "wandb-data"),
-    }.items():
-        monkeypatch.setenv(key, value)
-    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
-        monkeypatch.delenv(key, raising=False)
+    offline_tracker_env(monkeypatch, tmp_path)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
 
 
 def wandb_records(wandb_dir: Path, run_id: str | None = None) -> list[Any]:
