@@ -31,7 +31,12 @@ imports, data, model and the warm-up: what the analysis itself added, tensors an
 deep-lyapunov is optional: without it (``pip install deep-lyapunov==0.1.2 --no-deps`` plus
 scikit-learn and matplotlib) the peer rows are skipped with a message.
 
-Run: ``python benchmarks/bench_analysis.py [--repeats 2] [--threads default,1] [--skip-memory]`` (about 4 minutes).
+``--cpu-time`` also prints the workers' CPU seconds (``time.process_time``) of the same runs: with one
+thread that is the work itself, which other processes on a shared machine inflate far less than the
+wall-clock time (with several threads it is their sum, not a duration).
+
+Run: ``python benchmarks/bench_analysis.py [--repeats 2] [--threads default,1] [--skip-memory] [--cpu-time]``
+(about 4 minutes).
 """
 
 from __future__ import annotations
@@ -122,12 +127,13 @@ def _worker_time(tool: str) -> dict[str, Any]:
         return nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
 
     _train_fn(0.1)(model(), loader, 1)  # warm-up: library start-up paid by nobody
-    times = []
+    times, cpu = [], []
     for _ in range(2):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         results = _analyze(tool, model(), loader, 3, 0.1)
         times.append(time.perf_counter() - t0)
-    return {"first": times[0], "second": times[1], **_summary(results)}
+        cpu.append(time.process_time() - c0)
+    return {"first": times[0], "second": times[1], "first_cpu": cpu[0], "second_cpu": cpu[1], **_summary(results)}
 
 
 def _worker_memory(tool: str) -> dict[str, Any]:
@@ -203,12 +209,43 @@ def _best(rows: list[dict[str, Any]], key: str) -> float:
     return min(values) if values else float("nan")
 
 
+def _print_times(
+    tools: list[str], rows: dict[str, list[dict[str, Any]]], clock: str, first_key: str, second_key: str
+) -> None:
+    print(f"    {clock}")
+    print(f"    {'tool':<22} {'1st call: median / best':>24} {'2nd call: median / best':>24} {'λ':>8}")
+    for tool in tools:
+        errors = [r["error"] for r in rows[tool] if "error" in r]
+        if errors:
+            print(f"    {tool:<22} failed: {errors[0]}")
+            continue
+        first = f"{_median(rows[tool], first_key):.3f} / {_best(rows[tool], first_key):.3f}"
+        second = f"{_median(rows[tool], second_key):.3f} / {_best(rows[tool], second_key):.3f}"
+        print(f"    {tool:<22} {first:>24} {second:>24} {_median(rows[tool], 'lyapunov'):>8.4f}")
+    if "deep-lyapunov" in tools and not any("error" in r for r in rows["deep-lyapunov"]):
+        peer = rows["deep-lyapunov"]
+        for tool in tools[1:]:
+            if any("error" in r for r in rows[tool]):
+                continue
+            ratios = [
+                f"{_median(peer, k) / _median(rows[tool], k):.2f}x / {_best(peer, k) / _best(rows[tool], k):.2f}x"
+                for k in (first_key, second_key)
+            ]
+            print(f"    speed-up of {tool} over deep-lyapunov (median / best): 1st {ratios[0]}, 2nd {ratios[1]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", default="default,1", help="comma-separated: 'default' and/or a count")
     parser.add_argument("--skip-time", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="also print the workers' CPU seconds (time.process_time): with one thread, the figure a loaded "
+        "machine disturbs least (with several threads it sums them)",
+    )
     parser.add_argument("--worker", choices=("time", "memory"), help=argparse.SUPPRESS)
     parser.add_argument("--tool", choices=TOOLS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -228,36 +265,18 @@ def main() -> None:
     started = time.perf_counter()
 
     if not args.skip_time:
-        print("\nTIME: 784-128-10 MLP, 2048 samples, batch 64, 5 trajectories, 3 epochs (seconds, median)")
+        print("\nTIME: 784-128-10 MLP, 2048 samples, batch 64, 5 trajectories, 3 epochs (median / best)")
         for threads in args.threads.split(","):
             rows: dict[str, list[dict[str, Any]]] = {t: [] for t in tools}
             for _ in range(args.repeats):
                 for tool in tools:
                     rows[tool].append(_run("time", tool, threads, timeout=300))
             print(f"  threads={threads} ({_load()})")
-            print(f"    {'tool':<22} {'1st call: median / best':>24} {'2nd call: median / best':>24} {'λ':>8}")
-            for tool in tools:
-                errors = [r["error"] for r in rows[tool] if "error" in r]
-                if errors:
-                    print(f"    {tool:<22} failed: {errors[0]}")
-                    continue
-                first = f"{_median(rows[tool], 'first'):.3f} / {_best(rows[tool], 'first'):.3f}"
-                second = f"{_median(rows[tool], 'second'):.3f} / {_best(rows[tool], 'second'):.3f}"
-                print(f"    {tool:<22} {first:>24} {second:>24} {_median(rows[tool], 'lyapunov'):>8.4f}")
-            if "deep-lyapunov" in tools and not any("error" in r for r in rows["deep-lyapunov"]):
-                peer = rows["deep-lyapunov"]
-                for tool in tools[1:]:
-                    if any("error" in r for r in rows[tool]):
-                        continue
-                    ratios = [
-                        f"{_median(peer, k) / _median(rows[tool], k):.2f}x / "
-                        f"{_best(peer, k) / _best(rows[tool], k):.2f}x"
-                        for k in ("first", "second")
-                    ]
-                    print(
-                        f"    speed-up of {tool} over deep-lyapunov (median / best): "
-                        f"1st call {ratios[0]}, 2nd call {ratios[1]}"
-                    )
+            clocks = [("wall-clock seconds", "first", "second")]
+            if args.cpu_time:
+                clocks.append(("CPU seconds (process_time)", "first_cpu", "second_cpu"))
+            for clock, first_key, second_key in clocks:
+                _print_times(tools, rows, clock, first_key, second_key)
 
     if not args.skip_memory:
         print("\nMEMORY: 1024-4096-2048-10 MLP (12.6 M parameters), 5 trajectories, 2 epochs, 1 thread")

@@ -7,12 +7,16 @@ the bare loop measured in the same run:
   the time goes);
 * a hand-written monitor: per-parameter ``.item()`` gradient-norm loop (``peer:item-loop``) and the
   same plus a full ``svdvals`` of every gradient on the CPU each step (``peer:item+svd``);
-* ``wandb.watch(model, log="gradients", log_freq=1)`` in offline mode, where wandb is installed.
+* ``wandb.watch(model, log="gradients", log_freq=1)`` in offline mode, where wandb is installed;
+* ``read:grad-pass``: the bare step plus one `functional.squared_norms` pass over the gradients (what
+  the ``grad`` family reduces), the floor of any monitor that reads every gradient at every step.
 
 Targets (issue #2): default <= 1.03x, full <= 1.5x. Run: ``python benchmarks/bench_overhead.py``.
 The configs run in lockstep, one training step of each per round, every step timed
 (`_common.lockstep`): on a shared machine whose speed drifts by tens of percent over seconds, only
-neighbouring steps compare. ``bare-2``, a second bare loop, shows the noise floor.
+neighbouring steps compare. ``bare-2``, a second bare loop, shows the noise floor. ``--cpu-time``
+times with the process's CPU time and one torch thread, for a machine shared with other jobs (the
+monitor's self-timed ``monitor/overhead_ms`` stays wall time: it is inflated there).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +39,7 @@ from _common import lockstep
 
 import stabwatch as sw
 from stabwatch.collectors import FAMILIES
+from stabwatch.functional import squared_norms
 
 #: batches cycled through (gradients differ from step to step, as in training, so warm starts of the
 #: iterative spectra do not look better than they are)
@@ -99,6 +105,11 @@ def _runner(
                     total += p.grad.data.norm(2).item() ** 2
                     if p.ndim >= 2:
                         torch.linalg.svdvals(p.grad.detach().reshape(p.shape[0], -1).cpu())
+    elif kind == "read:grad-pass":
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def extra() -> None:
+            float(squared_norms([p.grad for p in params if p.grad is not None]).sum())
     elif kind == "peer:wandb.watch":
         import wandb
 
@@ -143,9 +154,18 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a smoke run: few rounds")
     ap.add_argument("--model", choices=["mlp", "cnn", "both"], default="both")
     ap.add_argument("--kinds", default="", help="comma-separated subset of configs (default: all)")
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time with the process CPU clock and one torch thread (for a machine shared with other jobs)",
+    )
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.window = 6, 3
+    clock = time.perf_counter
+    if args.cpu_time:
+        clock = time.process_time
+        torch.set_num_threads(1)
     logging.getLogger("stabwatch").setLevel(logging.CRITICAL + 1)  # alerts on these random-label runs are not the point
     try:
         import wandb  # noqa: F401
@@ -153,7 +173,10 @@ def main() -> None:
         has_wandb = True
     except ImportError:
         has_wandb = False
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} lockstep rounds")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} lockstep rounds, "
+        f"clock {'process CPU' if args.cpu_time else 'wall'}"
+    )
     print(f"ratio: median over windows of {args.window} rounds of (config time / bare time), iqr its spread,")
     print("total: ratio of the summed times; self: the monitor's own monitor/overhead_ms (median per record)")
     print("and 1 + self / bare step. bare and bare-2 are two identical bare loops: how far they sit from each")
@@ -163,11 +186,11 @@ def main() -> None:
         name, make = models[key]
         kinds = ["bare", "bare-2", "stabwatch:cheap", "stabwatch:default", "stabwatch:full"]
         kinds += [f"stabwatch:only-{f}" for f in FAMILIES]
-        kinds += ["peer:item-loop", "peer:item+svd"] + (["peer:wandb.watch"] if has_wandb else [])
+        kinds += ["read:grad-pass", "peer:item-loop", "peer:item+svd"] + (["peer:wandb.watch"] if has_wandb else [])
         if args.kinds:
             kinds = ["bare", "bare-2"] + [k for k in args.kinds.split(",") if k not in ("bare", "bare-2")]
         built = {k: _runner(make, k) for k in kinds}
-        res = lockstep({k: b[0] for k, b in built.items()}, ("bare", "bare-2"), args.rounds, args.window)
+        res = lockstep({k: b[0] for k, b in built.items()}, ("bare", "bare-2"), args.rounds, args.window, clock)
         bare_ms = (res["bare"][0] + res["bare-2"][0]) / 2 * 1e3
         print(f"\n{name}: bare step {bare_ms:.2f} ms (baseline: the mean of bare and bare-2 in each round)")
         for k in kinds:

@@ -129,7 +129,7 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, SNN T={T} batch={BATCH}, "
         f"{args.rounds} lockstep rounds, clock {'process CPU' if args.cpu_time else 'wall'}; "
-        f"default spiking period {PRESETS['default']['spiking']}"
+        f"default spiking period {next(c.every for c in PRESETS['default']() if c.family == 'spiking')}"
     )
     kinds = [
         "bare",

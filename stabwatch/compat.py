@@ -26,7 +26,10 @@ What is added inside:
   gradient to the CPU for its SVD): the per-parameter gradient norms (one ``torch._foreach_norm``) come
   over in that copy and are combined on the host as the hand-written versions combine them, so
   ``grad_norm`` is the same float; singular values are computed on the gradients' device, same-shape
-  gradients as one batch (the math is `stabwatch.functional`'s, shared with the collectors);
+  gradients as one batch (the math is `stabwatch.functional`'s, shared with the collectors); on the
+  CPU, where reading a value costs no sync, values are read where they are and the statistics that need
+  no kernel are taken on the host (dead / saturated counts, the std of a few firing rates, the condition
+  number of a spectrum), with the same float32 / float64 operations, so the numbers are the same bits;
 * the smallest singular value of a gradient is the smallest *non-zero* one (above the
   ``sigma_1 * max(m, n) * eps`` rank tolerance) and the condition number is taken over those: a batch of
   ``B`` samples gives a rank-``B`` gradient whose other singular values are round-off, and
@@ -39,8 +42,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import math
-from collections.abc import Mapping, Sequence
+import platform
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -54,6 +59,7 @@ from stabwatch.functional.spectral import (
     randomized_singular_values,
     spectral_radius,
     spectrum_summary,
+    spectrum_summary_rows,
 )
 from stabwatch.metrics import Alert, AlertReason
 from stabwatch.metrics import StabilityMetrics as Record
@@ -71,8 +77,15 @@ _EXACT_SVD_MAX_ELEMENTS = 1_000_000
 _FIRING_FIELDS = ("firing_rate_mean", "firing_rate_std", "dead_neuron_frac", "saturated_neuron_frac")
 _MEMBRANE_FIELDS = ("membrane_mean", "membrane_std")
 _SV_FIELDS = ("grad_max_sv", "grad_min_sv", "grad_condition")
-#: the fields of `StabilityMetrics` that are fields of the stabwatch record too
+#: the fields of `StabilityMetrics` that are fields of the stabwatch record too, in the dataclass's order
 _RECORD_FIELDS = ("grad_norm", *_SV_FIELDS, *_FIRING_FIELDS, *_MEMBRANE_FIELDS)
+#: `StabilityMonitor.compute`'s ``(field, layer)`` entries of the pooled (layer ``None``) and the single-tensor
+#: (layer `NETWORK`) firing and membrane values, made once
+_ENTRIES = {
+    (fields, layer): [(name, layer) for name in fields]
+    for fields in (_FIRING_FIELDS, _MEMBRANE_FIELDS)
+    for layer in (None, NETWORK)
+}
 #: the default rules that watch what `StabilityMonitor.compute` records (the others would never be fed)
 _RULES = (
     "non_finite",
@@ -216,8 +229,8 @@ def _host_scalar(value: torch.Tensor | float) -> torch.Tensor | float:
     """A scalar (or a tensor's first element) as a host float, or as a 1-element tensor on its
     accelerator (read in the call's one copy, without a device sync of its own)."""
     if isinstance(value, torch.Tensor):
-        if value.ndim == 0 and value.device.type == "cpu":
-            return float(value.detach())
+        if value.is_cpu and value.ndim == 0:
+            return float(value.item())
         t = value.detach().reshape(-1)[:1]
         if t.numel() == 0:
             raise StabwatchError("StabilityMonitor.compute: lyapunov is an empty tensor")
@@ -233,6 +246,26 @@ def _one_copy(chunks: Sequence[torch.Tensor]) -> list[float]:
         chunks = [c.to(device) for c in chunks]
     flat = torch.cat(list(chunks))
     return (flat if flat.device.type == "cpu" else flat.cpu()).tolist()
+
+
+#: a part of `StabilityMonitor.compute`'s values: host floats already, or a 1-D tensor for the one copy
+_Part = torch.Tensor | list[float]
+
+
+def _gather(parts: Sequence[_Part]) -> list[float]:
+    """The parts' values on the host, flat and in order: lists as they are, CPU tensors read in place
+    (no copy to make), accelerator tensors in one copy (`_one_copy`: one ``cat``, one ``tolist``)."""
+    device = [p for p in parts if isinstance(p, torch.Tensor) and not p.is_cpu]
+    copied = iter(_one_copy(device)) if device else iter(())
+    out: list[float] = []
+    for p in parts:
+        if not isinstance(p, torch.Tensor):
+            out += p
+        elif p.is_cpu:
+            out += p.tolist()
+        else:
+            out += itertools.islice(copied, p.numel())
+    return out
 
 
 def _to_host(values: Sequence[torch.Tensor]) -> list[float]:
@@ -273,6 +306,66 @@ def _firing_vector(rates: torch.Tensor, dead: float, saturated: float) -> torch.
     return torch.stack([rates.mean(), rates.std(), (rates < dead).float().mean(), (rates > saturated).float().mean()])
 
 
+#: `_firing_host` counts dead and saturated neurons on the host below this many rates (the float32 sum of
+#: 0/1 flags is exact up to 2**24, so ``count / n`` rounded to float32 is the float32 mean, bit for bit)
+_HOST_COUNT_MAX = 1 << 24
+
+
+def _fraction32(count: int, n: int) -> float:
+    """``count / n`` rounded to float32: the float32 mean of ``n`` 0/1 flags of which ``count`` are 1
+    (their float32 sum is exact, and a float64 quotient rounded to float32 is the float32 quotient)."""
+    return float(np.float32(count / n))
+
+
+#: `_few_firing_stats` replays torch's CPU ``std()`` up to this many values (beyond, the kernel is cheaper)
+_FEW = 64
+#: where `_few_firing_stats` is the same arithmetic as torch's kernel: x86-64, whose baseline build of the
+#: kernel has no fused multiply-add (an ARM build may fuse ``sum += d * d`` and round differently)
+_REPLAY_STD = platform.machine().lower() in ("x86_64", "amd64")
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _few_firing_stats(values: list[float], mean: float, low: float, high: float) -> tuple[float, int, int]:
+    """``(std, below low, above high)`` of a few float32 rates in one pass; the std as torch's CPU ``std()``
+    computes it, bit for bit: the float32 mean (`mean`, what ``std()`` computes first) in float64,
+    ``sum (x - mean)^2`` accumulated in order in float64, ``sqrt(sum / (n - 1))`` rounded to float32.
+    Costs a few us instead of a ~10 us kernel. ``low < high`` (the thresholds, as float32 values)."""
+    total = 0.0
+    n_low = n_high = 0
+    for x in values:
+        d = x - mean
+        total += d * d
+        if x < low:
+            n_low += 1
+        elif x > high:
+            n_high += 1
+    std = math.sqrt(total / (len(values) - 1))
+    if std > _F32_MAX:
+        with np.errstate(over="ignore"):  # beyond float32's range: inf (or its largest value), as the cast gives
+            return float(np.float32(std)), n_low, n_high
+    return float(np.float32(std)), n_low, n_high
+
+
+def _firing_host(rates: torch.Tensor, dead: float, saturated: float) -> list[float]:
+    """`_firing_vector` of CPU rates as host floats, the same bits: the mean by the same torch reduction,
+    the std by the same (or, for a few contiguous rates, `_few_firing_stats`), the dead and saturated
+    fractions counted on the host (float32 comparisons against the float32-rounded thresholds, as
+    ``rates < dead`` does) instead of six kernels."""
+    n = rates.numel()
+    if n == 0 or n >= _HOST_COUNT_MAX:
+        return _firing_vector(rates, dead, saturated).tolist()
+    mean = rates.mean().item()
+    low, high = float(np.float32(dead)), float(np.float32(saturated))  # float32 values, compared exactly
+    if _REPLAY_STD and 2 <= n <= _FEW and low < high and rates.is_contiguous() and math.isfinite(mean):
+        std, n_low, n_high = _few_firing_stats(rates.tolist(), mean, low, high)
+    else:
+        r = rates.numpy()
+        std = rates.std().item()
+        n_low = int(np.count_nonzero(r < low))
+        n_high = int(np.count_nonzero(r > high))
+    return [mean, std, _fraction32(n_low, n), _fraction32(n_high, n)]
+
+
 #: `_mean_std` takes the one-pass route while ``E[v^2] / var(v)`` stays below this (its float32 sums then
 #: give the std to ~1e-7 relative); a membrane far from zero relative to its spread gets the two-pass ``std``
 _ONE_PASS_MAX_RATIO = 10.0
@@ -280,8 +373,9 @@ _ONE_PASS_MAX_RATIO = 10.0
 _ONE_PASS_MIN_SIZE = 1 << 16
 
 
-def _mean_std(v: torch.Tensor) -> torch.Tensor:
-    """``[mean, std]`` (unbiased) of all elements of ``v``, in ``v``'s dtype (float64 on the CPU fast path).
+def _mean_std(v: torch.Tensor) -> _Part:
+    """``[mean, std]`` (unbiased) of all elements of ``v``: host floats on the CPU (``v``'s dtype's
+    values, or float64 on the one-pass route), else a tensor in ``v``'s dtype on its device.
 
     On the CPU, float32/float64, from `_ONE_PASS_MIN_SIZE` elements: one pass of two cascaded sums,
     ``sum v`` and ``sum v^2`` (about 2.5x faster than ``mean()`` plus ``std()``), unless ``E[v^2] / var``
@@ -290,14 +384,23 @@ def _mean_std(v: torch.Tensor) -> torch.Tensor:
     the hand-written monitors' operations, kept on the device.
     """
     n = v.numel()
-    if v.device.type != "cpu" or v.dtype not in (torch.float32, torch.float64) or n < _ONE_PASS_MIN_SIZE:
+    if not v.is_cpu:
         return torch.stack([v.mean(), v.std()])
+    if v.dtype not in (torch.float32, torch.float64) or n < _ONE_PASS_MIN_SIZE:
+        return [float(v.mean()), float(v.std())]
     mean = float(v.sum()) / n
     ms = float(v.square().sum()) / n
     var = (ms - mean * mean) * n / (n - 1)
     if not (var > 0 and ms <= _ONE_PASS_MAX_RATIO * var):  # cancellation, zero spread, NaN or inf
-        return torch.tensor([mean, float(v.std())], dtype=torch.float64)
-    return torch.tensor([mean, var**0.5], dtype=torch.float64)
+        return [mean, float(v.std())]
+    return [mean, var**0.5]
+
+
+def _as_tensor(part: _Part, device: torch.device) -> torch.Tensor:
+    """A part as a float64 tensor on ``device`` (exact: every part's values are float64 numbers)."""
+    if isinstance(part, torch.Tensor):
+        return part.to(device, torch.float64)
+    return torch.tensor(part, dtype=torch.float64, device=device)
 
 
 def _named(value: torch.Tensor | Mapping[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
@@ -446,58 +549,103 @@ class StabilityMonitor:
 
     # device-side pieces ---------------------------------------------------------------------------
     @staticmethod
-    def _grad_norms(model: nn.Module) -> torch.Tensor:
-        """``||g_p||`` of every gradient, 1-D on the first gradient's device, no host sync: each in the
-        gradient's precision (the hand-written monitors' ``p.grad.norm(2)``; one ``torch._foreach_norm``
-        when all gradients share a device and dtype). `_total_norm` combines them on the host."""
+    def _grad_norms(model: nn.Module) -> _Part:
+        """``||g_p||`` of every gradient, each in the gradient's precision (the hand-written monitors'
+        ``p.grad.norm(2)``; one ``torch._foreach_norm`` when all gradients share a device and dtype):
+        host floats when every gradient is on the CPU, else 1-D on the first gradient's device with no
+        host sync. `_total_norm` combines them on the host."""
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         if not grads:
             first = next(model.parameters(), None)
-            return torch.zeros(0, device=first.device if first is not None else "cpu")
-        device, dtype = grads[0].device, grads[0].dtype
+            return [] if first is None or first.is_cpu else torch.zeros(0, device=first.device)
+        dtype = grads[0].dtype
+        if any(g.requires_grad for g in grads):  # gradients of a create_graph backward
+            grads = [g.detach() for g in grads]
+        if all(g.is_cpu for g in grads):
+            if all(g.dtype == dtype for g in grads):
+                norms = torch._foreach_norm(grads, 2.0)
+                return [n.item() for n in norms] if len(norms) <= 16 else torch.stack(norms).tolist()
+            return [torch.linalg.vector_norm(g).item() for g in grads]
+        device = grads[0].device
         if all(g.device == device and g.dtype == dtype for g in grads):
             return torch.stack(torch._foreach_norm(grads, 2.0))
         # gradients on several devices or in several dtypes: each norm moved to the first device
         return torch.stack([torch.linalg.vector_norm(g).to(device, torch.float64) for g in grads])
 
-    def _sv(self, model: nn.Module, top_k: int) -> list[_SVGroup]:
-        """Singular values of every 2-D gradient; same-shape gradients as one batch.
+    def _spectra(
+        self, model: nn.Module, top_k: int, norms: Sequence[float] | None = None
+    ) -> tuple[list[torch.Tensor], Callable[[Sequence[float]], list[_SVRow]]]:
+        """Singular values of every 2-D gradient: ``(chunks, rows)``, the tensors for the one host copy
+        and the function that turns their host values into one `_SVRow` per gradient (parameter order).
 
-        Exact (`stabwatch.functional.spectrum_summary`) up to ``_EXACT_SVD_MAX_ELEMENTS`` elements, a
-        randomized top-k above (`stabwatch.functional.randomized_singular_values`).
+        Same-shape gradients run as one batch: exact (`stabwatch.functional.spectrum_summary`) up to
+        ``_EXACT_SVD_MAX_ELEMENTS`` elements, a randomized top-k above
+        (`stabwatch.functional.randomized_singular_values`). On the CPU the rows are made at once
+        (`stabwatch.functional.spectrum_summary_rows`, the same numbers) and there is nothing to copy.
+
+        ``norms``: the host gradient norms of `_grad_norms` for this model, if the caller has them: a
+        finite norm means a finite gradient, so those matrices skip the NaN/Inf check.
         """
-        named = [
-            (name, p.grad.detach())
-            for name, p in model.named_parameters()
-            if p.grad is not None and p.ndim == 2 and min(p.shape) > 0
-        ]
-        groups: list[_SVGroup] = []
+        named: list[tuple[str, torch.Tensor]] = []
+        finite: list[bool] = []
+        k = 0  # position among the parameters with a gradient (the order of `_grad_norms`)
+        for name, p in model.named_parameters():
+            if p.grad is None:
+                continue
+            if p.ndim == 2 and min(p.shape) > 0:
+                named.append((name, p.grad.detach()))
+                finite.append(norms is not None and math.isfinite(norms[k]))
+            k += 1
         small = [i for i, (_, g) in enumerate(named) if g.numel() <= _EXACT_SVD_MAX_ELEMENTS]
+        on_cpu = all(g.is_cpu for _, g in named)
+        groups: list[_SVGroup] = []
+        rows: dict[int, _SVRow] = {}
         with torch.no_grad():
             for idx, stack in group_matrices([named[i][1] for i in small]):
-                top, s_min, _, kappa = spectrum_summary(stack, top_k)
                 index = [small[k] for k in idx]
-                groups.append(_SVGroup(index, [named[i][0] for i in index], top, s_min, kappa))
+                if on_cpu:
+                    summaries = spectrum_summary_rows(stack, top_k, assume_finite=all(finite[i] for i in index))
+                    for i, (values, low, _, cond) in zip(index, summaries, strict=True):
+                        rows[i] = (named[i][0], values, low, cond)
+                else:
+                    top, s_min, _, kappa = spectrum_summary(stack, top_k)
+                    groups.append(_SVGroup(index, [named[i][0] for i in index], top, s_min, kappa))
             exact = set(small)
             for i, (name, g) in enumerate(named):
                 if i not in exact:
-                    top, _ = randomized_singular_values(g, top_k, generator=self._generator)
-                    groups.append(_SVGroup([i], [name], top[None], None, None))
-        return groups
+                    leading, _ = randomized_singular_values(g, top_k, generator=self._generator)
+                    if on_cpu:
+                        rows[i] = (name, leading.tolist(), None, None)
+                    else:
+                        groups.append(_SVGroup([i], [name], leading[None], None, None))
+        if on_cpu:
+            ordered = [rows[i] for i in range(len(named))]
+            return [], lambda host: ordered
+        return _sv_chunks(groups), lambda host: _sv_rows(groups, host)
 
-    def _firing(self, spikes: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Per-tensor ``[L, 4]`` (``None`` for one tensor) and pooled ``[4]`` firing statistics."""
+    def _sv_host_rows(self, model: nn.Module, top_k: int) -> list[_SVRow]:
+        """`_spectra`'s rows, read with their own host copy (for the methods that answer at once)."""
+        chunks, rows = self._spectra(model, top_k)
+        return rows(_to_host(chunks) if chunks else [])
+
+    def _firing(self, spikes: dict[str, torch.Tensor]) -> tuple[list[_Part] | None, _Part]:
+        """Per-tensor (``None`` for one tensor) and pooled ``[mean, std, dead, saturated]`` firing
+        statistics: host floats when the spikes are on the CPU (`_firing_host`), else device tensors."""
         rates = [_neuron_rates(t) for t in spikes.values()]
         d, s = self.dead_threshold, self.saturated_threshold
+        if all(r.is_cpu for r in rates):
+            pooled = _firing_host(rates[0] if len(rates) == 1 else torch.cat(rates), d, s)
+            return (None if len(rates) == 1 else [_firing_host(r, d, s) for r in rates]), pooled
         if len(rates) == 1:
             return None, _firing_vector(rates[0], d, s)
         device = rates[0].device
         per = torch.stack([_firing_vector(r, d, s).to(device) for r in rates])
-        return per, _firing_vector(torch.cat([r.to(device) for r in rates]), d, s)
+        return [per.reshape(-1)], _firing_vector(torch.cat([r.to(device) for r in rates]), d, s)
 
     @staticmethod
-    def _membrane(membrane: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Per-tensor ``[L, 2]`` (``None`` for one tensor) and pooled ``[2]`` membrane mean and std.
+    def _membrane(membrane: dict[str, torch.Tensor]) -> tuple[list[_Part] | None, _Part]:
+        """Per-tensor (``None`` for one tensor) and pooled ``[mean, std]`` of the membrane potentials
+        (host floats for CPU tensors, see `_mean_std`).
 
         One tensor: its ``mean()`` and ``std()``, the hand-written monitors' operations. Several: each
         tensor's, and the pooled ones combined exactly from ``(n, mean, std)`` in float64.
@@ -506,18 +654,18 @@ class StabilityMonitor:
         if len(values) == 1:
             return None, _mean_std(values[0])
         device = values[0].device
-        per = torch.stack([_mean_std(v).to(device, torch.float64) for v in values])
+        per = torch.stack([_as_tensor(_mean_std(v), device) for v in values])
         n = torch.tensor([float(v.numel()) for v in values], dtype=torch.float64, device=device)
         total = n.sum()
         mean = (n * per[:, 0]).sum() / total
         m2 = ((n - 1) * per[:, 1].nan_to_num().square() + n * (per[:, 0] - mean).square()).sum()
-        return per, torch.stack([mean, (m2 / (total - 1)).sqrt()])
+        return [per.reshape(-1)], torch.stack([mean, (m2 / (total - 1)).sqrt()])
 
     # the hand-written monitors' methods -----------------------------------------------------------
     def compute_gradient_norm(self, model: nn.Module) -> float:
         """Global L2 norm of all gradients, ``sqrt(sum_p ||g_p||^2)`` (0.0 without gradients)."""
         with torch.no_grad():
-            return _total_norm(_to_host([self._grad_norms(model)]))
+            return _total_norm(_gather([self._grad_norms(model)]))
 
     def compute_gradient_singular_values(self, model: nn.Module, top_k: int = 5) -> dict[str, tuple[np.ndarray, float]]:
         """Singular values of every 2-D weight gradient.
@@ -527,8 +675,7 @@ class StabilityMonitor:
             number is ``s_max / s_min`` over the non-zero singular values (NaN for matrices above 1e6
             elements, whose top-k come from a randomized SVD).
         """
-        groups = self._sv(model, top_k)
-        rows = _sv_rows(groups, _to_host(_sv_chunks(groups)))
+        rows = self._sv_host_rows(model, top_k)
         return {name: (np.asarray(top), float("nan") if kappa is None else kappa) for name, top, _, kappa in rows}
 
     def get_aggregate_gradient_sv(self, model: nn.Module) -> tuple[float, float, float]:
@@ -536,8 +683,7 @@ class StabilityMonitor:
 
         ``(0.0, 0.0, 1.0)`` when no 2-D parameter has a gradient.
         """
-        groups = self._sv(model, 5)
-        stats = _aggregate_sv(_sv_rows(groups, _to_host(_sv_chunks(groups))))
+        stats = _aggregate_sv(self._sv_host_rows(model, 5))
         return (0.0, 0.0, 1.0) if stats is None else stats
 
     def compute_firing_stats(self, spikes: torch.Tensor) -> tuple[float, float, float, float]:
@@ -548,14 +694,13 @@ class StabilityMonitor:
                 values 0/1 (graded spikes count by value).
         """
         with torch.no_grad():
-            stats = _firing_vector(_neuron_rates(spikes), self.dead_threshold, self.saturated_threshold)
-        a, b, c, d = _to_host([stats])
+            a, b, c, d = _gather([self._firing({NETWORK: spikes})[1]])
         return a, b, c, d
 
     def compute_membrane_stats(self, membrane: torch.Tensor) -> tuple[float, float]:
         """``(mean, std)`` of a membrane-potential tensor over all its elements."""
         with torch.no_grad():
-            a, b = _to_host([self._membrane({NETWORK: membrane})[1]])
+            a, b = _gather([self._membrane({NETWORK: membrane})[1]])
         return a, b
 
     def compute(
@@ -586,34 +731,34 @@ class StabilityMonitor:
         layers: dict[str, dict[str, float]] = {}
         extra: dict[str, float] = {}
         entries: list[tuple[str, str | None]] = []  # (field or extra key, layer) of each value after the norms
-        with torch.no_grad():
-            norms = self._grad_norms(model)
-            groups = self._sv(model, 5) if compute_sv else []
-            sv_chunks = _sv_chunks(groups)
-            chunks = [norms, *sv_chunks]
-            if lyapunov is not None:
-                lyap = _host_scalar(lyapunov)
-                if isinstance(lyap, torch.Tensor):
-                    entries.append((LYAPUNOV_KEY, None))
-                    chunks.append(lyap)
-                else:
-                    extra[LYAPUNOV_KEY] = lyap
-            for fields, values in ((_FIRING_FIELDS, spike_map), (_MEMBRANE_FIELDS, mem_map)):
-                if not values:
-                    continue
-                per, pooled = (self._firing if fields is _FIRING_FIELDS else self._membrane)(values)
-                entries += [(name, None) for name in fields]
-                chunks.append(pooled)
-                if per is None:  # one tensor: its layer's values are the pooled ones
-                    entries += [(name, NETWORK) for name in fields]
-                    chunks.append(pooled)
-                else:
-                    entries += [(name, layer) for layer in values for name in fields]
-                    chunks.append(per.reshape(-1))
-            host = _one_copy(chunks)  # one device->host copy of everything
-        n_norms, n_sv = norms.numel(), sum(c.numel() for c in sv_chunks)
+        # no autograd context needed (~3 us a call): every tensor read here is detached first
+        norms = self._grad_norms(model)
+        host_norms = norms if isinstance(norms, list) else None
+        sv_chunks, sv_rows = self._spectra(model, 5, host_norms) if compute_sv else ([], None)
+        parts: list[_Part] = [norms, *sv_chunks]
+        if lyapunov is not None:
+            lyap = _host_scalar(lyapunov)
+            if isinstance(lyap, torch.Tensor):
+                entries.append((LYAPUNOV_KEY, None))
+                parts.append(lyap)
+            else:
+                extra[LYAPUNOV_KEY] = lyap
+        for fields, values in ((_FIRING_FIELDS, spike_map), (_MEMBRANE_FIELDS, mem_map)):
+            if not values:
+                continue
+            per, pooled = (self._firing if fields is _FIRING_FIELDS else self._membrane)(values)
+            entries += _ENTRIES[fields, None]
+            parts.append(pooled)
+            if per is None:  # one tensor: its layer's values are the pooled ones
+                entries += _ENTRIES[fields, NETWORK]
+                parts.append(pooled)
+            else:
+                entries += [(name, layer) for layer in values for name in fields]
+                parts += per
+        host = _gather(parts)  # CPU values read in place, accelerator ones in one copy
+        n_norms, n_sv = len(norms), sum(c.numel() for c in sv_chunks)
         fields_["grad_norm"] = _total_norm(host[:n_norms])
-        rows = _sv_rows(groups, host[n_norms : n_norms + n_sv])
+        rows = sv_rows(host[n_norms : n_norms + n_sv]) if sv_rows is not None else []
         stats = _aggregate_sv(rows)
         if stats is not None:  # the mean condition number, as the hand-written monitors report it
             fields_.update(zip(_SV_FIELDS, stats))
@@ -634,14 +779,13 @@ class StabilityMonitor:
         record = pipe.publish(Record(step=pipe.step, layers=layers, extra=extra, **fields_))
         pipe.step += 1
         self.alerts.extend(record.alerts)
-        out = StabilityMetrics(lyapunov=extra.get(LYAPUNOV_KEY), **{f: fields_.get(f) for f in _RECORD_FIELDS})
+        out = StabilityMetrics(extra.get(LYAPUNOV_KEY), *map(fields_.get, _RECORD_FIELDS))  # the fields' order
         out.__dict__["_record"] = record
-        kept: tuple[tuple[list[float], float | None], ...] = (
+        for history, latest in (
             (self.lyap_history, out.lyapunov),
             (self.grad_history, out.grad_norm),
             (self.fr_history, out.firing_rate_mean),
-        )
-        for history, latest in kept:
+        ):
             if latest is not None:
                 history.append(latest)
                 if len(history) > self.history_size:

@@ -46,6 +46,7 @@ WATCHED: tuple[str, ...] = (
     "spectral_norm",
     "spectral_radius",
     "activation_std",
+    "activation_batch_std",
     "dead_frac",
     "saturated_frac",
     "firing_rate_mean",
@@ -250,10 +251,12 @@ _CAUSES: dict[str, tuple[str, frozenset[AlertReason], tuple[str, ...]]] = {
         ),
     ),
     "recurrent": (
-        "the recurrent weights amplify the hidden state (exploding gradients through time)",
+        "the recurrent weights amplify small hidden states (spectral radius > 1); gradients through time can "
+        "grow only where ‖W_hh‖₂ > 1 (the radius alone neither implies nor rules it out)",
         frozenset({AlertReason.SPECTRAL_RADIUS}),
         (
             "regularise the recurrent weights: orthogonal init, spectral normalisation, weight decay on W_hh",
+            "check the gradient alerts: they, not the radius, say whether gradients through time explode",
             "clip gradients (clip_grad_norm_) and shorten truncated-BPTT windows",
             "an LSTM/GRU instead of a vanilla RNN",
         ),
@@ -277,11 +280,13 @@ _CAUSES: dict[str, tuple[str, frozenset[AlertReason], tuple[str, ...]]] = {
         ),
     ),
     "conditioning": (
-        "an ill-conditioned problem (the gradient's condition number blew up)",
+        "a jump of a layer's gradient condition number (σ₁/σ_min of the batch gradient, not the Hessian's; "
+        "raised only by a rule of your own, none of the default rules watches it)",
         frozenset({AlertReason.ILL_CONDITIONED}),
         (
-            "add normalisation, or use an adaptive optimizer (Adam/AdamW)",
-            "lower the learning rate; add weight decay",
+            "check whether the batch size changed: the batch gradient has rank <= B, and its condition number "
+            "follows B",
+            "otherwise add normalisation, or use an adaptive optimizer (Adam/AdamW); lower the learning rate",
         ),
     ),
 }

@@ -134,6 +134,7 @@ FIELD_KEYS: dict[str, str] = {
     "spectral_radius": "weight/spectral_radius",
     "activation_mean": "activation/mean",
     "activation_std": "activation/std",
+    "activation_batch_std": "activation/batch_std",
     "dead_frac": "activation/dead_frac",
     "saturated_frac": "activation/saturated_frac",
     "firing_rate_mean": "spiking/firing_rate_mean",
@@ -277,6 +278,7 @@ class StabilityMetrics(_Checked):
     spectral_radius: float | None = None
     activation_mean: float | None = None
     activation_std: float | None = None
+    activation_batch_std: float | None = None
     dead_frac: float | None = None
     saturated_frac: float | None = None
     firing_rate_mean: float | None = None

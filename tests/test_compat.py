@@ -264,3 +264,145 @@ def test_a_failing_sink_never_stops_compute_and_its_records_are_spilled(tmp_path
     (spill,) = (tmp_path / "spill").glob("_DownSink-*.jsonl")  # kept for `stabwatch replay`
     lyap = [r.extra["compat/lyapunov"] for r in read_jsonl(spill)]
     assert lyap == [r.extra["compat/lyapunov"] for r in records] == [0.0, 1.0, 2.0]
+
+
+# --- the CPU host paths give the tensor kernels' numbers, bit for bit -------------------------------------
+# `compute` on the CPU reads its statistics on the host (fewer kernels, no stack/cat); each host path is
+# checked here against the tensor operations it replaces (the ones an accelerator still runs), with `==`.
+
+
+def _bits(values):
+    """Floats as comparable bit patterns (NaN == NaN)."""
+    return [np.float64(v).tobytes() for v in values]
+
+
+def _rates_cases():
+    g = torch.Generator().manual_seed(7)
+    yield torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0])  # at both default thresholds' neighbours
+    yield torch.full((9,), 0.1)  # every rate at a threshold
+    for n in (2, 3, 31, 64, 65, 300):  # both sides of the replayed-std limit
+        yield torch.rand(n, generator=g)
+        yield (torch.rand(n, generator=g) < 0.2).float() / 7
+        yield torch.randn(n, generator=g).abs() * 1e-3
+    yield torch.rand(10, 3, generator=g).t()[0]  # not contiguous
+    yield torch.tensor([0.2, float("nan"), 0.4])
+    yield torch.tensor([0.2, float("inf"), 0.4])
+    yield torch.tensor([0.3])  # one neuron: std is NaN
+
+
+@pytest.mark.filterwarnings("ignore:std....degrees of freedom is <= 0:UserWarning")  # one neuron: the kernel warns
+@pytest.mark.parametrize(("dead", "saturated"), [(0.01, 0.9), (0.1, 0.5), (0.0, 1.0)])
+def test_host_firing_statistics_are_the_kernels_bits(dead, saturated):
+    from stabwatch.compat import _firing_host, _firing_vector
+
+    for rates in _rates_cases():
+        want = _firing_vector(rates, dead, saturated).tolist()
+        assert _bits(_firing_host(rates, dead, saturated)) == _bits(want), rates
+
+
+def test_replayed_std_and_counts_are_torchs():
+    from stabwatch.compat import _REPLAY_STD, _few_firing_stats
+
+    if not _REPLAY_STD:
+        pytest.skip("the std is replayed on x86-64 only")
+    g = torch.Generator().manual_seed(8)
+    low, high = float(np.float32(0.1)), float(np.float32(0.9))
+    for i in range(2000):
+        n = 2 + i % 63
+        v = torch.randn(n, generator=g) * 10.0 ** (i % 41 - 20) + (i % 3) * 0.4
+        std, n_low, n_high = _few_firing_stats(v.tolist(), v.mean().item(), low, high)
+        assert _bits([std]) == _bits([v.std().item()]), (n, i)
+        assert (n_low, n_high) == (int((v < 0.1).sum()), int((v > 0.9).sum()))
+    huge = torch.tensor([3e38, -3e38, 3e38])
+    assert _few_firing_stats(huge.tolist(), huge.mean().item(), low, high)[0] == huge.std().item() == float("inf")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spectrum_summary_rows_are_spectrum_summarys_bits(dtype):
+    from stabwatch.functional.spectral import spectrum_summary, spectrum_summary_rows
+
+    g = torch.Generator().manual_seed(9)
+    batches = [
+        torch.randn(3, 32, 20, generator=g),  # the small-matrix route
+        torch.randn(2, 4, 40, generator=g),  # wide: transposed
+        torch.randn(2, 60, 40, generator=g),  # the Gram route
+        torch.randn(1, 40, 3, generator=g) @ torch.randn(1, 3, 30, generator=g),  # rank 3: round-off tail
+        torch.zeros(1, 5, 5),  # no non-zero value: s_min 0, kappa inf
+        torch.diag(torch.tensor([1e30, 1e-10, 1.0]))[None],  # kappa beyond float32: inf
+    ]
+    nan = torch.randn(3, 6, 5, generator=g)
+    nan[1, 2, 3] = float("nan")
+    batches.append(nan)
+    for a in batches:
+        a = a.to(dtype)
+        top, s_min, rank, kappa = spectrum_summary(a, 4)
+        rows = spectrum_summary_rows(a, 4)
+        if bool(torch.isfinite(a).all()):
+            assert rows == spectrum_summary_rows(a, 4, assume_finite=True)
+        assert len(rows) == a.shape[0]
+        for j, (t, s, r, k) in enumerate(rows):
+            assert _bits(t) == _bits(top[j].tolist())
+            assert _bits([s, r, k]) == _bits([s_min[j].item(), rank[j].item(), kappa[j].item()])
+
+
+_FIRING = ("firing_rate_mean", "firing_rate_std", "dead_neuron_frac", "saturated_neuron_frac")
+
+
+def test_compute_on_the_cpu_gives_the_tensor_path_numbers():
+    """Every value of a CPU `compute` equals the tensor operations the accelerator path runs."""
+    from stabwatch.functional.spectral import spectrum_summary
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Linear(12, 12), nn.Linear(12, 3))
+    model(torch.randn(4, 6)).pow(2).sum().backward()
+    spikes = {"a": _spikes((4, 9, 12), 0.2, seed=1), "b": _spikes((4, 9, 7), 0.05, seed=2)}
+    mem = torch.randn(4, 9, 12, generator=torch.Generator().manual_seed(3))
+    m = StabilityMonitor().compute(model, lyapunov=torch.tensor(0.125), spikes=spikes, membrane=mem, compute_sv=True)
+    r = m.record
+    norms = torch.stack(torch._foreach_norm([p.grad for p in model.parameters()], 2.0)).tolist()
+    assert m.grad_norm == sum(n**2 for n in norms) ** 0.5
+    for name, p in model.named_parameters():
+        if p.ndim == 2:
+            top, s_min, _, kappa = spectrum_summary(p.grad[None], 5)
+            layer = r.layers[name.rsplit(".", 1)[0]]
+            assert (layer["grad_max_sv"], layer["grad_min_sv"], layer["grad_condition"]) == (
+                top[0, 0].item(),
+                s_min.item(),
+                kappa.item(),
+            )
+    for layer, s in spikes.items():
+        rates = s.mean(dim=1).mean(dim=0)
+        want = torch.stack([rates.mean(), rates.std(), (rates < 0.01).float().mean(), (rates > 0.9).float().mean()])
+        assert [r.layers[layer][f] for f in _FIRING] == want.tolist()
+    assert (m.membrane_mean, m.membrane_std) == (mem.mean().item(), mem.std().item())
+    assert m.lyapunov == 0.125
+
+
+def test_alerts_are_what_each_rule_says_when_fed_by_hand():
+    """The engine's fast path (`Rule.observe` judging values directly) raises the alerts, at the same steps
+    and with the same messages, that `rule.update(step, value, layer)` on every value gives."""
+    from stabwatch.alerts.base import RecordView, Rule
+    from stabwatch.compat import _compat_rules
+
+    torch.manual_seed(4)
+    model = nn.Linear(8, 8)
+    mon, by_hand = StabilityMonitor(), _compat_rules()
+    seen: list[tuple[int, str, str | None, str]] = []
+    for step in range(60):
+        model.zero_grad()
+        scale = 1.0 if step < 30 else 3.0 ** (step - 29)  # then exploding
+        (model(torch.randn(4, 8)).pow(2).mean() * scale).backward()
+        p = 0.3 if step < 20 else 0.0  # then silent
+        m = mon.compute(model, spikes=_spikes((4, 10, 8), p, seed=step), membrane=torch.randn(4, 10, 8))
+        want = []
+        for rule in by_hand:
+            if type(rule).observe is not Rule.observe:  # a rule that reads the record itself (non_finite)
+                want += rule.observe(RecordView(m.record))
+                continue
+            for layer, value in rule.binding.values(RecordView(m.record)):
+                alert = rule.update(m.record.step, value, layer)
+                if alert is not None:
+                    want.append(alert)
+        assert m.record.alerts == want
+        seen += [(a.step, a.rule, a.layer, a.message) for a in m.record.alerts]
+    assert {rule for _, rule, _, _ in seen} >= {"grad_explode", "silent_layer"}

@@ -528,7 +528,8 @@ def test_a_step_the_real_optimizer_skipped_is_skipped_by_the_shadow(fused):
     model = mlp(5)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=fused)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    shadow = sw.Shadow(loss_fn=_ce, every=10, window=4, eps=1e-3, scaler=scaler)
+    # transient=0: every map step is averaged, so `steps` counts the steps the shadow took
+    shadow = sw.Shadow(loss_fn=_ce, every=10, window=4, eps=1e-3, scaler=scaler, transient=0)
     x, y = data()
     recs = []
     with sw.Monitor(model, opt, shadow=shadow, preset="cheap", alerts=False) as mon:

@@ -15,7 +15,9 @@ from stabwatch.functional.lyapunov import (
     min_relative_eps,
     random_direction,
     rescale_difference_,
+    scaled_difference,
     tangent_lyapunov,
+    truncated_mean,
 )
 
 
@@ -135,6 +137,51 @@ def test_tangent_lyapunov_rejects_bad_arguments():
         tangent_lyapunov(lambda x: (A @ x,), s, [torch.zeros(2, dtype=torch.float64)], 10)
     with pytest.raises(ValueError, match="direction tensors"):
         tangent_lyapunov(lambda x: (A @ x,), s, v + v, 10)
+
+
+def _mser_reference(x: np.ndarray, max_cut: int) -> tuple[float, int]:
+    """MSER by its definition, one truncation point at a time."""
+    stats = [np.sum((x[d:] - x[d:].mean()) ** 2) / (len(x) - d) ** 2 for d in range(max_cut + 1)]
+    d = int(np.argmin(stats))
+    return float(x[d:].mean()), d
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_truncated_mean_is_mser(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 40))
+    # a decaying transient on top of noise, the shape of a shadow's log growth while it aligns
+    x = 0.05 + 0.3 * rng.standard_normal(n) * 0.1 - 0.5 * np.exp(-np.arange(n) / 3.0)
+    mean, cut = truncated_mean(torch.tensor(x, dtype=torch.float32))
+    ref_mean, ref_cut = _mser_reference(x.astype(np.float32).astype(np.float64), n // 2)
+    assert int(cut) == ref_cut
+    assert float(mean) == pytest.approx(ref_mean, abs=1e-12)
+    assert mean.dtype == torch.float64 and cut.dim() == 0
+    # max_cut bounds the transient; 0 is the plain mean
+    mean0, cut0 = truncated_mean(torch.tensor(x), max_cut=0)
+    assert int(cut0) == 0 and float(mean0) == pytest.approx(x.mean(), abs=1e-12)
+
+
+def test_truncated_mean_cuts_a_trend_and_keeps_a_stationary_series():
+    rng = np.random.default_rng(0)
+    stationary = torch.tensor(rng.standard_normal(20))
+    _, cut = truncated_mean(stationary)
+    assert int(cut) <= 10
+    trend = torch.tensor(np.r_[np.linspace(-1.0, 0.0, 6), np.zeros(14)])
+    mean, cut = truncated_mean(trend)
+    assert int(cut) >= 5 and float(mean) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(Exception, match="non-empty 1-D"):
+        truncated_mean(torch.zeros(0))
+
+
+def test_scaled_difference_is_new_tensors():
+    shadow, real = _tensors(1), _tensors(2)
+    before = [t.clone() for t in shadow]
+    out = scaled_difference(shadow, real, torch.tensor(0.25, dtype=torch.float64))
+    for o, s, r, b in zip(out, shadow, real, before):
+        assert o.dtype == s.dtype and torch.equal(s, b)  # inputs untouched
+        torch.testing.assert_close(o, (s - r) * 0.25)
+    assert scaled_difference([], [], 2.0) == []
 
 
 def test_clamp_min_in_place():

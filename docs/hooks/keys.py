@@ -38,12 +38,15 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
     # the loss and the monitor itself
     "loss/value": ("The loss passed to `Monitor.step(loss=...)`.", "your loss's unit; per step"),
     "monitor/overhead_ms": (
-        "Wall time the monitor spent in its hooks and in `Monitor.step` since the previous record.",
+        "Host wall time the monitor spent in its hooks and in `Monitor.step` since the previous record. On a "
+        "GPU it includes the wait, at the record's one device→host copy, for the training kernels still "
+        "queued (backward, optimizer step): an upper bound there, not the monitor's own cost.",
         "milliseconds; per record",
     ),
     "nonfinite/any": (
         "1 if a NaN or ±inf was seen in the loss, a gradient or a checked module output at this step, else 0. "
-        "The record's `nonfinite_source` (not a metric) names where it appeared first.",
+        "The record's `nonfinite_source` (not a metric) names where it appeared first: a module path, "
+        "`gradients` or `loss`. Checked at every step whatever `every=` says (a period only turns it on).",
         "0/1; every step",
     ),
     # grad
@@ -58,13 +61,15 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
     ),
     # update
     "update/ratio": (
-        "Update-to-weight ratio across the optimizer step, `‖θ_t − θ_{t−1}‖ / ‖θ_{t−1}‖`, all parameters.",
+        "Update-to-weight ratio across the optimizer step, `‖θ_t − θ_{t−1}‖ / ‖θ_{t−1}‖`, all parameters "
+        "(all of them zero before the step: `/ ‖θ_t‖`, i.e. 1 if they moved, 0 if not).",
         "dimensionless (healthy ≈ 1e-3); per measured step",
     ),
     "update/norm": ("Size of the update, `‖θ_t − θ_{t−1}‖` (the ratio's numerator).", "weight units; per step"),
     "update/weight_norm": ("`‖θ_{t−1}‖` over all parameters (the ratio's denominator).", "weight units"),
     "update_layers/ratio/<module.path>": (
-        "The update-to-weight ratio of the parameters the module owns.",
+        "The update-to-weight ratio of the parameters the module owns; where they are all zero before the "
+        "step (LoRA `B`, a zero-initialised head) `‖θ_t − θ_{t−1}‖ / ‖θ_t‖`: 1 if they moved, 0 if not.",
         "dimensionless; per measured step",
     ),
     "update_layers/weight_norm/<module.path>": ("`‖θ_{t−1}‖` of the module's parameters.", "weight units"),
@@ -78,8 +83,14 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
         "gradient units",
     ),
     "grad_sv/condition": (
-        "Largest per-layer condition number `σ₁ / σ_min` over the layers with an exact spectrum.",
+        "Largest per-layer condition number `σ₁ / σ_min` over the layers with an exact spectrum. "
+        "The batch gradient has rank ≤ B, so this follows the batch size; it is not the Hessian's condition number.",
         "dimensionless",
+    ),
+    "grad_sv/rank": (
+        "Smallest numerical rank of any layer's weight gradient, over the layers with an exact spectrum "
+        "(bounded by the narrowest such layer and by the batch size: read its drops, not its level).",
+        "count",
     ),
     "grad_sv_layers/max/<module.path>": ("Largest singular value of the module's weight gradient.", "gradient units"),
     "grad_sv_layers/min/<module.path>": (
@@ -88,7 +99,8 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
         "gradient units",
     ),
     "grad_sv_layers/condition/<module.path>": (
-        "Condition number `σ₁ / σ_min` of the module's weight gradient (exact layers only).",
+        "Condition number `σ₁ / σ_min` of the module's weight gradient (exact layers only). "
+        "The batch gradient has rank ≤ B, so this follows the batch size; it is not the Hessian's condition number.",
         "dimensionless",
     ),
     "grad_sv_layers/rank/<module.path>": (
@@ -120,9 +132,19 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
     ),
     # activation
     "activation/mean": ("Mean over hooked layers of each layer's mean output.", "activation units"),
-    "activation/std": ("Mean over hooked layers of each layer's output std.", "activation units"),
+    "activation/std": (
+        "Mean over hooked layers of each layer's output std, pooled over batch × units.",
+        "activation units",
+    ),
+    "activation/batch_std": (
+        "Mean over hooked layers of each layer's spread across the batch: per unit the std over the "
+        "samples, root mean square over the units. ≈ 0 when every sample gives the same output "
+        "(collapse); not emitted for a batch of one sample.",
+        "activation units",
+    ),
     "activation/dead_frac": (
-        "Mean over ReLU-like layers of the fraction of units that are ≤ 0 for the whole batch.",
+        "Mean over ReLU/ReLU6 layers of the fraction of units that are ≤ 0 for the whole batch (no "
+        "gradient flows through them; LeakyReLU/RReLU/PReLU are never dead and not counted).",
         "fraction in [0, 1]",
     ),
     "activation/saturated_frac": (
@@ -131,9 +153,17 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
         "fraction in [0, 1]",
     ),
     "activation_layers/mean/<module.path>": ("Mean of the activation module's output.", "activation units"),
-    "activation_layers/std/<module.path>": ("Std of the activation module's output.", "activation units"),
+    "activation_layers/std/<module.path>": (
+        "Std of the activation module's output, pooled over batch × units.",
+        "activation units",
+    ),
+    "activation_layers/batch_std/<module.path>": (
+        "Spread of the activation module's output across the batch: each unit's std over the samples, "
+        "root mean square over the units (`sqrt(mean_u var_b(x_bu))`).",
+        "activation units",
+    ),
     "activation_layers/dead_frac/<module.path>": (
-        "Fraction of the ReLU layer's units that are ≤ 0 for the whole batch.",
+        "Fraction of the ReLU/ReLU6 layer's units that are ≤ 0 for the whole batch (no gradient flows).",
         "fraction in [0, 1]",
     ),
     "activation_layers/saturated_frac/<module.path>": (
@@ -142,17 +172,30 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
     ),
     # spiking
     "spiking/firing_rate_mean": (
-        "Mean over all neurons of all spiking layers of the firing rate `r_j = spikes_j / (T·B)`.",
+        "Mean over all neurons of all spiking layers, pooled (a layer weighs by its neuron count; "
+        "unlike `activation/*`, an unweighted mean over layers), of the firing rate `r_j = spikes_j / (T·B)`.",
         "spikes per neuron per time step, in [0, 1]; per step",
     ),
-    "spiking/firing_rate_std": ("Std over all neurons of `r_j`.", "spikes per neuron per time step"),
-    "spiking/dead_neuron_frac": ("Fraction of all neurons with `r_j < dead_threshold` (0.01).", "fraction"),
-    "spiking/saturated_neuron_frac": (
-        "Fraction of all neurons with `r_j > saturated_threshold` (0.9).",
+    "spiking/firing_rate_std": (
+        "Std over all neurons of all layers, pooled, of `r_j`.",
+        "spikes per neuron per time step",
+    ),
+    "spiking/dead_neuron_frac": (
+        "Fraction of all neurons of all layers, pooled, with `r_j < dead_threshold` (0.01).",
         "fraction",
     ),
-    "spiking/membrane_mean": ("Mean of every membrane potential element seen in the step.", "membrane units"),
-    "spiking/membrane_std": ("Std of every membrane potential element seen in the step.", "membrane units"),
+    "spiking/saturated_neuron_frac": (
+        "Fraction of all neurons of all layers, pooled, with `r_j > saturated_threshold` (0.9).",
+        "fraction",
+    ),
+    "spiking/membrane_mean": (
+        "Mean of every membrane potential element of every spiking layer seen in the step, pooled.",
+        "membrane units",
+    ),
+    "spiking/membrane_std": (
+        "Std of every membrane potential element of every spiking layer seen in the step, pooled.",
+        "membrane units",
+    ),
     "spiking/membrane_threshold_distance": (
         "Mean of `threshold − v` (positive: below threshold; a silent layer shows a large value).",
         "membrane units",
@@ -172,8 +215,9 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
     ),
     # shadow
     "shadow/lyapunov": (
-        "From a `Monitor` with a `Shadow`: the running largest Lyapunov exponent of training over the open "
-        "window (after its transient), `Σ log growth / steps`. From `StabilityAnalyzer(sinks=...)`: "
+        "From a `Monitor` with a `Shadow`: the running finite-time Lyapunov exponent of training over the "
+        "open window, the mean log growth per step after its transient (data-sized by default); windows "
+        "start from the previous window's direction. From `StabilityAnalyzer(sinks=...)`: "
         "`log(s(t)/s(0)) / t` of the replicas' spread at checkpoint t.",
         "nats per optimizer step (Shadow); nats per epoch (analyzer, step = epoch)",
     ),
@@ -195,6 +239,13 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
         "`StabilityAnalyzer(sinks=...)`: spread of the perturbed replicas, `sqrt(mean_{i<j} ‖θ_i − θ_j‖²)`, "
         "at the checkpoint.",
         "weight units; per checkpoint (step = epoch)",
+    ),
+    "analysis/lyapunov": (
+        "`StabilityAnalyzer(sinks=...)`: the exponent of the replicas' spread from the first checkpoint to "
+        "this one, `log(s(t)/s(t_0)) / (t − t_0)`; at the last checkpoint it is `results.lyapunov`. Per "
+        "epoch, so it is not `shadow/lyapunov` (per optimizer step) and no alert rule reads it.",
+        "nats per epoch (checkpoint-time unit; per `record_checkpoint()` call in manual mode); from the "
+        "second checkpoint on (step = epoch)",
     ),
     "analysis/lyapunov_local": (
         "`StabilityAnalyzer(sinks=...)`: the exponent of the interval ending at the checkpoint, "

@@ -33,6 +33,7 @@ import bisect
 import collections
 import inspect
 import math
+from bisect import bisect_left, insort
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, NamedTuple
 
@@ -164,12 +165,13 @@ class Binding:
         """``[(layer or None, value or None)]`` for one record."""
         record = view.record
         field = self.field
-        if self.kind == "label":
-            return []
-        if self.kind == "field":
+        kind = self.kind
+        if kind == "field":
             return [(None, getattr(record, field))]  # type: ignore[arg-type]
-        if self.kind == "layers":
+        if kind == "layers":
             return [(layer, vals[field]) for layer, vals in record.layers.items() if field in vals]
+        if kind == "label":
+            return []
         if self.kind == "layers_rel":
             pairs = [(layer, vals[field]) for layer, vals in record.layers.items() if field in vals]
             finite = sorted(abs(v) for _, v in pairs if math.isfinite(v))
@@ -233,16 +235,22 @@ class Window:
         return len(self.values)
 
     def push(self, step: int, value: float) -> None:
-        self.values.append(value)
+        values, ordered = self.values, self.sorted
+        values.append(value)
         self.steps.append(step)
-        bisect.insort(self.sorted, value)
-        if len(self.values) > self.size:
-            old = self.values.popleft()
+        insort(ordered, value)
+        if len(values) > self.size:
+            old = values.popleft()
             self.steps.popleft()
-            del self.sorted[bisect.bisect_left(self.sorted, old)]
+            del ordered[bisect_left(ordered, old)]
 
     def median(self) -> float:
-        return median_sorted(self.sorted)
+        s = self.sorted  # `median_sorted`, inlined: called for every value a ratio rule judges
+        n = len(s)
+        if n == 0:
+            return math.nan
+        mid = n // 2
+        return float(s[mid]) if n % 2 else 0.5 * (s[mid - 1] + s[mid])
 
     def mad(self, center: float) -> float:
         """Median absolute deviation from ``center``, in O(log² n): the deviations below and above
@@ -428,16 +436,21 @@ class Rule:
     def _judge(self, step: int, value: Any, layer: str | None) -> tuple[_Stream, Verdict] | None:
         if value is None:
             return None
-        try:
-            v = float(value)
-        except (TypeError, ValueError):
-            where = f" (layer {layer!r})" if layer is not None else ""
-            raise StabwatchError(
-                f"rule {self.name!r}: the value at step {step}{where} must be a number or None, got {value!r}"
-            ) from None
-        if not self.accepts_nonfinite and not math.isfinite(v):
+        if type(value) is float:  # what records hold: no conversion to make
+            v = value
+        else:
+            try:
+                v = float(value)
+            except (TypeError, ValueError):
+                where = f" (layer {layer!r})" if layer is not None else ""
+                raise StabwatchError(
+                    f"rule {self.name!r}: the value at step {step}{where} must be a number or None, got {value!r}"
+                ) from None
+        if not self.accepts_nonfinite and not _isfinite(v):
             return None
-        s = self._stream(layer)
+        s = self._streams.get(layer)
+        if s is None:
+            s = self._stream(layer)
         verdict = self._check(s.det, step, v, s.active)
         return None if verdict is None else (s, verdict)
 
@@ -481,13 +494,34 @@ class Rule:
         return None
 
     def observe(self, view: RecordView) -> list[Alert]:
-        """Feed this rule the values of one record (what `AlertEngine.evaluate` calls)."""
+        """Feed this rule the values of one record (what `AlertEngine.evaluate` calls).
+
+        The same as calling `update` on each value; a rule that keeps `Rule`'s `update` gets its values
+        judged here directly (one call less per value: the engine calls this for every rule and record).
+        """
+        record = view.record
+        binding = self.binding
+        own_update = type(self).update is not _RULE_UPDATE  # a subclass that feeds values its own way
+        if binding.kind == "field" and not own_update:  # one global value (most rules): no list to make
+            value = getattr(record, binding.field)  # type: ignore[arg-type]
+            judged = None if value is None else self._judge(record.step, value, None)
+            alert = None if judged is None else self._advance(judged[0], record.step, judged[1], None)
+            return [] if alert is None else [alert]
         out: list[Alert] = []
-        step = view.record.step
-        for layer, value in self.binding.values(view):
-            alert = self.update(step, value, layer)
-            if alert is not None:
-                out.append(alert)
+        step = record.step
+        pairs = binding.values(view)
+        if own_update:
+            for layer, value in pairs:
+                alert = self.update(step, value, layer)
+                if alert is not None:
+                    out.append(alert)
+            return out
+        for layer, value in pairs:
+            judged = self._judge(step, value, layer)
+            if judged is not None:
+                alert = self._advance(judged[0], step, judged[1], layer)
+                if alert is not None:
+                    out.append(alert)
         return out
 
     def verdicts(self, view: RecordView) -> list[tuple[str | None, Verdict]]:
@@ -590,6 +624,10 @@ class Rule:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, metric={self.metric!r}, severity={self.severity.value!r})"
+
+
+_RULE_UPDATE = Rule.update
+_isfinite = math.isfinite
 
 
 def check_unique_names(rules: Iterable[Rule]) -> None:

@@ -14,7 +14,7 @@ from stabwatch.alerts.rules import (
 from stabwatch.metrics import AlertReason as R
 from stabwatch.metrics import Severity as S
 
-__all__ = ["GRAD_FLOOR", "UPDATE_FLOOR", "default_rules"]
+__all__ = ["CLEAR_AFTER", "COOLDOWN", "GRAD_FLOOR", "UPDATE_FLOOR", "default_rules"]
 
 #: absolute floor of the relative gradient-explosion rules (``grad_explode``, ``grad_rising``,
 #: ``grad_explode_layer``): a gradient norm below it is not an explosion, whatever its ratio to its past.
@@ -26,6 +26,17 @@ GRAD_FLOOR = 1e-2
 #: healthy level is about 1e-3) is not dangerous, whatever it jumped from.
 UPDATE_FLOOR = 1e-3
 
+#: steps before a stream of a default rule may alert again after its last alert (every rule but
+#: ``non_finite``). It never delays a first alert; it stops a condition that flaps around its threshold from
+#: raising an alert and a recovery every few steps (measured on fault runs by
+#: ``benchmarks/bench_alerts.py --only repeats``).
+COOLDOWN = 100
+#: calm observations that end an episode of a default rule watching a per-step metric (gradient norms, the
+#: loss): one calm step inside a run of spikes is not a recovery. Rules on metrics measured every 10-100
+#: steps (update ratio, activations, weight spectra) keep ``clear_after=1``: one calm measurement already
+#: spans 10-100 steps.
+CLEAR_AFTER = 5
+
 _LR = "lower the learning rate (try ÷10) or add warm-up"
 _CLIP = "clip gradients (torch.nn.utils.clip_grad_norm_ at ~2× the typical norm)"
 
@@ -34,6 +45,11 @@ def default_rules(
     *, per_layer: bool = True, grad_floor: float | None = GRAD_FLOOR, update_floor: float | None = UPDATE_FLOOR
 ) -> list[Rule]:
     """A fresh instance of the default rules (each `Monitor` gets its own state).
+
+    Every rule but ``non_finite`` has ``cooldown=COOLDOWN`` (steps); the rules on per-step metrics
+    (gradient norms, the loss) end an episode after ``CLEAR_AFTER`` calm observations, the others after
+    one. No default rule watches ``grad_condition``: the condition number of a batch gradient follows the
+    batch size (its rank is at most B), so a jump of it says nothing about training (docs/alerts.md).
 
     Args:
         per_layer: include the per-layer rules (one state per layer).
@@ -58,6 +74,8 @@ def default_rules(
             min_history=10,
             floor=grad_floor,
             name="grad_explode",
+            cooldown=COOLDOWN,
+            clear_after=CLEAR_AFTER,
             reason=R.EXPLODING_GRADIENT,
             severity=S.CRITICAL,
             suggestion=f"{_LR}; {_CLIP}; Monitor(guard=True) skips single bad steps",
@@ -69,6 +87,8 @@ def default_rules(
             min_t=8.0,
             floor=grad_floor,
             name="grad_rising",
+            cooldown=COOLDOWN,
+            clear_after=CLEAR_AFTER,
             reason=R.EXPLODING_GRADIENT,
             severity=S.WARNING,
             suggestion=f"gradients are growing steadily: {_LR}; {_CLIP}",
@@ -80,6 +100,8 @@ def default_rules(
             window=50,
             min_history=10,
             name="grad_vanish",
+            cooldown=COOLDOWN,
+            clear_after=CLEAR_AFTER,
             reason=R.VANISHING_GRADIENT,
             severity=S.WARNING,
             suggestion="the gradient collapsed: look for saturated units (tanh/sigmoid tails, an "
@@ -90,6 +112,8 @@ def default_rules(
             below=1e-8,
             patience=20,
             name="grad_tiny",
+            cooldown=COOLDOWN,
+            clear_after=CLEAR_AFTER,
             reason=R.VANISHING_GRADIENT,
             severity=S.WARNING,
             suggestion="there is (almost) no gradient: check the loss is connected to the parameters and "
@@ -104,6 +128,8 @@ def default_rules(
             warmup=20,
             min_ratio=3.0,
             name="loss_spike",
+            cooldown=COOLDOWN,
+            clear_after=CLEAR_AFTER,
             reason=R.LOSS_SPIKE,
             severity=S.WARNING,
             suggestion=f"{_LR}; {_CLIP}; look for a bad batch at this step",
@@ -113,6 +139,7 @@ def default_rules(
             above=0.05,
             patience=10,
             name="chaotic",
+            cooldown=COOLDOWN,
             reason=R.CHAOTIC_TRAINING,
             severity=S.WARNING,
             suggestion="nearby trajectories of training diverge: lower the learning rate, raise the "
@@ -126,6 +153,7 @@ def default_rules(
             min_history=10,
             floor=update_floor,
             name="update_jump",
+            cooldown=COOLDOWN,
             reason=R.UPDATE_RATIO,
             severity=S.WARNING,
             suggestion="the step size jumped: did the learning rate change (scheduler, restart, a "
@@ -136,6 +164,7 @@ def default_rules(
             above=0.1,
             patience=3,
             name="update_ratio_high",
+            cooldown=COOLDOWN,
             reason=R.UPDATE_RATIO,
             severity=S.WARNING,
             suggestion="each step changes the weights by >10% (practice: ~1e-3): lower the learning rate",
@@ -145,6 +174,7 @@ def default_rules(
             below=1e-6,
             patience=10,
             name="update_ratio_low",
+            cooldown=COOLDOWN,
             reason=R.UPDATE_RATIO,
             severity=S.INFO,
             suggestion="the weights barely move (practice: ~1e-3): raise the learning rate or check "
@@ -162,6 +192,8 @@ def default_rules(
                 min_history=10,
                 floor=grad_floor,
                 name="grad_explode_layer",
+                cooldown=COOLDOWN,
+                clear_after=CLEAR_AFTER,
                 reason=R.EXPLODING_GRADIENT,
                 severity=S.WARNING,
                 suggestion=f"{_LR}; {_CLIP}; check this layer's init scale and normalisation",
@@ -171,6 +203,8 @@ def default_rules(
                 below=1e-3,
                 patience=20,
                 name="grad_vanish_layer",
+                cooldown=COOLDOWN,
+                clear_after=CLEAR_AFTER,
                 reason=R.VANISHING_GRADIENT,
                 severity=S.WARNING,
                 suggestion="this layer's gradient is >1000× smaller than the typical layer's: use "
@@ -181,6 +215,8 @@ def default_rules(
                 below=1e-30,
                 patience=20,
                 name="no_gradient_layer",
+                cooldown=COOLDOWN,
+                clear_after=CLEAR_AFTER,
                 reason=R.SILENT_LAYER,
                 severity=S.WARNING,
                 suggestion="the layer receives exactly zero gradient: dead units upstream, a detached "
@@ -191,37 +227,33 @@ def default_rules(
                 above=1.0,
                 clear=0.98,
                 name="spectral_radius",
+                cooldown=COOLDOWN,
                 reason=R.SPECTRAL_RADIUS,
                 severity=S.INFO,
-                suggestion="ρ > 1 is necessary for exploding gradients through time (Pascanu et al. 2013) "
-                "but common in trained RNNs; watch for gradient alerts",
+                suggestion="ρ(W_hh) > 1: the recurrence linearised at h = 0 has a growing mode (small states "
+                "grow until the nonlinearity saturates). This neither implies nor is needed for exploding "
+                "gradients through time: their bound is ‖W_hh‖₂ (below 1, a tanh RNN's gradients through time "
+                "cannot grow); for an LSTM/GRU gate block it bounds nothing. Watch the gradient alerts",
             ),
             ThresholdRule(
                 "layers:spectral_radius",
                 above=1.5,
                 clear=1.4,
                 name="spectral_radius_high",
+                cooldown=COOLDOWN,
                 reason=R.SPECTRAL_RADIUS,
                 severity=S.WARNING,
-                suggestion="recurrent weights amplify the state: regularise them (orthogonal init, "
-                "spectral normalisation, weight decay on W_hh), clip gradients, lower the learning rate",
-            ),
-            RatioRule(
-                "layers:grad_condition",
-                factor=1000.0,
-                window=10,
-                min_history=3,
-                name="ill_conditioned",
-                reason=R.ILL_CONDITIONED,
-                severity=S.WARNING,
-                suggestion="the gradient's condition number jumped: lower the learning rate, add "
-                "normalisation, or use an adaptive optimizer (Adam)",
+                suggestion="the recurrent weights amplify small states strongly (a vanilla RNN with a random-like "
+                "W_hh is then chaotic; gradients through time need not explode, see the gradient alerts): "
+                "regularise W_hh (orthogonal init, spectral normalisation, weight decay), clip gradients, "
+                "lower the learning rate",
             ),
             SustainedRule(
                 "layers:dead_frac",
                 above=0.9,
                 patience=2,
                 name="dead_neurons",
+                cooldown=COOLDOWN,
                 reason=R.DEAD_NEURONS,
                 severity=S.WARNING,
                 suggestion="most ReLU units output 0 for the whole batch: lower the learning rate, use "
@@ -232,28 +264,32 @@ def default_rules(
                 above=0.5,
                 patience=2,
                 name="saturated_neurons",
+                cooldown=COOLDOWN,
                 reason=R.SATURATED_NEURONS,
                 severity=S.WARNING,
                 suggestion="tanh/sigmoid units sit in their flat tails (no gradient): normalise inputs, "
                 "use a smaller init scale (Xavier), lower the learning rate",
             ),
             RatioRule(
-                "layers:activation_std",
+                "layers:activation_batch_std",
                 factor=100.0,
                 window=10,
                 min_history=3,
                 direction="down",
                 name="collapse",
+                cooldown=COOLDOWN,
                 reason=R.COLLAPSE,
                 severity=S.WARNING,
-                suggestion="this layer's outputs became nearly constant across the batch: lower the "
-                "learning rate, add normalisation, check for dead units upstream",
+                suggestion="this layer's units stopped varying across the batch (every sample gets about the "
+                "same output: representation collapse): lower the learning rate, add normalisation, check for "
+                "dead units upstream",
             ),
             SustainedRule(
                 "layers:dead_neuron_frac",
                 above=0.95,
                 patience=3,
                 name="spiking_dead",
+                cooldown=COOLDOWN,
                 reason=R.DEAD_NEURONS,
                 severity=S.WARNING,
                 suggestion="almost no neuron of this spiking layer fires: lower the threshold, raise the "
@@ -264,6 +300,7 @@ def default_rules(
                 above=0.5,
                 patience=3,
                 name="spiking_saturated",
+                cooldown=COOLDOWN,
                 reason=R.SATURATED_NEURONS,
                 severity=S.WARNING,
                 suggestion="most neurons fire at every time step (no information in the timing): raise "
@@ -274,6 +311,7 @@ def default_rules(
                 below=1e-4,
                 patience=3,
                 name="silent_layer",
+                cooldown=COOLDOWN,
                 reason=R.SILENT_LAYER,
                 severity=S.WARNING,
                 suggestion="the spiking layer is silent (no spikes, so no surrogate gradient flows): lower "

@@ -110,7 +110,9 @@ class AlertEngine:
         fired: list[Alert] = list(extra)
         for rule in self._rules:
             try:
-                fired.extend(rule.observe(view))
+                alerts = rule.observe(view)
+                if alerts:
+                    fired += alerts
             except Exception as exc:  # noqa: BLE001 - a broken rule never kills training
                 if rule.name not in self._failed:
                     self._failed.add(rule.name)

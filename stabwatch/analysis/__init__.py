@@ -6,19 +6,20 @@ Switch from deep-lyapunov by changing one import::
 
 What it measures: ``N`` copies of the model, perturbed by ``epsilon * std(W)`` per tensor, are trained
 on the same batches; the exact pairwise distances between them in the full weight space give the
-spread ``s(t)``, the convergence ratio ``s(T)/s(0)`` and the Lyapunov exponent
-``log(s(T)/s(0)) / T`` with per-interval local exponents and jackknife confidence intervals. See
+spread ``s(t)``, the convergence ratio ``s(t_last)/s(t_0)`` and the Lyapunov exponent
+``log(s(t_last)/s(t_0)) / (t_last - t_0)`` (per epoch: divided by the elapsed epochs, not by the number
+of checkpoints) with per-interval local exponents and jackknife confidence intervals. See
 ``docs/analysis.md``.
 
 deep-lyapunov's other documented names are here too, so that only import lines change:
-``metrics`` and ``visualization`` (its functions, stabwatch's definitions), ``config`` (`MetricsConfig`,
-`VisualizationConfig`, which take effect), ``__version__`` and `get_logger`.
+``metrics``, ``visualization`` and ``tracking`` (its functions and classes, stabwatch's definitions),
+``config`` (`MetricsConfig`, `VisualizationConfig`, which take effect), ``__version__`` and `get_logger`.
 """
 
 import logging
 
 from stabwatch import __version__
-from stabwatch.analysis import config, metrics, visualization
+from stabwatch.analysis import config, metrics, tracking, visualization
 from stabwatch.analysis._config import AnalyzerConfig, MetricsConfig, VisualizationConfig
 from stabwatch.analysis._errors import AnalysisWarning
 from stabwatch.analysis._results import AnalysisResults, TrajectoryMetrics
@@ -38,6 +39,7 @@ __all__ = [
     "config",
     "get_logger",
     "metrics",
+    "tracking",
     "visualization",
 ]
 

@@ -46,8 +46,10 @@ class AnalyzerConfig:
         projection_dim: ``k``, the size of the random projection kept per checkpoint once the exact
             trajectories exceed `max_exact_bytes`.
         max_exact_bytes: memory allowed for keeping whole trajectories (exact PCA / effective
-            dimensionality). Past it, every checkpoint is kept as a ``k``-dimensional projection:
-            memory ``O(N*T*k)`` instead of ``O(N*T*P)``. ``0`` always projects.
+            dimensionality need all ``N*T*P`` positions). Past it, every checkpoint is kept as a
+            ``k``-dimensional random projection: memory ``O(N*T*k)`` instead of ``O(N*T*P)``, and the
+            PCA and effective dimensionality are approximate (``results.pca_method`` says which). ``0``
+            always projects.
 
     Raises:
         ConfigError: (a `StabwatchError` and a `ValueError`) when a value is out of range or a keyword is

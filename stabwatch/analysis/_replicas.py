@@ -47,15 +47,40 @@ def noise_sigma(tensor: torch.Tensor) -> float:
     return _ZERO_TENSOR_SCALE
 
 
+def perturb_parameters(model: nn.Module, scale: float, generator: torch.Generator | None) -> float:
+    r"""Add ``scale * sigma(W) * xi`` to every trainable tensor ``W`` of ``model``, in place.
+
+    ``xi ~ N(0, I)`` is drawn on the CPU from ``generator`` (the global generator when None), tensor by
+    tensor in registration order, in float32 (float64 for float64 tensors), and added in that
+    precision, rounded once to the parameter's dtype: for float32 parameters the same numbers as
+    ``W + torch.randn_like(W) * scale * W.std()`` on the CPU.
+
+    Returns:
+        The L2 norm of the noise, over all tensors, before rounding.
+    """
+    total = 0.0
+    with torch.no_grad():
+        for _, p in tracked_parameters(model):
+            noise_dtype = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
+            noise = torch.randn(p.shape, generator=generator, dtype=noise_dtype)
+            noise.mul_(scale).mul_(noise_sigma(p))  # same rounding as randn * scale * std
+            total += float(torch.linalg.vector_norm(noise)) ** 2
+            if p.dtype == noise_dtype:
+                p.add_(noise.to(p.device))
+            else:
+                p.copy_((p.to(noise_dtype) + noise.to(p.device)).to(p.dtype))
+            del noise
+    return math.sqrt(total)
+
+
 def make_replicas(
     model: nn.Module, n: int, scale: float, seed: int, device: torch.device
 ) -> tuple[list[nn.Module], list[float]]:
     r"""Copy ``model`` ``n`` times and perturb copies ``1..n-1``.
 
     Copy ``i`` gets ``W <- W + scale * sigma(W) * xi`` for every trainable tensor, with ``xi`` drawn
-    from a private CPU generator seeded ``seed + i`` (float32 noise, tensors in registration order:
-    the same draws deep-lyapunov makes on CPU). The caller's global RNG is not touched. Noise is
-    added in float32 and rounded once to the parameter's dtype.
+    from a private CPU generator seeded ``seed + i`` (`perturb_parameters`: the same draws
+    deep-lyapunov makes on CPU). The caller's global RNG is not touched.
 
     Returns:
         ``(replicas, intended)`` where ``intended[i]`` is the L2 norm of the noise meant for copy ``i``
@@ -69,21 +94,10 @@ def make_replicas(
     intended: list[float] = []
     for i in range(n):
         replica = copy.deepcopy(base) if i < n - 1 else base
-        total = 0.0
+        norm = 0.0
         if i > 0:
-            gen = torch.Generator().manual_seed(seed + i)
-            with torch.no_grad():
-                for _, p in tracked_parameters(replica):
-                    noise_dtype = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
-                    noise = torch.randn(p.shape, generator=gen, dtype=noise_dtype)
-                    noise.mul_(scale).mul_(noise_sigma(p))  # same rounding as randn * scale * std
-                    total += float(torch.linalg.vector_norm(noise)) ** 2
-                    if p.dtype == noise_dtype:
-                        p.add_(noise.to(p.device))
-                    else:
-                        p.copy_((p.to(noise_dtype) + noise.to(p.device)).to(p.dtype))
-                    del noise
-        intended.append(math.sqrt(total))
+            norm = perturb_parameters(replica, scale, torch.Generator().manual_seed(seed + i))
+        intended.append(norm)
         replicas.append(replica.to(device))
     return replicas, intended
 

@@ -93,12 +93,13 @@ class AnalysisResults:
 
     The first eleven fields are deep-lyapunov's, in its order; the rest are stabwatch's. Every
     spread-based number comes from the same spread ``s(t)``, the RMS distance over replica pairs in
-    the full weight space (see `stabwatch.analysis`), so ``convergence_ratio = s(T)/s(0)`` and
-    ``lyapunov = log(convergence_ratio) / (t_T - t_0)`` always agree.
+    the full weight space (see `stabwatch.analysis`), at ``T`` checkpoints ``t_0 < ... < t_{T-1}``, so
+    ``convergence_ratio = s(t_{T-1})/s(t_0)`` and ``lyapunov = log(convergence_ratio) / (t_{T-1} - t_0)``
+    always agree (divided by the elapsed epochs, ``T - 1`` with a checkpoint per epoch, not by ``T``).
 
     Attributes:
-        convergence_ratio: ``s(t_T) / s(t_0)``; < 1 means the replicas came together.
-        lyapunov: ``log(s(t_T)/s(t_0)) / (t_T - t_0)`` per epoch (per `record_checkpoint` call in
+        convergence_ratio: ``s(t_{T-1}) / s(t_0)``; < 1 means the replicas came together.
+        lyapunov: ``log(s(t_{T-1})/s(t_0)) / (t_{T-1} - t_0)`` per epoch (per `record_checkpoint` call in
             manual mode). With renormalisation, the Benettin estimate.
         behavior: ``"convergent"`` if ``convergence_ratio < 1`` else ``"divergent"``.
         spread_evolution: ``s(t_k)``, shape ``[T]``.

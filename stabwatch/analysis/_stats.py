@@ -157,7 +157,8 @@ def centered_gram_spectrum(gram: FloatArray) -> tuple[FloatArray, FloatArray]:
 
     For points ``x_1..x_n`` with Gram ``G = X X^T``, the centred Gram is ``H G H`` with
     ``H = I - 11^T/n``. Its non-zero eigenvalues are those of the scatter matrix
-    ``(X - xbar)^T (X - xbar)`` (``P x P``), so PCA of any number of parameters costs ``O(n^3)``.
+    ``(X - xbar)^T (X - xbar)`` (``P x P``), so the PCA of any number of parameters needs no ``P x P``
+    matrix: the caller builds ``G`` in ``O(n^2 P)``, this decomposition costs ``O(n^3)``.
 
     Args:
         gram: ``[n, n]`` Gram matrix (centred or not).

@@ -116,8 +116,18 @@ class StackedView:
         return self._n
 
     def columns(self, j: int, start: int, stop: int) -> torch.Tensor:
-        """Elements ``start:stop`` of tensor ``j`` of every replica, ``[N, stop - start]``."""
-        return self._tensors[j].detach().reshape(self._n, -1)[:, start:stop]
+        """Elements ``start:stop`` of tensor ``j`` of every replica, ``[N, stop - start]``.
+
+        Elements are in each replica's row-major order whatever the stacked tensor's memory layout;
+        a non-contiguous tensor is copied only in the slices of its second dimension that hold them.
+        """
+        t = self._tensors[j].detach()
+        if t.dim() <= 2 or t.is_contiguous():
+            return t.reshape(self._n, -1)[:, start:stop]
+        inner = max(1, t[0, 0].numel())  # elements per index of the first per-replica dimension
+        first, last = start // inner, -(-stop // inner)
+        block = t[:, first:last].reshape(self._n, -1)
+        return block[:, start - first * inner : stop - first * inner]
 
     def grad_norms(self) -> NDArray[np.float64]:
         """Global gradient norm of each replica (NaN when no gradient exists)."""

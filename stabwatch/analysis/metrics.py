@@ -4,10 +4,13 @@ Change ``from deep_lyapunov.metrics import ...`` to ``from stabwatch.analysis.me
 names and positional arguments are deep-lyapunov's. The numbers are those `StabilityAnalyzer` reports:
 
 * spread ``s(t) = sqrt(mean_{i<j} ||theta_i(t) - theta_j(t)||^2)`` over all parameters (no PCA);
-* convergence ratio ``s(T) / s(0)``;
-* Lyapunov exponent ``log(s(T)/s(0)) / T`` and local exponents ``log(s_{k+w}/s_k) / (t_{k+w} - t_k)``;
+* convergence ratio ``s(t_{T-1}) / s(t_0)`` (last checkpoint over first);
+* Lyapunov exponent ``log(s(t_{T-1})/s(t_0)) / (t_{T-1} - t_0)`` (``T`` checkpoints; the divisor is the
+  elapsed time, ``n_epochs``, i.e. ``T - 1`` intervals one epoch apart) and local exponents
+  ``log(s_{k+w}/s_k) / (t_{k+w} - t_k)``;
 * participation ratio ``(sum lambda)^2 / sum lambda^2`` of the covariance spectrum, computed from the
-  ``n x n`` Gram matrix of the centred points (exact for any number of parameters).
+  ``n x n`` Gram matrix of the centred points (exact, no ``P x P`` matrix: ``O(n^2 P)`` time to build
+  it, ``O(n^3)`` to decompose it).
 
 ``trajectories`` is an array ``[n_checkpoints, n_trajectories, n_params]`` (numpy or torch). Where a
 value differs from deep-lyapunov's, ``docs/migrate-deep-lyapunov.md`` says why.
@@ -98,7 +101,7 @@ def compute_spread_evolution(
 def compute_convergence_ratio(
     trajectories: Any, n_components: int = 3, *, config: MetricsConfig | None = None
 ) -> float:
-    """``s(T) / s(0)`` with ``s`` from `compute_spread_evolution` (1.0 for a single replica).
+    """``s(t_{T-1}) / s(t_0)`` (last over first) with ``s`` from `compute_spread_evolution` (1.0 for a single replica).
 
     Args:
         trajectories: ``[T, N, P]``.
@@ -213,8 +216,9 @@ def compute_participation_ratio(data: Any) -> float:
 
     .. math:: PR = \frac{(\sum_i \lambda_i)^2}{\sum_i \lambda_i^2}
 
-    with ``lambda_i`` the covariance eigenvalues, taken from the ``n x n`` centred Gram matrix (exact
-    for any number of features, memory ``O(n^2)``).
+    with ``lambda_i`` the covariance eigenvalues, taken from the ``n x n`` centred Gram matrix: exact for
+    any number of features ``P``, ``O(n^2 P + n^3)`` time, memory ``O(n P)`` for the centred copy plus
+    ``O(n^2)`` (never ``P x P``).
 
     Returns:
         PR in ``[1, min(n - 1, n_features)]``; 1.0 for fewer than two samples; NaN for a cloud with no

@@ -7,11 +7,13 @@ space. From the spread
 
 .. math:: s(t) = \sqrt{\tfrac{2}{N(N-1)} \textstyle\sum_{i<j} d_{ij}(t)^2}
 
-come the convergence ratio ``s(t_T)/s(t_0)``, the exponent ``lambda = log(s(t_T)/s(t_0)) / (t_T -
-t_0)`` and the local exponents per interval, each with a jackknife confidence interval over
-replicas. Positions are kept (exactly, or as a random projection past a memory budget) for the PCA
-of the trajectory cloud and its effective dimensionality (participation ratio), both from the
-``(N T) x (N T)`` Gram matrix, never a ``P x P`` covariance.
+come, over ``T`` checkpoints ``t_0 < ... < t_{T-1}``, the convergence ratio ``s(t_{T-1})/s(t_0)``, the
+exponent ``lambda = log(s(t_{T-1})/s(t_0)) / (t_{T-1} - t_0)`` (per epoch) and the local exponents per
+interval, each with a jackknife confidence interval over replicas. Positions are kept for the PCA of
+the trajectory cloud and its effective dimensionality (participation ratio), both from the
+``(N T) x (N T)`` Gram matrix, never a ``P x P`` covariance: exactly while the ``N T P`` values fit in
+``max_exact_bytes`` (Gram ``O((NT)^2 P)``), else as a ``k``-dimensional random projection
+(``O(N T k)`` memory, approximate PCA); the eigendecomposition is ``O((NT)^3)`` either way.
 
 Orchestration only: the math is in `stabwatch.analysis._stats`, the recording in `_recorder`, the
 training drivers in `_training`.
@@ -54,11 +56,12 @@ from stabwatch.analysis._stats import (
 )
 from stabwatch.analysis._training import (
     TrainStep,
+    release_stacked,
     train_sequential,
     train_vectorized,
     train_with_fn,
 )
-from stabwatch.analysis._views import ModelsView
+from stabwatch.analysis._views import ModelsView, StackedView
 from stabwatch.errors import ConfigError, StabwatchError
 from stabwatch.metrics import StabilityMetrics
 from stabwatch.pipeline import RecordPipeline, sink_list
@@ -423,6 +426,9 @@ class StabilityAnalyzer:
             final = float(epochs_done)
             if self._recorder.times[-1] < final:
                 self._record(self._view, final)
+            if isinstance(self._view, StackedView):
+                self._view = ModelsView(models)  # drops the stacked gradients and optimizer state
+                release_stacked(models)
         for note in notes:
             self._warn(note)
         self._n_checkpoints = self._recorder.n_checkpoints
@@ -671,20 +677,26 @@ class StabilityAnalyzer:
 
 
 def _checkpoint_records(results: AnalysisResults) -> list[StabilityMetrics]:
-    """One record per checkpoint: ``step`` = the checkpoint time, ``lyapunov`` = ``log(s(t)/s(0))/(t - t0)``,
-    ``extra`` = the spread and the local exponent of the window ending there (from the ``w``-th checkpoint on,
-    ``w`` = `MetricsConfig.lyapunov_window`)."""
+    """One record per checkpoint, all values in ``extra`` under ``analysis/`` keys.
+
+    ``step`` is the checkpoint time (epochs, or `record_checkpoint` calls); ``analysis/spread`` is
+    ``s(t)``; ``analysis/lyapunov`` is ``log(s(t)/s(t_0)) / (t - t_0)`` (from the second checkpoint on);
+    ``analysis/lyapunov_local`` the local exponent of the window ending there (from the ``w``-th
+    checkpoint on, ``w`` = `MetricsConfig.lyapunov_window`). Both exponents are in nats per unit of
+    checkpoint time (per epoch), not per optimizer step, so they never go into the record's
+    ``lyapunov`` field (``shadow/lyapunov``, per step): the alert rules would read a per-epoch value
+    against their per-step ``chaotic`` threshold.
+    """
     records = []
     s0 = results.spread_evolution[0]
     t0 = results.checkpoint_times[0]
     w = results.lyapunov_window
     for k, t in enumerate(results.checkpoint_times):
         extra = {"analysis/spread": float(results.spread_evolution[k])}
-        lyapunov = None
+        if k > 0:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                extra["analysis/lyapunov"] = float(np.log(results.spread_evolution[k] / s0) / (t - t0))
         if k >= w:
             extra["analysis/lyapunov_local"] = float(results.local_lyapunov[k - w])
-        if k > 0:
-            with np.errstate(divide="ignore"):
-                lyapunov = float(np.log(results.spread_evolution[k] / s0) / (t - t0))
-        records.append(StabilityMetrics(step=round(float(t)), lyapunov=lyapunov, extra=extra))
+        records.append(StabilityMetrics(step=round(float(t)), extra=extra))
     return records

@@ -49,8 +49,9 @@ class GradCollector(Collector):
         per_layer: also emit per-layer norms.
         after_step: ``"auto"`` reads the gradients after ``optimizer.step()`` (where the optimizer has
             just brought them into the cache, about a third cheaper on the CPU than before it) when the
-            optimizer is a torch one that does not write ``.grad``, and before it otherwise; ``False``
-            always reads them before. Either way the values are those the optimizer saw: every
+            optimizer is a torch one that does not write ``.grad``, and before it otherwise; ``True`` is
+            the same as ``"auto"`` (after the step only where that is safe); ``False`` always reads
+            them before. Either way the values are those the optimizer saw: every
             gradient's identity and version counter are taken before the step and checked after it,
             and an optimizer that changed them in place is read before the step from then on (its
             record at that step has no ``grad_norm``; a warning says so).
@@ -83,7 +84,7 @@ class GradCollector(Collector):
         self._replication = [_dist.replication(p) for _, p in ctx.params] if self._sharded else []
         self._post = (
             not self._sharded
-            and self.after_step == "auto"
+            and self.after_step in ("auto", True)
             and opt is not None
             and type(opt).__name__ in _READ_ONLY_OPTIMIZERS
             and type(opt).__module__.startswith("torch.optim")

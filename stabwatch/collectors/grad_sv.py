@@ -10,8 +10,12 @@ smallest value and condition number are not estimated (left empty) — the top-k
 reliable there. Same-shape gradients run as one batch.
 
 Emits globally ``grad_max_sv`` (max over layers), ``grad_min_sv`` (min over exact layers),
-``grad_condition`` (max over exact layers); per layer the same plus ``grad_rank``; and
-``extra["grad_sv/top<i>/<layer>"]`` for i = 1..k (flat key ``grad_sv_layers/top<i>/<layer>``).
+``grad_condition`` (max over exact layers) and ``grad_rank`` (min over exact layers: the most
+rank-deficient gradient; it is bounded by the narrowest exact layer and by the batch size, so read its
+drops, not its level); per layer the same four (``grad_rank``, ``grad_min_sv`` and ``grad_condition``
+for exact layers only); and ``extra["grad_sv/top<i>/<layer>"]`` for i = 1..k (flat key
+``grad_sv_layers/top<i>/<layer>``). With no exact layer (every gradient wider than ``exact_max_dim``),
+``grad_min_sv``, ``grad_condition`` and ``grad_rank`` stay empty.
 
 FSDP2 (``fully_shard``): each sharded gradient is gathered whole (``DTensor.full_tensor``, one all-gather per
 matrix) at the family's scheduled steps only, and every rank computes the same spectra.
@@ -54,6 +58,8 @@ class GradSVCollector(Collector):
         exact_max_dim: matrices with ``min(m, n)`` up to this get the exact full spectrum.
         n_iter: Krylov depth for the larger ones (warm-started from the previous record's basis; 4
             gives the top-1 to ~1e-3 relative or better even on flat, noise-like gradient spectra).
+        oversample: extra Krylov probe vectors beyond ``top_k`` for the larger ones (block size
+            ``top_k + oversample``).
     """
 
     family = "grad_sv"
@@ -162,6 +168,7 @@ class GradSVCollector(Collector):
             readout.add_layers("grad_rank", exact_layers, rank)
             readout.add("grad_min_sv", s_min.min())
             readout.add("grad_condition", kappa.max())
+            readout.add("grad_rank", rank.min())
 
     def _top(self, names: list[str], stack: torch.Tensor) -> torch.Tensor:
         """Top singular values of a stack of same-shape matrices, warm-started per group."""

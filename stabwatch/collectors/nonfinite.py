@@ -14,11 +14,25 @@ If all activations were finite but a gradient is not, the module named is the fi
 execution order (the last in forward order) whose gradient norm is non-finite: where the NaN entered
 the backward pass. Otherwise a non-finite loss is reported as ``"loss"``.
 
-Sets the record's ``nonfinite`` (bool) and ``nonfinite_source`` (module path, ``"loss"`` or None).
+Sets the record's ``nonfinite`` (bool) and ``nonfinite_source``: the module path (``"(root)"`` for a
+model that is itself a leaf module); ``"gradients"`` when the global gradient norm is non-finite but no
+module's output or per-layer gradient norm is (per-layer gradient norms off:
+``GradCollector(per_layer=False)``); ``"loss"`` when only the loss is; None on a healthy step.
+
+Schedule: the family runs at **every** step whatever its period, so that a NaN is never missed and its
+record is always emitted: ``every={"nonfinite": N}`` only switches it on (any N, or a callable) or off
+(None/0). A period other than 1 logs a warning saying so.
+
+Memory (lazy mode): each held output stays alive until `Monitor.step` closes the step, also after the
+backward pass has freed autograd's own reference to it, so the step's peak memory can grow by the
+outputs of the hooked modules that autograd does not keep (up to ``max_held`` of them). Where that
+matters (large activations, little memory headroom), use ``mode="eager"`` (no reference kept), a
+smaller ``max_held``, or turn the family off.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Literal
 
@@ -29,6 +43,8 @@ from torch import nn
 from stabwatch.collectors.base import Collector, CollectorOptions, MonitorContext, Readout
 
 __all__ = ["NonfiniteCollector", "first_tensor"]
+
+log = logging.getLogger("stabwatch")
 
 _FINITE_PRESERVING = (
     nn.ReLU,
@@ -86,11 +102,14 @@ class NonfiniteCollector(Collector):
             non-finite — a second, small device->host copy on that failing step only. ``"eager"``
             reduces every output in its hook (one ``sum`` per call) and also catches a non-finite
             activation whose effect never reached the loss or the gradients.
-        max_held: in lazy mode, how many outputs one step may hold; calls beyond it (a long
-            unrolled loop, evaluation batches between two steps) are reduced eagerly instead.
+        max_held: in lazy mode, how many outputs one step may hold (each kept alive until
+            `Monitor.step`); calls beyond it (a long unrolled loop, evaluation batches between two
+            steps) are reduced eagerly instead.
 
     Outputs are only held from forward passes run with autograd enabled (training passes); an
     evaluation loop under ``torch.no_grad()`` between two steps is not checked.
+
+    The collector runs at every step: ``every`` only turns it on or off (see the module docstring).
     """
 
     family = "nonfinite"
@@ -103,6 +122,14 @@ class NonfiniteCollector(Collector):
 
     mode: str
     max_held: int
+
+    def __init__(self, every: Any = 1, **options: Any) -> None:
+        super().__init__(every, **options)
+        _warn_if_periodic(every)
+
+    def reschedule(self, every: Any) -> None:
+        super().reschedule(every)
+        _warn_if_periodic(every)
 
     def setup(self, ctx: MonitorContext) -> None:
         self._names: list[str] = []
@@ -196,6 +223,17 @@ class NonfiniteCollector(Collector):
         record.nonfinite = source is not None
         record.nonfinite_source = source
         self._last = ([], [])
+
+
+def _warn_if_periodic(every: Any) -> None:
+    """Say that a period has no effect on this family (it runs at every step, or not at all)."""
+    periodic = callable(every) or (isinstance(every, int) and not isinstance(every, bool) and every > 1)
+    if periodic:
+        log.warning(
+            "stabwatch: every['nonfinite']=%r has no effect beyond turning the family on: the non-finite "
+            "checks run at every step (a NaN must never be missed). Use None or 0 to turn them off.",
+            every,
+        )
 
 
 def _nonfinite_flag(t: torch.Tensor) -> torch.Tensor:

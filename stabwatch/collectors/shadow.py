@@ -11,8 +11,16 @@ float64 sum and the whole difference (parameters and optimizer state) is scaled 
 
     λ_local = log(‖δθ_end‖ / ‖δθ_start‖) / renorm,       λ = Σ log growth / steps.
 
-λ > 0: small differences amplify (training is chaotic at this learning rate); λ < 0: they die out. For
-full-batch gradient descent on least squares, θ ↦ (I − ηH)θ + ηb, so λ = log max_i |1 − η·h_i|.
+λ > 0: small differences amplified over the steps measured; λ < 0: they died out. A window gives a
+*finite-time* exponent: the growth rate over its steps from the direction it started with, which tends to
+the asymptotic (largest Lyapunov) exponent only as the direction aligns and the steps add up. For
+full-batch gradient descent on least squares, θ ↦ (I − ηH)θ + ηb, the asymptotic value is
+λ = log max_i |1 − η·h_i|; a finite window can differ from it, even in sign (momentum's non-normal
+transient makes 20 steps from rest read positive on a convex quadratic, see ``docs/shadow.md``).
+
+Windows are short (20 steps by default) and spaced (every 200), so each window starts from the difference
+the previous one ended with (``carry``) — the direction keeps aligning from window to window — and the
+average leaves out a transient sized from the window's own per-step log growth (``transient="auto"``).
 
 The real model's training is unchanged bit for bit on CPU: the replica has its own tensors and optimizer,
 the monitor's hooks are not copied into it, and the global RNG is restored after each shadow step.
@@ -57,6 +65,8 @@ from stabwatch.functional.lyapunov import (
     min_relative_eps,
     random_direction,
     rescale_difference_,
+    scaled_difference,
+    truncated_mean,
 )
 
 __all__ = ["Shadow", "ShadowEstimate"]
@@ -99,25 +109,60 @@ class _Window:
     owner_idx: torch.Tensor
     log_sum: torch.Tensor  # float64, summed log growth after the transient
     d_start: torch.Tensor  # float64, ‖δθ‖ at the last renormalisation (or transient end)
+    d_prev: torch.Tensor  # float64, ‖δθ‖ at the end of the previous step (after any renormalisation)
     started: bool
     n: int = 0  # map steps taken
     n_start: int = 0  # step count when averaging started
     last_mark: int = 0  # step count of the last renormalisation
     stop: int = -1
+    growth: torch.Tensor | None = None  # transient="auto": float64 log growth of each step so far
+    cut: torch.Tensor | None = None  # transient="auto": the data-sized transient of the steps so far
+
+
+@dataclass
+class _Direction:
+    """The difference a closed window ended with, scaled to ‖δθ‖ = 1: where the next window starts."""
+
+    params: list[torch.Tensor]  # one per trainable parameter, in optimizer order
+    state: list[torch.Tensor]  # the paired floating optimizer state (`paired_state` order)
 
 
 class Shadow(Collector):
     """A perturbed replica trained in lockstep: the online Lyapunov exponent of training.
 
     Every ``every`` steps a shadow is spawned from the current model and optimizer state, perturbed by a
-    Gaussian direction δ with ``‖δ‖ = eps·‖θ‖`` (one global norm over all parameters the optimizer
-    updates, drawn from a ``torch.Generator`` seeded with the monitor's seed — never the global RNG, and
-    not the monitor's generator itself, so other collectors' random probes do not change), and advanced
-    with the real batches for ``window`` steps. ``continuous=True`` keeps one shadow for the whole run.
-    Every ``renorm`` steps the difference is measured, its log growth summed in float64, and the whole
+    difference δ with ``‖δθ‖ = eps·‖θ‖`` (one global norm over all parameters the optimizer updates), and
+    advanced with the real batches for ``window`` steps. ``continuous=True`` keeps one shadow for the whole
+    run. Every ``renorm`` steps the difference is measured, its log growth summed in float64, and the whole
     difference (parameters and floating optimizer state shaped like them) rescaled to ``eps·‖θ_t‖``:
 
         λ_local = log(‖δθ_t‖ / ‖δθ_{t−m}‖) / m,      λ = Σ_{after transient} log growth / (n − transient).
+
+    The starting direction (``carry=True``, the default): the first window starts along a Gaussian
+    direction, drawn from a ``torch.Generator`` seeded with the monitor's seed (never the global RNG, and
+    not the monitor's generator itself, so other collectors' random probes do not change). When a window
+    closes, the difference it ended with — parameters *and* optimizer state, scaled to ``‖δθ‖ = 1`` — is
+    kept, and the next window starts from it at ``eps·‖θ‖``. A random direction holds only ~1/n of its
+    size along the most expanding direction, and 20 steps from it measure the random direction rather
+    than the dynamics (on 500-parameter least squares with λ = +0.095 the former fresh-direction windows
+    read −0.03…−0.09); a carried direction has been aligned by every earlier window's steps, so window k
+    starts ~20·(k−1) steps aligned at no extra cost. The optimizer state's difference rides along because a
+    momentum difference reset to zero restarts momentum's transient each window (heavy ball: −0.029 for
+    an exact −0.053). A window that was dropped (a failure) leaves no direction: the next starts random.
+
+    The transient (``transient="auto"``, the default): the per-step log growth of the window is kept (one
+    float64 per step) and the average leaves out the leading steps that `truncated_mean` (MSER) finds to
+    be a transient — the cut that minimises the standard error of what is left, at most half the steps.
+    Aligning from a random direction is a rising trend and is cut; a carried, aligned window is
+    stationary and is averaged whole (a slowly rising one still loses up to half its steps, which costs
+    variance, not bias). ``continuous=True`` sizes it once, from the first ``window`` steps. An integer
+    ``transient`` fixes it instead (the former behaviour with ``transient=0, carry=False``).
+
+    Accuracy at the defaults (``tests/test_shadow_defaults.py``, ``benchmarks/bench_shadow.py --accuracy``):
+    on least squares with 500 parameters, exact +0.0953, the windows read +0.069, +0.092, +0.094, +0.095
+    (within 0.001 from the third window); exact −0.0631 (the top exponent at the dense lower edge of the
+    spectrum), −0.102, −0.082, −0.074, −0.070, −0.068 (within 0.005 from the fifth). The sign is right from
+    the first window in both; a single value is a finite-time exponent (see ``docs/shadow.md``).
 
     Keys (emitted at every step a shadow advanced; empty otherwise):
 
@@ -132,14 +177,17 @@ class Shadow(Collector):
     Finished windows are kept in `estimates` (`ShadowEstimate`).
 
     Checkpoints: `state_dict` (part of ``Monitor.state_dict()``) saves an open window whole — the
-    replica's parameters and buffers, its optimizer state and the renormalisation bookkeeping — so a run
+    replica's parameters and buffers, its optimizer state and the renormalisation bookkeeping — and the
+    carried direction between windows, so a run
     resumed from a checkpoint continues the window and emits the ``shadow/*`` values an uninterrupted
     run would, bit for bit. A state taken after the monitor closed has no window (closing frees the
     replica): the next window then starts at the next scheduled step.
 
     Cost: while a window is open, one extra forward + backward + optimizer step per step and one copy of
-    the model and optimizer state; the duty cycle is ``window / every``. Spawning deep-copies the model
-    (``offload=True`` keeps the copy's structure on the CPU between windows and refreshes its tensors).
+    the model and optimizer state; the duty cycle is ``window / every``. Between windows, with ``carry``,
+    the kept direction (the size of the parameters plus the optimizer state shaped like them). Spawning
+    deep-copies the model (``offload=True`` keeps the copy's structure on the CPU between windows and
+    refreshes its tensors).
     No host sync per step except with a ``scaler`` (its scale is read with ``GradScaler.get_scale()``, and
     the replica's ``GradScaler`` step checks its gradients for overflow).
 
@@ -152,8 +200,13 @@ class Shadow(Collector):
             least ``100 × machine epsilon`` of the parameters' dtype (1.2e-5 for float32); 1e-4…1e-3 is
             safe in float32.
         renorm: renormalise every this many steps; ``None`` never (the raw divergence over the window).
-        transient: steps at the start of each window left out of ``lyapunov`` while δ aligns with the
-            most expanding direction.
+        transient: ``"auto"``: the steps at the start of each window left out of ``lyapunov`` are sized
+            from the window's per-step log growth (MSER, at most half the window); an int: that many
+            steps, fixed.
+        carry: start each window from the difference the previous one ended with (parameters and
+            optimizer state), instead of a new random direction. Between windows this keeps one unit
+            copy of the trainable parameters and of the optimizer state shaped like them (on the CPU with
+            ``offload=True``).
         continuous: one shadow for the whole run (re-spawned at the next ``every`` step if it had to be
             dropped).
         per_layer: also emit the per-module divergence.
@@ -177,7 +230,7 @@ class Shadow(Collector):
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> x = torch.randn(32, 3); y = x.sum(1, keepdim=True)
         >>> mse = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])
-        >>> shadow = sw.Shadow(loss_fn=mse, every=10, window=10)
+        >>> shadow = sw.Shadow(loss_fn=mse, every=10, window=10)  # transient="auto", carry=True
         >>> with sw.Monitor(model, opt, shadow=shadow, preset="cheap", alerts=False) as mon:
         ...     for _ in range(10):
         ...         opt.zero_grad(); loss = mse(model, (x, y)); loss.backward(); opt.step()
@@ -197,7 +250,8 @@ class Shadow(Collector):
         window: int = 20,
         eps: float = 1e-3,
         renorm: int | None = 1,
-        transient: int = 0,
+        transient: int | str = "auto",
+        carry: bool = True,
         continuous: bool = False,
         per_layer: bool = False,
         offload: bool = False,
@@ -230,9 +284,11 @@ class Shadow(Collector):
             raise StabwatchError(f"Shadow: eps is relative to ‖θ‖ and must be in (0, 1), got {eps!r}")
         if renorm is not None and (isinstance(renorm, bool) or not isinstance(renorm, int) or renorm < 1):
             raise StabwatchError(f"Shadow: renorm must be None (never) or an int ≥ 1, got {renorm!r}")
-        if isinstance(transient, bool) or not isinstance(transient, int) or transient < 0:
-            raise StabwatchError(f"Shadow: transient must be an int ≥ 0, got {transient!r}")
-        if not continuous and transient >= window:
+        if transient != "auto" and (isinstance(transient, bool) or not isinstance(transient, int) or transient < 0):
+            raise StabwatchError(f'Shadow: transient must be "auto" or an int ≥ 0, got {transient!r}')
+        if not isinstance(carry, bool):
+            raise StabwatchError(f"Shadow: carry must be True or False, got {carry!r}")
+        if isinstance(transient, int) and not continuous and transient >= window:
             raise StabwatchError(f"Shadow: transient ({transient}) must be < window ({window}), or no step is averaged")
         if not isinstance(saturation, (int, float)) or not saturation > 0:
             raise StabwatchError(f"Shadow: saturation must be > 0, got {saturation!r}")
@@ -244,6 +300,8 @@ class Shadow(Collector):
         self.eps = float(eps)
         self.renorm = renorm
         self.transient = transient
+        self._auto = transient == "auto"
+        self.carry = carry
         self.continuous = continuous
         self.per_layer = per_layer
         self.offload = offload
@@ -266,6 +324,8 @@ class Shadow(Collector):
         self._warned: set[str] = set()
         self._spawned = False
         self._windows_opened = 0
+        #: the unit difference the last closed window ended with (``carry=True``), the next one's start
+        self._direction: _Direction | None = None
 
     # ------------------------------------------------------------------------------------- lifecycle
     def setup(self, ctx: MonitorContext) -> None:
@@ -391,10 +451,12 @@ class Shadow(Collector):
                     ),
                 )
                 return
-            assert self._generator is not None
-            delta = random_direction(real_params, self._generator, self.eps * theta_host)
-            for sp, dp in zip(shadow_params, delta):
-                sp.add_(dp)
+            carried, self._direction = self._direction, None  # the window's difference holds it from here
+            if not (carried is not None and self._start_from(carried, opt, real_params, shadow_params, theta_host)):
+                assert self._generator is not None
+                delta = random_direction(real_params, self._generator, self.eps * theta_host)
+                for sp, dp in zip(shadow_params, delta):
+                    sp.add_(dp)
             d0 = difference_norms(shadow_params, real_params).square().sum().sqrt()
         dev = d0.device
         layers, owner_idx = self._owners(real_params)
@@ -408,10 +470,50 @@ class Shadow(Collector):
             owner_idx=torch.tensor(owner_idx, device=dev),
             log_sum=torch.zeros((), dtype=torch.float64, device=dev),
             d_start=d0,
-            started=self.transient == 0,
+            d_prev=d0,
+            started=self._auto or self.transient == 0,
+            growth=torch.zeros(self.window, dtype=torch.float64, device=dev) if self._auto else None,
         )
         self._window = window
         self._windows_opened += 1
+
+    def _start_from(
+        self,
+        carried: _Direction,
+        opt: torch.optim.Optimizer,
+        real_params: list[torch.Tensor],
+        shadow_params: list[torch.Tensor],
+        theta: float,
+    ) -> bool:
+        """Perturb the fresh replica along the carried direction, ``‖δθ‖ = eps·‖θ‖``; ``False`` if it does
+        not fit the parameters any more (the caller draws a random direction instead)."""
+        if len(carried.params) != len(shadow_params) or any(
+            c.shape != p.shape for c, p in zip(carried.params, shadow_params)
+        ):
+            return False
+        scale = self.eps * theta
+        for sp, c in zip(shadow_params, carried.params):
+            sp.add_(c.to(device=sp.device, dtype=sp.dtype), alpha=scale)
+        assert self.ctx is not None and self.ctx.optimizer is not None
+        sh_state, _, nonneg = paired_state(self.ctx.optimizer, opt, real_params, shadow_params)
+        if len(sh_state) == len(carried.state) and all(c.shape == t.shape for c, t in zip(carried.state, sh_state)):
+            for t, c in zip(sh_state, carried.state):
+                t.add_(c.to(device=t.device, dtype=t.dtype), alpha=scale)
+            clamp_min_(nonneg, 0.0)
+        return True
+
+    def _keep_direction(self, w: _Window) -> tuple[_Direction, torch.Tensor]:
+        """The difference the window ends with, scaled to ‖δθ‖ = 1 (the next window's start), and a
+        float64 0-d flag on the device: 1 if the scale was finite (a collapsed difference is not kept)."""
+        with torch.no_grad():
+            inv = 1.0 / difference_norms(w.shadow_params, w.real_params).square().sum().sqrt()
+            sh_state, re_state, _ = self._state_pairs(w)
+            params = scaled_difference(w.shadow_params, w.real_params, inv)
+            state = scaled_difference(sh_state, re_state, inv)
+            if self.offload:
+                params = [t.to("cpu") for t in params]
+                state = [t.to("cpu") for t in state]
+        return _Direction(params, state), torch.isfinite(inv).to(torch.float64)
 
     def _close(self, keep: bool = True) -> None:
         w, self._window = self._window, None
@@ -527,19 +629,22 @@ class Shadow(Collector):
                 readout.add_layers("shadow_divergence", w.layers, sq.sqrt() / theta)
             growth = torch.log(d) - torch.log(w.d_start)
             since = w.n - w.last_mark
-            if w.started:
+            if self._auto:
+                self._auto_estimate(w, torch.log(d) - torch.log(w.d_prev), readout)
+            elif w.started:
                 readout.add("lyapunov", (w.log_sum + growth) / (w.n - w.n_start))
             renorm_now = self.renorm is not None and since >= self.renorm
-            transient_end = not w.started and w.n >= self.transient
+            transient_end = not w.started and w.n >= int(self.transient)
             if renorm_now:
                 readout.add("lyapunov_local", growth / since)
-                if w.started:
+                if w.started and not self._auto:
                     w.log_sum = w.log_sum + growth
                 sh_state, re_state, nonneg = self._state_pairs(w)
                 rescale_difference_(w.shadow_params + sh_state, w.real_params + re_state, self.eps * theta / d)
                 clamp_min_(nonneg, 0.0)
                 w.d_start = difference_norms(w.shadow_params, w.real_params).square().sum().sqrt()
                 w.last_mark = w.n
+            w.d_prev = w.d_start if renorm_now else d
             if transient_end:
                 w.started = True
                 w.n_start = w.n
@@ -548,8 +653,38 @@ class Shadow(Collector):
                     w.d_start = d
                     w.last_mark = w.n
             if not self.continuous and w.n >= self.window:
-                self._closed_now = (w.start, step, w.n - w.n_start)
+                kept = self._keep_direction(w) if self.carry else None
+                # one host sync per window: the transient's size and whether the kept direction is finite
+                cut, finite = torch.stack(
+                    [
+                        (w.cut if w.cut is not None else torch.tensor(w.n_start, device=d.device)).to(torch.float64),
+                        torch.ones((), dtype=torch.float64, device=d.device) if kept is None else kept[1],
+                    ]
+                ).tolist()
+                if kept is not None and finite:
+                    self._direction = kept[0]
+                self._closed_now = (w.start, step, w.n - int(cut))
                 self._close()
+
+    def _auto_estimate(self, w: _Window, step_growth: torch.Tensor, readout: Readout) -> None:
+        """``transient="auto"``: the mean log growth per step after a transient sized by `truncated_mean`.
+
+        Within a window the per-step log growths are kept and the transient re-sized at every step (MSER:
+        the cut that minimises the standard error of the mean of what is left, at most half the steps).
+        In continuous mode the cut is fixed once, after ``window`` steps; from then on every step's growth
+        is summed.
+        """
+        if w.growth is None:
+            w.log_sum = w.log_sum + step_growth
+            readout.add("lyapunov", w.log_sum / (w.n - w.n_start))
+            return
+        w.growth[w.n - 1] = step_growth
+        value, w.cut = truncated_mean(w.growth[: w.n])
+        readout.add("lyapunov", value)
+        if self.continuous and w.n >= self.window:
+            w.n_start = int(w.cut)  # one sync per run
+            w.log_sum = w.growth[w.n_start :].sum()
+            w.growth = w.cut = None
 
     def finish(self, step: int, readout: Readout, record: Any) -> None:
         div = getattr(record, "shadow_divergence", None)
@@ -592,6 +727,8 @@ class Shadow(Collector):
         bit-identical values on the same device and dtype. While a window is open the state therefore
         holds one more copy of the model and of the optimizer state; like ``Module.state_dict()`` the
         tensors are references (``torch.save`` them, or ``copy.deepcopy`` the dict to keep a snapshot).
+        Between windows ``"direction"`` holds the carried unit difference (``{"params": [...], "state":
+        [...]}``, or ``None``), so the next window starts where the uninterrupted run's would.
         Every value is a tensor or a plain Python value (``torch.load(weights_only=True)`` loads it).
         """
         if self._restore is not None:  # loaded before the monitor started and not applied yet
@@ -601,6 +738,9 @@ class Shadow(Collector):
             "windows_opened": self._windows_opened,
             "spawned": self._spawned,
             "window": self._window_state(),
+            "direction": None
+            if self._direction is None
+            else {"params": list(self._direction.params), "state": list(self._direction.state)},
         }
         if self._generator is not None:
             state["generator"] = self._generator.get_state()
@@ -619,6 +759,9 @@ class Shadow(Collector):
             "started": w.started,
             "log_sum": w.log_sum.detach(),
             "d_start": w.d_start.detach(),
+            "d_prev": w.d_prev.detach(),
+            "growth": None if w.growth is None else w.growth.detach(),
+            "cut": None if w.cut is None else w.cut.detach(),
             "tensors": [t.detach() for _, t in w.replica.tensors],
             "optimizer": w.optimizer.state_dict(),
         }
@@ -646,6 +789,12 @@ class Shadow(Collector):
         if self._generator is not None and state.get("generator") is not None:
             self._generator.set_state(state["generator"])
         self._spawned = bool(state.get("spawned", False))
+        carried = state.get("direction")
+        self._direction = (
+            None
+            if carried is None
+            else _Direction([t.clone() for t in carried["params"]], [t.clone() for t in carried["state"]])
+        )
         if state.get("window") is not None:
             self._restore_window(state["window"])
 
@@ -695,6 +844,15 @@ class Shadow(Collector):
         real_params = [p for g in ctx.optimizer.param_groups for p in g["params"] if p.requires_grad]
         dev = real_params[0].device
         layers, owner_idx = self._owners(real_params)
+        growth, cut = saved.get("growth"), saved.get("cut")
+        sizing = self._auto and not (self.continuous and int(saved["n"]) >= self.window)
+        if sizing != (growth is not None):
+            how = "transient='auto'" if growth is not None else "a fixed transient"
+            raise ConfigError(
+                f"Shadow.load_state_dict: the saved open window was measured with {how} and this shadow has "
+                f"transient={self.transient!r}; resume with the settings the checkpoint was saved with"
+            )
+        d_start = saved["d_start"].to(dev, torch.float64).clone()
         self._window = _Window(
             start=int(saved["start"]),
             replica=replica,
@@ -704,12 +862,15 @@ class Shadow(Collector):
             layers=layers,
             owner_idx=torch.tensor(owner_idx, device=dev),
             log_sum=saved["log_sum"].to(dev, torch.float64).clone(),
-            d_start=saved["d_start"].to(dev, torch.float64).clone(),
+            d_start=d_start,
+            d_prev=saved["d_prev"].to(dev, torch.float64).clone() if "d_prev" in saved else d_start,
             started=bool(saved["started"]),
             n=int(saved["n"]),
             n_start=int(saved["n_start"]),
             last_mark=int(saved["last_mark"]),
             stop=int(saved["stop"]),
+            growth=None if growth is None else growth.to(dev, torch.float64).clone(),
+            cut=None if cut is None else cut.to(dev).clone(),
         )
 
     def lyapunov_vector(self) -> dict[str, torch.Tensor] | None:
@@ -738,4 +899,6 @@ class Shadow(Collector):
 
     def __repr__(self) -> str:
         mode = "continuous" if self.continuous else f"window={self.window}"
-        return f"Shadow({mode}, eps={self.eps:g}, renorm={self.renorm}, transient={self.transient})"
+        return (
+            f"Shadow({mode}, eps={self.eps:g}, renorm={self.renorm}, transient={self.transient!r}, carry={self.carry})"
+        )

@@ -39,7 +39,8 @@ norse: ``state.v`` after the reset; ``LIF`` returns the last step's state unless
 ``record_states=True``. snntorch's ``LeakyParallel`` exposes no membrane (membrane fields stay empty).
 
 Emits, per layer in ``layers[<module path>]`` and globally (all neurons / membrane elements of all
-spiking layers pooled):
+spiking layers pooled, so a layer weighs by its size; the ``activation`` family's global values are
+instead unweighted means over its layers):
 
 * ``firing_rate_mean`` (``spiking/firing_rate_mean``): mean firing rate over neurons;
 * ``firing_rate_std`` (``spiking/firing_rate_std``): its std over neurons;

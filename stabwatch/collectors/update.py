@@ -2,9 +2,17 @@
 
 Emits ``update_ratio`` (``update/ratio``) = ``||theta_t - theta_{t-1}|| / ||theta_{t-1}||`` over all
 parameters, ``update_norm``, ``weight_norm`` (``update/weight_norm``) and the same per layer
-(``update_layers/<metric>/<module>``). At a scheduled step the parameters are copied in the optimizer's
-pre-step hook into one persistent scratch buffer (allocated once, the size of the trainable weights) and
-the difference is reduced after the step.
+(``update_layers/<metric>/<module>``).
+
+Zero weights: where ``||theta_{t-1}|| = 0`` (a LoRA ``B``, a zero-initialised head, before its first
+update) the weight after the step *is* the update, and the ratio divides by ``||theta_t|| =
+||theta_t - theta_{t-1}||`` instead: 1.0 when the weight moved (all of it is new), 0.0 when it did not
+(`stabwatch.functional.gradients.relative_update`), never ``inf`` (a non-finite update stays NaN). The
+global ratio changes only when every weight is zero.
+
+At a scheduled step the parameters are copied in the optimizer's pre-step hook into one persistent
+scratch buffer (allocated once, the size of the trainable weights) and the difference is reduced
+after the step.
 
 Distributed: under DDP the parameters are the same on every rank, so the values are global as read.
 Under FSDP2 (``fully_shard``) each rank copies and differences its local shards only (the scratch buffer
@@ -21,7 +29,7 @@ import torch
 
 from stabwatch import distributed as _dist
 from stabwatch.collectors.base import Collector, CollectorOptions, MonitorContext, Readout
-from stabwatch.functional.gradients import group_norms, squared_norms
+from stabwatch.functional.gradients import group_norms, relative_update, squared_norms
 
 __all__ = ["UpdateCollector"]
 
@@ -91,13 +99,13 @@ class UpdateCollector(Collector):
         d_total = deltas_sq.sum().sqrt()
         readout.add("weight_norm", w_total)
         readout.add("update_norm", d_total)
-        readout.add("update_ratio", d_total / w_total)
+        readout.add("update_ratio", relative_update(d_total, w_total))
         if self.per_layer and self.ctx is not None and self.ctx.per_layer:
             if self._index is None or self._index.device != weights_sq.device:
                 self._index = torch.tensor(self._owner_idx, device=weights_sq.device)
             both = group_norms(torch.stack([weights_sq, deltas_sq]), self._index, len(self.layers))
             readout.add_layers("weight_norm", self.layers, both[0])
-            readout.add_layers("update_ratio", self.layers, both[1] / both[0])
+            readout.add_layers("update_ratio", self.layers, relative_update(both[1], both[0]))
 
     def _add_sharded(self, readout: Readout, weights_sq: torch.Tensor, deltas_sq: torch.Tensor) -> None:
         """Local squared norms (totals, per layer) summed across ranks, then norms and ratios."""
@@ -117,10 +125,10 @@ class UpdateCollector(Collector):
             w_total, d_total = norms[0], norms[1]
             readout.add("weight_norm", w_total)
             readout.add("update_norm", d_total)
-            readout.add("update_ratio", d_total / w_total)
+            readout.add("update_ratio", relative_update(d_total, w_total))
             if per_layer:
                 layers = norms[2:].reshape(2, -1)
                 readout.add_layers("weight_norm", self.layers, layers[0])
-                readout.add_layers("update_ratio", self.layers, layers[1] / layers[0])
+                readout.add_layers("update_ratio", self.layers, relative_update(layers[1], layers[0]))
 
         readout.add_reduced(raw, "sum", _values)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["gradient_norm", "group_norms", "squared_norms", "update_ratio"]
+__all__ = ["gradient_norm", "group_norms", "relative_update", "squared_norms", "update_ratio"]
 
 
 def _foreach_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -102,14 +102,49 @@ def group_norms(squares: torch.Tensor, group: torch.Tensor, n_groups: int) -> to
     return out.index_add_(-1, group, squares.double()).sqrt_()
 
 
+def relative_update(update_norm: torch.Tensor, weight_norm: torch.Tensor) -> torch.Tensor:
+    r"""Update-to-weight ratio from the norms, defined for weights that are zero before the step.
+
+    .. math::
+        r = \begin{cases}
+            \|\Delta\| / \|\theta_t\| & \|\theta_t\| > 0 \\
+            \|\Delta\| / \|\theta_{t+1}\| = 1 & \|\theta_t\| = 0,\ \Delta \ne 0 \\
+            0 & \|\theta_t\| = 0,\ \Delta = 0
+        \end{cases}
+
+    A weight that starts the step at zero (a LoRA ``B``, a zero-initialised head) is the update
+    itself, ``θ_{t+1} = Δ``: dividing by ``‖θ_{t+1}‖ = ‖Δ‖`` gives 1 (the whole weight is new) instead
+    of ``inf``, and 0 when it does not move (instead of NaN). A non-finite update stays NaN.
+
+    Args:
+        update_norm: ``‖Δ‖ = ‖θ_{t+1} − θ_t‖``, any shape.
+        weight_norm: ``‖θ_t‖``, the same shape.
+
+    Returns:
+        The ratios, elementwise, in the inputs' dtype. No host sync.
+
+    Example:
+        >>> relative_update(torch.tensor([0.5, 0.5, 0.0]), torch.tensor([2.0, 0.0, 0.0])).tolist()
+        [0.25, 1.0, 0.0]
+    """
+    zero_weight = torch.where(update_norm == 0, torch.zeros_like(update_norm), update_norm / update_norm)
+    return torch.where(weight_norm == 0, zero_weight, update_norm / weight_norm)
+
+
 def update_ratio(before: Sequence[torch.Tensor], after: Sequence[torch.Tensor]) -> torch.Tensor:
     r"""Update-to-weight ratio :math:`\|\theta_{t+1}-\theta_t\| / \|\theta_t\|` over all tensors.
+
+    Weights all zero before the step read 1 if they moved and 0 if not (`relative_update`).
 
     Example:
         >>> round(float(update_ratio([torch.ones(4)], [torch.full((4,), 1.001)])), 6)
         0.001
+        >>> float(update_ratio([torch.zeros(2)], [torch.tensor([0.0, 0.3])]))
+        1.0
     """
     deltas = [a.detach() - b.detach() for a, b in zip(after, before, strict=True)]
     _, d = gradient_norm(deltas)
     _, w = gradient_norm([b.detach() for b in before])
-    return d.double().square().sum().sqrt().float() / w.double().square().sum().sqrt().float()
+    d_total = d.double().square().sum().sqrt()
+    w_total = w.double().square().sum().sqrt()
+    return relative_update(d_total, w_total).float()

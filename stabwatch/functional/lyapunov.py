@@ -38,7 +38,9 @@ __all__ = [
     "min_relative_eps",
     "random_direction",
     "rescale_difference_",
+    "scaled_difference",
     "tangent_lyapunov",
+    "truncated_mean",
 ]
 
 
@@ -116,6 +118,30 @@ def rescale_difference_(
         torch._foreach_add_(sh, re)
 
 
+def scaled_difference(
+    shadow: Sequence[torch.Tensor], real: Sequence[torch.Tensor], scale: torch.Tensor | float
+) -> list[torch.Tensor]:
+    """New tensors ``c·(s̃_i − s_i)`` for every pair (e.g. the unit difference a shadow ends a window with).
+
+    ``c`` may be a device tensor (no host sync); each dtype group gets it in its own precision.
+
+    Example:
+        >>> scaled_difference([torch.tensor([3.0, 5.0])], [torch.tensor([1.0, 1.0])], 0.5)
+        [tensor([1., 2.])]
+    """
+    if len(shadow) != len(real):
+        raise InputError(f"scaled_difference: {len(shadow)} shadow tensors but {len(real)} real ones")
+    if not shadow:
+        return []
+    out: list[torch.Tensor] = [*torch._foreach_sub(list(shadow), list(real))]
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in out:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for dtype, group in by_dtype.items():
+        torch._foreach_mul_(group, scale.to(dtype) if isinstance(scale, torch.Tensor) else scale)
+    return out
+
+
 def clamp_min_(tensors: Sequence[torch.Tensor], floor: float = 0.0) -> None:
     """Clamp every tensor from below in place, ``t ← max(t, floor)`` (e.g. second moments after a rescale).
 
@@ -145,6 +171,46 @@ def random_direction(
     total = torch.linalg.vector_norm(torch.cat([r.reshape(-1) for r in raw])) if raw else torch.ones(())
     factor = (norm.detach().to("cpu", torch.float64) if isinstance(norm, torch.Tensor) else norm) / total
     return [(r * factor).to(device=t.device, dtype=t.dtype) for r, t in zip(raw, like)]
+
+
+def truncated_mean(values: torch.Tensor, max_cut: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of a series after an initial transient sized from the data (MSER, White 1997).
+
+    The truncation point ``d`` minimises the marginal standard error of the mean of what is kept,
+
+        MSER(d) = Σ_{i ≥ d} (x_i − x̄_d)² / (n − d)²,      x̄_d = mean(x_d … x_{n−1}),
+
+    over ``0 ≤ d ≤ max_cut`` (default ``n // 2``: at least half the series is kept). A leading trend (the
+    log growth of a shadow still aligning with the most expanding direction) raises the spread of every
+    tail that contains it, so it is cut; a stationary series is cut little or not at all. Everything stays
+    on the device (no host sync): the cut is returned as a 0-d tensor.
+
+    Args:
+        values: 1-D series (e.g. per-step log growth), any float dtype; computed in float64.
+        max_cut: largest transient allowed (clamped to ``n − 1``).
+
+    Returns:
+        ``(mean of values[d:], d)``: a float64 0-d tensor and an int64 0-d tensor.
+
+    Example:
+        >>> x = torch.tensor([-3.0, -1.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0])
+        >>> mean, cut = truncated_mean(x); float(mean), int(cut)
+        (1.0, 3)
+    """
+    if values.dim() != 1 or values.numel() == 0:
+        raise InputError(f"truncated_mean: need a non-empty 1-D series, got shape {tuple(values.shape)}")
+    n = values.numel()
+    k = min(n // 2 if max_cut is None else max(int(max_cut), 0), n - 1)
+    x64 = values.to(torch.float64)
+    centre = x64.mean()
+    x = x64 - centre  # centred: the suffix sums below lose little to cancellation
+    s1 = x.flip(0).cumsum(0).flip(0)[: k + 1]  # Σ_{i ≥ d} x_i
+    s2 = (x * x).flip(0).cumsum(0).flip(0)[: k + 1]
+    count = torch.arange(n, n - k - 1, -1, dtype=torch.float64, device=x.device)
+    tail_mean = s1 / count
+    spread = (s2 - s1 * tail_mean).clamp_min(0.0)
+    cut = torch.argmin(spread / count.square())
+    return tail_mean[cut] + centre, cut
 
 
 class TangentEstimate(NamedTuple):

@@ -6,6 +6,7 @@ explicit ``torch.Generator``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -27,6 +28,7 @@ __all__ = [
     "spectral_norm",
     "spectral_radius",
     "spectrum_summary",
+    "spectrum_summary_rows",
 ]
 
 
@@ -91,8 +93,18 @@ def batched_singular_values(a: torch.Tensor) -> torch.Tensor:
     float64, and an SVD does not square the condition number as the Gram matrix does).
     """
     a = _as_float(a)
+    s, finite = _raw_singular_values(a)
+    s = s.to(a.dtype)
+    return s if finite is None else _nan_unless(finite, s)
+
+
+def _raw_singular_values(a: torch.Tensor, assume_finite: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`batched_singular_values` of a float32/float64 batch before its last two steps: ``(s, finite)``, ``s``
+    in float64 (to be cast back to ``a``'s dtype) and ``finite`` the per-matrix mask when a matrix with a
+    NaN/Inf was replaced by zeros (``None`` when none was). ``assume_finite``: the caller knows every
+    matrix is finite (e.g. from its norm), so the check is skipped."""
     finite: torch.Tensor | None = None
-    if a.device.type != "cpu" or not bool(torch.isfinite(a).all()):
+    if not assume_finite and (not a.is_cpu or not np.isfinite(a.detach().numpy()).all()):  # numpy: no kernel
         a, finite = _finite_or_zero(a)
     m, n = a.shape[-2:]
     if m < n:
@@ -101,12 +113,12 @@ def batched_singular_values(a: torch.Tensor) -> torch.Tensor:
         if m >= 4 * n and m * n >= 65536:
             a = torch.linalg.qr(a, mode="r")[1]
         s = torch.linalg.svdvals(a)
-    elif a.device.type == "cpu" and (n <= _SMALL_SHORT_SIDE or m * n <= _SMALL_ELEMENTS):
-        s = torch.linalg.svdvals(a.double()).to(a.dtype)
+    elif a.is_cpu and (n <= _SMALL_SHORT_SIDE or m * n <= _SMALL_ELEMENTS):
+        s = torch.linalg.svdvals(a.double())
     else:
         d = a.double()
-        s = torch.linalg.eigvalsh(_t(d) @ d).flip(-1).clamp_min(0).sqrt().to(a.dtype)
-    return s if finite is None else _nan_unless(finite, s)
+        s = torch.linalg.eigvalsh(_t(d) @ d).flip(-1).clamp_min(0).sqrt()
+    return s, finite
 
 
 def _orthonormal(y: torch.Tensor) -> torch.Tensor:
@@ -307,6 +319,61 @@ def spectrum_summary(a: torch.Tensor, top_k: int) -> SpectrumSummary:
     return SpectrumSummary(s[..., :top_k], s_min, rank, kappa)
 
 
+def spectrum_summary_rows(
+    a: torch.Tensor, top_k: int, *, assume_finite: bool = False
+) -> list[tuple[list[float], float, float, float]]:
+    """`spectrum_summary` of a CPU batch ``[b, m, n]`` as plain floats, one ``(top_k values, s_min, rank,
+    kappa)`` per matrix: the same numbers, bit for bit.
+
+    The spectra are `batched_singular_values`' (cast back to the input's precision with numpy, the same
+    rounding); the condition number is then taken per matrix on Python floats with the results of the
+    same IEEE operations as `condition_number` in the spectrum's dtype (``tol = s_1 * max(m, n) * eps``,
+    the smallest value above it, ``s_1 / s_min``), with no tensor made per value. For a caller that wants
+    host numbers at once (the SNN drop-in). ``assume_finite``: the caller knows every matrix is free of
+    NaN/Inf (a finite norm says so), so the check is skipped; a wrong promise hands LAPACK a NaN.
+
+    Example:
+        >>> spectrum_summary_rows(torch.diag(torch.tensor([4.0, 2.0, 0.0]))[None], 2)
+        [([4.0, 2.0], 2.0, 2.0, 2.0)]
+    """
+    a = _as_float(a)
+    if not a.is_cpu or a.ndim != 3 or min(a.shape[-2:]) == 0:
+        top, s_min, rank, kappa = spectrum_summary(a, top_k)
+        return list(zip(top.tolist(), s_min.tolist(), rank.tolist(), kappa.tolist(), strict=True))
+    raw, finite = _raw_singular_values(a, assume_finite)
+    single = a.dtype == torch.float32
+    spectra = raw.numpy().astype(np.float32) if single else raw.numpy()  # `.to(a.dtype)`, the same rounding
+    if finite is not None:
+        spectra[~finite.numpy()] = np.nan  # `_nan_unless`
+    # `condition_number` on Python floats: in float32, every product and quotient below is exact or
+    # correctly rounded in float64 (operands of 24 bits), so rounding it to float32 gives the float32 result
+    r = _round32 if single else float
+    size = r(max(a.shape[-2:]))
+    eps = torch.finfo(a.dtype).eps
+    rows: list[tuple[list[float], float, float, float]] = []
+    for values in spectra.tolist():
+        s1 = values[0]
+        tol = r(r(s1 * size) * eps)
+        above = [v for v in values if v > tol]  # a NaN spectrum (non-finite matrix) has none
+        if above:
+            s_min = min(above)
+            rows.append((values[:top_k], s_min, float(len(above)), r(s1 / s_min)))
+        else:
+            rows.append((values[:top_k], 0.0, 0.0, math.inf))
+    return rows
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _round32(x: float) -> float:
+    """``x`` rounded to float32 as a cast does (to ±inf beyond its range), as a Python float."""
+    if -_F32_MAX <= x <= _F32_MAX or x != x:
+        return float(np.float32(x))
+    with np.errstate(over="ignore"):
+        return float(np.float32(x))
+
+
 def group_matrices(tensors: Sequence[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
     """Stack the tensors that have the same matrix shape, dtype and device, to run each group as one batch.
 
@@ -324,7 +391,9 @@ def group_matrices(tensors: Sequence[torch.Tensor]) -> list[tuple[list[int], tor
     """
     members: dict[tuple[object, ...], list[tuple[int, torch.Tensor]]] = {}
     for i, t in enumerate(tensors):
-        m = _as_float(as_matrix(t.detach()))
+        m = _as_float(t.detach() if t.requires_grad else t)
+        if m.ndim != 2:
+            m = as_matrix(m)
         members.setdefault((tuple(m.shape), m.dtype, m.device), []).append((i, m))
     return [
         ([i for i, _ in group], torch.stack([m for _, m in group]) if len(group) > 1 else group[0][1][None])

@@ -23,6 +23,8 @@ from tests.helpers import data, mlp
 
 ONSET = 150
 LAYERS = ("fc1", "fc2", "fc3")
+#: the per-layer field the `collapse` rule watches (``activation_batch_std`` once the collector emits it)
+COLLAPSE_FIELD = next(r.binding.field for r in default_rules() if r.name == "collapse")
 
 
 def _baseline(step: int, rng: np.random.Generator) -> dict:
@@ -35,6 +37,7 @@ def _baseline(step: int, rng: np.random.Generator) -> dict:
             "dead_frac": n(0.1),
             "saturated_frac": n(0.05),
             "activation_std": n(1.0),
+            "activation_batch_std": n(1.0),
             "spectral_radius": n(0.8, 0.01),
             "grad_condition": n(50.0, 0.3),
         }
@@ -76,10 +79,9 @@ SCENARIOS = {
     "no_gradient_layer": (lambda r: _set(r, ["fc1", "grad_norm"], lambda v: 0.0), True, ONSET + 19),
     "spectral_radius": (lambda r: _set(r, ["fc2", "spectral_radius"], lambda v: 1.2), True, ONSET),
     "spectral_radius_high": (lambda r: _set(r, ["fc2", "spectral_radius"], lambda v: 2.0), True, ONSET),
-    "ill_conditioned": (lambda r: _set(r, ["fc3", "grad_condition"], lambda v: 1e4 * v), False, ONSET),
     "dead_neurons": (lambda r: _set(r, ["fc1", "dead_frac"], lambda v: 0.95), True, ONSET + 1),
     "saturated_neurons": (lambda r: _set(r, ["fc2", "saturated_frac"], lambda v: 0.8), True, ONSET + 1),
-    "collapse": (lambda r: _set(r, ["fc3", "activation_std"], lambda v: 1e-3 * v), True, ONSET),
+    "collapse": (lambda r: _set(r, ["fc3", COLLAPSE_FIELD], lambda v: 1e-3 * v), True, ONSET),
     "spiking_dead": (lambda r: _set(r, ["lif1", "dead_neuron_frac"], lambda v: 0.99), True, ONSET + 2),
     "spiking_saturated": (lambda r: _set(r, ["lif1", "saturated_neuron_frac"], lambda v: 0.9), True, ONSET + 2),
     "silent_layer": (lambda r: _set(r, ["lif1", "firing_rate_mean"], lambda v: 0.0), True, ONSET + 2),
@@ -117,7 +119,7 @@ def test_each_default_rule_fires_on_its_condition_and_nothing_fires_before(rule)
     a = mine[0]
     assert a.message and a.suggestion and a.severity in (sw.Severity.INFO, sw.Severity.WARNING, sw.Severity.CRITICAL)
     assert re.search(r"\d", a.message), "the message carries the numbers"
-    if rule.endswith("_layer") or rule in ("dead_neurons", "saturated_neurons", "collapse", "ill_conditioned"):
+    if rule.endswith("_layer") or rule in ("dead_neurons", "saturated_neurons", "collapse"):
         assert a.layer in (*LAYERS, "lif1")
 
 
@@ -132,7 +134,8 @@ def test_default_rules_skip_unscheduled_metrics():
         if s % 10 == 0:
             rec["update_ratio"] = full["update_ratio"]
         for name, vals in full["layers"].items():
-            keep = {"grad_norm"} | ({"dead_frac", "saturated_frac", "activation_std"} if s % 50 == 0 else set())
+            acts = {"dead_frac", "saturated_frac", "activation_std", "activation_batch_std"}
+            keep = {"grad_norm"} | (acts if s % 50 == 0 else set())
             keep |= {"spectral_radius", "grad_condition"} if s % 100 == 0 else set()
             rec["layers"][name] = {k: v for k, v in vals.items() if k in keep}
         recs.append(StabilityMetrics(**rec))

@@ -394,6 +394,40 @@ def test_get_models_after_vectorised_training_shows_the_trained_replicas(quiet):
     final = np.linalg.norm(w[:, None, :] - w[None, :, :], axis=-1)
     np.testing.assert_allclose(final, results.pairwise_distances[-1], rtol=1e-6, atol=1e-12)
 
+    # afterwards every replica owns ordinary contiguous tensors: changing one leaves the others alone
+    models = analyzer.get_models()
+    assert all(t.is_contiguous() for m in models for t in [*m.parameters(), *m.buffers()])
+    with torch.no_grad():
+        models[1][0].weight.add_(1.0)
+    moved = _weights(models)
+    np.testing.assert_array_equal(moved[[0, 2]], w[[0, 2]])
+
+
+def test_stacked_parameters_take_the_layout_their_gradient_arrives_in():
+    from stabwatch.analysis._training import _adopt_layouts
+
+    t = torch.randn(3, 4, 5, requires_grad=True)
+    values, optimizer = t.detach().clone(), torch.optim.SGD([t], lr=0.1)
+    incoming = torch.empty(3, 5, 4).transpose(1, 2)  # what vmap's backward of a batched linear returns
+    _adopt_layouts({"w": t}, {"w": incoming})
+    assert t.stride() == incoming.stride() and not t.is_contiguous() and torch.equal(t.detach(), values)
+    assert optimizer.param_groups[0]["params"][0] is t  # the same tensor object, re-laid out in place
+
+
+def test_stacked_view_reads_any_memory_layout_in_row_major_order():
+    from stabwatch.analysis._views import StackedView
+
+    n = 3
+    reference = torch.arange(n * 4 * 5 * 6, dtype=torch.float32).reshape(n, 4, 5, 6)
+    permuted = torch.empty(n, 6, 5, 4).permute(0, 3, 2, 1)
+    permuted.copy_(reference)
+    matrix = torch.empty(n, 7, 2).transpose(1, 2)
+    matrix.copy_(torch.arange(n * 14, dtype=torch.float32).reshape(n, 2, 7))
+    view = StackedView({"w": permuted, "m": matrix}, {}, None)
+    for start, stop in [(0, 120), (0, 7), (13, 61), (29, 31), (119, 120), (30, 60)]:
+        assert torch.equal(view.columns(0, start, stop), reference.reshape(n, -1)[:, start:stop])
+    assert torch.equal(view.columns(1, 3, 11), matrix.reshape(n, -1)[:, 3:11])
+
 
 def test_loss_fn_must_return_a_scalar():
     bad = TrainStep(lambda m, b: F.mse_loss(m(b[0]), b[1], reduction="none"))
@@ -714,13 +748,16 @@ def test_results_are_written_to_sinks_one_record_per_checkpoint(tmp_path, quiet)
         res = analyzer.analyze(mse_step(), regression_loader(), 3)
         # delivered and flushed when analyze() returns, though the other sink fails
         assert [r.step for r in sink.records] == [0, 1, 2, 3] and sink.flushed_at[-1] == 4
-    assert sink.records[0].lyapunov is None
-    assert sink.records[-1].lyapunov == pytest.approx(res.lyapunov)
+    # the per-epoch exponent has its own key; the per-step `lyapunov` field (shadow/lyapunov) stays empty
+    assert all(r.lyapunov is None and r.lyapunov_local is None for r in sink.records)
+    assert "analysis/lyapunov" not in sink.records[0].extra
+    assert sink.records[-1].extra["analysis/lyapunov"] == pytest.approx(res.lyapunov)
     for k, r in enumerate(sink.records):
         assert r.extra["analysis/spread"] == pytest.approx(res.spread_evolution[k])
         if k:
             assert r.extra["analysis/lyapunov_local"] == pytest.approx(res.local_lyapunov[k - 1])
-            assert r.lyapunov == pytest.approx(math.log(res.spread_evolution[k] / res.spread_evolution[0]) / k)
+            lam = math.log(res.spread_evolution[k] / res.spread_evolution[0]) / k
+            assert r.extra["analysis/lyapunov"] == pytest.approx(lam)
     assert any("disk full" in d for d in res.diagnostics)
     # closed while still failing: its records stay in the spill file, for `stabwatch replay`
     (spill,) = (tmp_path / "spill").glob("_BrokenSink-*.jsonl")
@@ -756,6 +793,37 @@ def test_jsonl_sink_gets_one_record_per_checkpoint(tmp_path, quiet):
     assert [r.step for r in records] == [0, 1, 2]
     for k, r in enumerate(records):
         assert r.extra["analysis/spread"] == res.spread_evolution[k]  # exact through JSON
-    assert records[-1].lyapunov == pytest.approx(res.lyapunov, rel=1e-12)
+    assert records[-1].extra["analysis/lyapunov"] == pytest.approx(res.lyapunov, rel=1e-12)
     again = analyzer.compute_metrics()  # after close: reported, not raised, nothing written
     assert any("closed" in d for d in again.diagnostics) and len(path.read_text().splitlines()) == 3
+
+
+def test_replaying_the_analyzers_records_through_the_default_rules_raises_no_chaotic(tmp_path, quiet):
+    """The analyzer's exponent is per epoch; the `chaotic` rule's threshold (0.05) is per optimizer step.
+
+    Least squares whose two modes both expand (``1 - eta h = -1.1, -1.2`` per step, one step per epoch):
+    the per-epoch exponent is about log 1.2 > 0.05 at every one of 14 checkpoints, which the rule would
+    read as "chaotic" if it sat in the per-step ``lyapunov`` field (``shadow/lyapunov``).
+    """
+    from stabwatch.alerts import AlertEngine, default_rules
+    from stabwatch.metrics import StabilityMetrics
+    from stabwatch.report import load_run
+    from tests.analysis.analysis_helpers import LeastSquares
+
+    case = LeastSquares(h=np.array([2.1, 2.2]), eta=1.0, steps_per_epoch=1)
+    path = tmp_path / "analysis.jsonl"
+    with StabilityAnalyzer(case.model(), n_trajectories=3, verbose=False, sinks=JsonlSink(path)) as analyzer:
+        res = analyzer.analyze(case.step(), case.batches, 14)
+    per_epoch = [r.extra["analysis/lyapunov"] for r in read_jsonl(path) if "analysis/lyapunov" in r.extra]
+    assert len(per_epoch) == 14 and min(per_epoch) > 0.05  # the case the issue describes
+    assert per_epoch[-1] == pytest.approx(res.lyapunov, rel=1e-12)
+    assert math.log(1.1) < res.lyapunov < math.log(1.2) + 1e-6
+    # what the rules would have said with the per-epoch value in the per-step field
+    misfiled = [StabilityMetrics(step=s, lyapunov=v) for s, v in enumerate(per_epoch, start=1)]
+    wrong = AlertEngine(default_rules(), log_alerts=False).run(misfiled)
+    assert any(a.rule == "chaotic" for a in wrong)
+    # the records as written: re-running the default rules (`stabwatch report` path, and a plain engine)
+    run = load_run(path, rerun_rules=True)
+    assert not any(a.rule == "chaotic" for a in run.alerts)
+    replayed = AlertEngine(default_rules(), log_alerts=False).run(read_jsonl(path))
+    assert not any(a.rule == "chaotic" for a in replayed)

@@ -2,16 +2,18 @@
 
 The examples are those of its README / PyPI page (quick start, manual recording, logging) and the
 ``Example:`` sections of the docstrings of its public API (``StabilityAnalyzer``, ``analyze``,
-``start_recording``, ``get_logger``, the functions of ``deep_lyapunov.metrics``). The undefined names the
-examples use (``your_training_function``, ``train_loader``, ``train_one_epoch``, ...) are written here
-the way a user would. Every example runs without deep-lyapunov installed; the comparisons with
-deep-lyapunov 0.1.2 skip when it is not. Where stabwatch's number differs from deep-lyapunov's by design
-(spread in the full weight space instead of a PCA standard deviation, whole-run effective dimensionality,
-...; see docs/migrate-deep-lyapunov.md), the value is checked against an independent computation here.
+``start_recording``, ``get_logger``, the functions of ``deep_lyapunov.metrics``, the names of
+``deep_lyapunov.tracking``). The undefined names the examples use (``your_training_function``,
+``train_loader``, ``train_one_epoch``, ...) are written here the way a user would. Every example runs
+without deep-lyapunov installed; the comparisons with deep-lyapunov 0.1.2 skip when it is not. Where
+stabwatch's number differs from deep-lyapunov's by design (spread in the full weight space instead of a
+PCA standard deviation, whole-run effective dimensionality, ...; see docs/migrate-deep-lyapunov.md), the
+value is checked against an independent computation here.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -27,6 +29,11 @@ from torch.utils.data import DataLoader, TensorDataset
 import stabwatch.analysis as deep_lyapunov  # the one changed line: ``import deep_lyapunov``
 from stabwatch.analysis import AnalysisWarning
 from stabwatch.analysis import metrics as dl_metrics  # ``from deep_lyapunov import metrics``
+from stabwatch.analysis.tracking import (  # ``from deep_lyapunov.tracking import ...``
+    TrajectoryTracker,
+    apply_perturbation,
+    create_perturbed_copies,
+)
 
 # ----------------------------------------------------------------------------- user-side helpers
 
@@ -393,3 +400,182 @@ def your_training_function_mse(model, loader, n_epochs):
     for _ in range(n_epochs):
         _train_one_epoch(model, loader)
     return {"loss": [0.0]}
+
+
+# ----------------------------------------------------------------------------- deep_lyapunov.tracking
+
+
+def _expected_perturbation(model: nn.Module, scale: float, gen: torch.Generator) -> list[torch.Tensor]:
+    """``W + randn * scale * std(W)`` tensor by tensor, written out (no stabwatch code)."""
+    out = []
+    for p in model.parameters():
+        w = p.detach()
+        out.append(w + torch.randn(w.shape, generator=gen) * scale * float(w.std()))
+    return out
+
+
+def test_apply_perturbation_example():
+    torch.manual_seed(0)
+    model = nn.Linear(10, 5)
+    expected = _expected_perturbation(model, 0.01, torch.Generator().manual_seed(42))
+    rng_before = torch.get_rng_state()
+    apply_perturbation(model, scale=0.01, seed=42)
+    for p, e in zip(model.parameters(), expected, strict=True):
+        assert torch.equal(p.detach(), e)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the caller's random stream is untouched
+    dl = pytest.importorskip("deep_lyapunov.tracking")
+    torch.manual_seed(0)
+    theirs = nn.Linear(10, 5)
+    dl.apply_perturbation(theirs, scale=0.01, seed=42)
+    for mine, their in zip(model.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(mine, their)  # the same noise, bit for bit
+
+
+def test_apply_perturbation_without_seed_draws_from_the_global_generator():
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    expected = _expected_perturbation(copy.deepcopy(model), 0.05, torch.Generator().manual_seed(7))
+    torch.manual_seed(7)
+    apply_perturbation(model, scale=0.05)
+    for p, e in zip(model.parameters(), expected, strict=True):
+        assert torch.equal(p.detach(), e)
+    dl = pytest.importorskip("deep_lyapunov.tracking")
+    torch.manual_seed(0)
+    theirs = nn.Linear(6, 3)
+    torch.manual_seed(7)
+    dl.apply_perturbation(theirs, scale=0.05)
+    for mine, their in zip(model.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(mine, their)
+
+
+def test_apply_perturbation_of_one_element_tensors_stays_finite():
+    torch.manual_seed(0)
+    model = nn.Linear(1, 1)  # weight and bias have one element: their std is NaN
+    w, b = model.weight.item(), model.bias.item()
+    apply_perturbation(model, scale=0.01, seed=3)
+    gen = torch.Generator().manual_seed(3)
+    # sigma is the RMS |w| of a one-element tensor
+    assert model.weight.item() == pytest.approx(w + torch.randn(1, 1, generator=gen).item() * 0.01 * abs(w), rel=1e-6)
+    assert model.bias.item() == pytest.approx(b + torch.randn(1, generator=gen).item() * 0.01 * abs(b), rel=1e-6)
+    dl = pytest.importorskip("deep_lyapunov.tracking")
+    theirs = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch: std() of one element
+        dl.apply_perturbation(theirs, scale=0.01, seed=3)
+    assert math.isnan(theirs.weight.item())  # deep-lyapunov's NaN weights
+
+
+def test_create_perturbed_copies_example():
+    torch.manual_seed(0)
+    base_model = nn.Sequential(nn.Linear(10, 5), nn.ReLU())
+    models = create_perturbed_copies(base_model, n_copies=5)
+    assert len(models) == 5
+    # First is unperturbed, rest have small perturbations
+    assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), base_model.parameters(), strict=True))
+    for i, m in enumerate(models[1:], start=1):
+        expected = _expected_perturbation(base_model, 0.01, torch.Generator().manual_seed(42 + i))
+        assert all(torch.equal(p.detach(), e) for p, e in zip(m.parameters(), expected, strict=True))
+    # the replicas StabilityAnalyzer starts from
+    analyzer = deep_lyapunov.StabilityAnalyzer(base_model, n_trajectories=5, seed=42, device="cpu", verbose=False)
+    analyzer.start_recording()
+    np.testing.assert_array_equal(
+        np.stack([_weights(m) for m in models]), np.stack([_weights(m) for m in analyzer.get_models()])
+    )
+    shifted = create_perturbed_copies(base_model, n_copies=2, base_seed=5, include_original=False)
+    expected = _expected_perturbation(base_model, 0.01, torch.Generator().manual_seed(5))
+    assert all(torch.equal(p.detach(), e) for p, e in zip(shifted[0].parameters(), expected, strict=True))
+    dl = pytest.importorskip("deep_lyapunov.tracking")
+    theirs = dl.create_perturbed_copies(base_model, n_copies=5)
+    np.testing.assert_array_equal(np.stack([_weights(m) for m in models]), np.stack([_weights(m) for m in theirs]))
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: create_perturbed_copies(nn.Linear(2, 2), n_copies=0), "n_copies"),
+        (lambda: create_perturbed_copies("model", n_copies=2), "nn.Module"),
+        (lambda: apply_perturbation(nn.Linear(2, 2), scale=-0.1), "scale"),
+        (lambda: apply_perturbation(nn.Linear(2, 2), scale=float("nan")), "scale"),
+        (lambda: TrajectoryTracker(nn.Linear(2, 2), record_interval=0), "record_interval"),
+    ],
+)
+def test_tracking_bad_arguments_say_what_is_wrong(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def _tracker_example(package_tracking, record_interval: int = 1, track_gradients: bool = False):
+    """The ``TrajectoryTracker`` docstring example, with ``train_one_epoch`` written out."""
+    TrajectoryTracker = package_tracking.TrajectoryTracker
+    model, loader = _small_model(), _small_loader()
+
+    def train_one_epoch(model):
+        _train_one_epoch(model, loader)
+
+    tracker = TrajectoryTracker(model, track_gradients=track_gradients, record_interval=record_interval)
+    snapshots = []
+    for epoch in range(10):  # noqa: B007 (as documented)
+        train_one_epoch(model)
+        tracker.capture()
+        snapshots.append(_weights(model))
+    trajectory = tracker.get_trajectory()
+    printed = f"Shape: {trajectory.shape}"  # (10, n_params)
+    return tracker, trajectory, printed, np.stack(snapshots)
+
+
+def test_trajectory_tracker_example():
+    import stabwatch.analysis.tracking as tracking
+
+    tracker, trajectory, printed, snapshots = _tracker_example(tracking)
+    n_params = sum(p.numel() for p in _small_model().parameters())
+    assert printed == f"Shape: (10, {n_params})" and tracker.n_parameters == n_params
+    assert trajectory.dtype == np.float32 and tracker.n_snapshots == 10
+    np.testing.assert_array_equal(trajectory, snapshots)
+    np.testing.assert_array_equal(tracker.get_latest_weights(), snapshots[-1])
+    steps = np.linalg.norm(np.diff(snapshots, axis=0), axis=1)
+    stats = tracker.get_statistics()
+    assert stats["path_length"] == pytest.approx(steps.sum(), rel=1e-12)
+    assert stats["velocity_mean"] == pytest.approx(steps.mean(), rel=1e-12)
+    assert stats["velocity_std"] == pytest.approx(steps.std(), rel=1e-9)
+    tracker.reset()
+    assert tracker.n_snapshots == 0 and tracker.get_latest_weights() is None
+    with pytest.raises(ValueError, match="capture"):
+        tracker.get_trajectory()
+    dl = pytest.importorskip("deep_lyapunov.tracking")
+    theirs, their_traj, their_printed, _ = _tracker_example(dl)
+    assert their_printed == printed
+    np.testing.assert_array_equal(their_traj, trajectory)
+    for key, value in theirs.get_statistics().items():
+        assert stats[key] == pytest.approx(value, rel=1e-5), key  # theirs in float32
+
+
+def test_trajectory_tracker_speed_is_per_capture_call():
+    import stabwatch.analysis.tracking as tracking
+
+    tracker, trajectory, _, snapshots = _tracker_example(tracking, record_interval=2)
+    np.testing.assert_array_equal(trajectory, snapshots[1::2])  # calls 2, 4, ..., 10
+    steps = np.linalg.norm(np.diff(snapshots[1::2], axis=0), axis=1)
+    stats = tracker.get_statistics()
+    assert stats["path_length"] == pytest.approx(steps.sum(), rel=1e-12)
+    assert stats["velocity_mean"] == pytest.approx(steps.mean() / 2, rel=1e-12)  # two calls per snapshot
+    dl = pytest.importorskip("deep_lyapunov.tracking")
+    theirs, their_traj, _, _ = _tracker_example(dl, record_interval=2)
+    np.testing.assert_array_equal(their_traj, trajectory)
+    assert theirs.get_statistics()["velocity_mean"] == pytest.approx(2 * stats["velocity_mean"], rel=1e-5)
+
+
+def test_trajectory_tracker_gradient_rows_stay_aligned_with_weight_rows():
+    model = _small_model()
+    tracker = TrajectoryTracker(model, track_gradients=True)
+    tracker.capture()  # no backward yet: no gradient
+    x, y = next(iter(_small_loader()))
+    F.mse_loss(model(x), y).backward()
+    tracker.capture()
+    grads = tracker.get_gradient_trajectory()
+    assert grads is not None and grads.shape == tracker.get_trajectory().shape == (2, tracker.n_parameters)
+    assert np.isnan(grads[0]).all()
+    np.testing.assert_array_equal(grads[1], np.concatenate([p.grad.reshape(-1).numpy() for p in model.parameters()]))
+    assert TrajectoryTracker(model).get_gradient_trajectory() is None
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="trainable parameters"):
+        tracker.capture()

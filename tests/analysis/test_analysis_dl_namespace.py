@@ -83,6 +83,27 @@ def test_documented_names_match_deep_lyapunov_signatures():
         assert ours == theirs, cls
 
 
+def test_tracking_names_and_signatures_are_deep_lyapunovs():
+    import inspect
+
+    import stabwatch.analysis as ours_pkg
+    from stabwatch.analysis import tracking as ours
+
+    assert ours_pkg.tracking is ours  # ``deep_lyapunov.tracking`` with the import changed
+    assert set(ours.__all__) == {"TrajectoryTracker", "apply_perturbation", "create_perturbed_copies"}
+    pytest.importorskip("deep_lyapunov")
+    import deep_lyapunov.tracking as theirs
+
+    assert set(theirs.__all__) == set(ours.__all__)
+    for name in ("apply_perturbation", "create_perturbed_copies", "TrajectoryTracker"):
+        mine, their = inspect.signature(getattr(ours, name)), inspect.signature(getattr(theirs, name))
+        assert [(p.name, p.default) for p in mine.parameters.values()] == [
+            (p.name, p.default) for p in their.parameters.values()
+        ], name
+    public = {n for n in dir(theirs.TrajectoryTracker) if not n.startswith("_")}
+    assert public <= {n for n in dir(ours.TrajectoryTracker) if not n.startswith("_")}
+
+
 def test_spread_ratio_and_exponent_against_direct_pairwise_distances():
     traj = _traj()
     d2 = _pairwise_sq(traj)

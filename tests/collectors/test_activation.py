@@ -8,12 +8,17 @@ import torch
 from torch import nn
 
 from stabwatch.collectors import ActivationCollector
-from tests.collectors.drive import Drive
+from stabwatch.collectors.base import Readout
+from tests.collectors.drive import Drive, Values, batch, cross_entropy
+
+#: ``activation_batch_std`` is emitted once `stabwatch.metrics` has the field
 
 
 def _stats(y: torch.Tensor, kind: str) -> dict[str, float]:
     y = y.detach().double()
     out = {"activation_mean": float(y.mean()), "activation_std": float(y.std())}
+    if y.shape[0] > 1:  # RMS over units of the std over the batch
+        out["activation_batch_std"] = float(y.reshape(y.shape[0], -1).var(dim=0).mean().sqrt())
     if kind == "relu":
         out["dead_frac"] = float((y.reshape(y.shape[0], -1) <= 0).all(dim=0).double().mean())
     if kind == "tanh":
@@ -67,7 +72,7 @@ class Net(nn.Module):
         }
 
 
-FIELDS = ("activation_mean", "activation_std", "dead_frac", "saturated_frac")
+FIELDS = ("activation_mean", "activation_std", "dead_frac", "saturated_frac", "activation_batch_std")
 
 
 def test_statistics_match_a_hook_free_recomputation():
@@ -97,7 +102,7 @@ def test_a_model_without_activation_modules_falls_back_to_linear_outputs():
     with torch.no_grad():
         h = model[0](x)
         want = {"0": _stats(h, "linear"), "1": _stats(model[1](h), "linear")}
-    for field in ("activation_mean", "activation_std"):
+    for field in FIELDS[:2] + FIELDS[4:]:
         assert values.layers(field) == pytest.approx({k: v[field] for k, v in want.items()}, rel=1e-5)
     assert values.layers("dead_frac") == {} and values.layers("saturated_frac") == {}
     drive.close()
@@ -115,3 +120,97 @@ def test_only_scheduled_steps_are_measured_and_detach_removes_the_hooks():
     assert counts[1] == counts[3] == 0 and counts[0] == counts[2] > 0
     drive.close()
     assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+
+
+@pytest.mark.parametrize("act", [nn.LeakyReLU(0.01), nn.RReLU(), nn.PReLU(), nn.ReLU(), nn.ReLU6()])
+def test_dead_means_no_gradient_flows(act):
+    """All pre-activations negative: ReLU/ReLU6 pass no gradient (dead 1.0); the leaky ones do (no dead_frac)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), act, nn.Linear(16, 3))
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)
+    drive = Drive(ActivationCollector(every=1), model)
+    values = drive.train_step(cross_entropy, batch())
+    with torch.no_grad():
+        assert bool((model[0](batch()[0]) < 0).all())
+    grad = float(model[0].weight.grad.norm())  # autograd: does anything flow back through the activation?
+    leaky = not isinstance(act, (nn.ReLU, nn.ReLU6))
+    if leaky:
+        assert grad > 0
+        assert values.layers("dead_frac") == {} and values.field("dead_frac") is None
+        assert values.layers("activation_std") != {}  # still measured
+    else:
+        assert grad == 0
+        assert values.layers("dead_frac") == {"1": 1.0}
+    drive.close()
+
+
+def test_a_collapsed_batch_reads_zero_spread_across_the_batch():
+    """Every sample gives the same varied vector: pooled std ~1, batch std 0."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(8, 64), nn.Tanh())
+    drive = Drive(ActivationCollector(every=1), model)
+    x = torch.randn(1, 8, generator=torch.Generator().manual_seed(3)).expand(32, 8)
+    model(x)
+    values = drive.collect()
+    assert values.layers("activation_std")["1"] > 0.2
+    assert values.layers("activation_batch_std")["1"] < 1e-6
+    assert values.field("activation_batch_std") == values.layers("activation_batch_std")["1"]
+    record = drive.record
+    assert record is not None
+    assert record.to_dict()["activation_layers/batch_std/1"] == values.layers("activation_batch_std")["1"]
+    assert record.to_dict()["activation/batch_std"] == values.field("activation_batch_std")
+    drive.close()
+
+
+def test_a_batch_of_one_sample_has_no_batch_std():
+    model = Net()
+    drive = Drive(ActivationCollector(every=1), model)
+    x = torch.randn(1, 8, generator=torch.Generator().manual_seed(4))
+    model(x)
+    values = drive.collect()
+    assert values.layers("activation_batch_std") == {} and values.field("activation_batch_std") is None
+    want = {k: v["activation_std"] for k, v in model.reference(x).items()}
+    assert values.layers("activation_std") == pytest.approx(want, rel=1e-5)
+    drive.close()
+
+
+class _Captured(Readout):
+    """A readout of one of several ranks that keeps what `add_reduced` would send to the others (the
+    transport, faked: the test adds the ranks' values itself)."""
+
+    def __init__(self) -> None:
+        super().__init__(across_ranks=True)
+        self.raw: list[tuple[torch.Tensor, object]] = []
+
+    def add_reduced(self, values, reduce, then, key=None):
+        assert reduce == "sum"
+        self.raw.append((values, then))
+
+
+def test_statistics_combined_across_ranks():
+    """Two ranks' sums added as `Readout.reduce_across_ranks` does: mean and std of the combined batch,
+    batch std the pooled within-rank spread (as the collector's docstring says)."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(8, 12), nn.ReLU())
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(6, 8, generator=g), 3.0 + torch.randn(10, 8, generator=g)]
+    readouts = []
+    for x in xs:
+        collector = ActivationCollector(every=1)
+        drive = Drive(collector, model)
+        model(x)
+        readout = _Captured()
+        collector.collect(0, readout, None, None)
+        readouts.append(readout)
+        drive.close()
+    total = readouts[0].raw[0][0].double() + readouts[1].raw[0][0].double()
+    readouts[0].raw[0][1](total)  # rank 0's callback adds the combined values into its readout
+    values = Values(readouts[0], readouts[0].sync())
+    with torch.no_grad():
+        ys = [model(x).double() for x in xs]
+    both = torch.cat(ys)
+    assert values.field("activation_mean") == pytest.approx(float(both.mean()), rel=1e-6)
+    assert values.field("activation_std") == pytest.approx(float(both.std()), rel=1e-5)
+    pooled = sum((y.shape[0] - 1) * float(y.var(dim=0).mean()) for y in ys) / sum(y.shape[0] - 1 for y in ys)
+    assert values.field("activation_batch_std") == pytest.approx(pooled**0.5, rel=1e-5)

@@ -34,7 +34,7 @@ def _check(values, grads: dict[str, list[torch.Tensor]]) -> None:
         assert got[layer] == pytest.approx(norm, rel=1e-6), layer
 
 
-@pytest.mark.parametrize("after_step", ["auto", False])
+@pytest.mark.parametrize("after_step", ["auto", True, False])
 @pytest.mark.parametrize("optim", ["sgd", "adam"])
 def test_norms_are_those_of_the_gradients_the_optimizer_used(optim, after_step):
     model = _model()
@@ -46,6 +46,8 @@ def test_norms_are_those_of_the_gradients_the_optimizer_used(optim, after_step):
     seen: list[dict[str, list[torch.Tensor]]] = []
     opt.register_step_pre_hook(lambda o, a, k: seen.append(_grads_by_layer(model)))
     drive = Drive(GradCollector(every=1, after_step=after_step), model, opt)
+    # True is "auto": after the step for these read-only torch optimizers; False: always before
+    assert drive.collector._post is (after_step is not False)
     for step in range(3):
         values = drive.train_step(cross_entropy, batch(seed=step))
         _check(values, seen[-1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from stabwatch import functional as F
@@ -62,3 +63,24 @@ def test_group_norms_match_per_group_concatenated_norms():
     assert torch.allclose(got[:2], torch.stack(ref), rtol=1e-6) and float(got[2]) == 0.0
     both = group_norms(torch.stack([F.squared_norms(ts), 4 * F.squared_norms(ts)]), group, 3)  # rows kept apart
     assert both.shape == (2, 3) and torch.allclose(both[1], 2 * both[0], rtol=1e-12)
+
+
+def test_relative_update_is_defined_for_zero_weights():
+    d = torch.tensor([0.5, 0.5, 0.0, 0.0, float("nan"), float("inf")], dtype=torch.float64)
+    w = torch.tensor([2.0, 0.0, 0.0, 3.0, 0.0, 0.0], dtype=torch.float64)
+    got = F.relative_update(d, w).tolist()
+    # ||d|| / ||w||; from zero: ||d|| / ||theta_after|| = ||d|| / ||d|| = 1, and 0 when nothing moved
+    assert got[:4] == [0.25, 1.0, 0.0, 0.0]
+    assert math.isnan(got[4]) and math.isnan(got[5])  # a non-finite update is never hidden
+
+
+def test_update_ratio_of_weights_that_start_at_zero():
+    """A LoRA-style pair: A random, B zero. The ratio over both is the ordinary one; over B alone 1."""
+    g = torch.Generator().manual_seed(2)
+    a0, b0 = torch.randn(4, 8, generator=g), torch.zeros(8, 4)
+    a1, b1 = a0 + 1e-2 * torch.randn(4, 8, generator=g), 1e-3 * torch.randn(8, 4, generator=g)
+    both = float(F.update_ratio([a0, b0], [a1, b1]))
+    want = math.sqrt(float((a1 - a0).double().square().sum() + b1.double().square().sum())) / float(a0.double().norm())
+    assert both == pytest.approx(want, rel=1e-6)
+    assert float(F.update_ratio([b0], [b1])) == 1.0
+    assert float(F.update_ratio([b0], [b0.clone()])) == 0.0
