@@ -6,6 +6,10 @@ digits, a tanh RNN on generated sines). Sections (``--only a,b``; all by default
 * ``table`` — the default rules and their parameters, as the markdown table of docs/alerts.md.
 * ``cost`` — `AlertEngine.evaluate` with the default rules per record, against a bare training step of the
   same model, measured in this process.
+* ``rules`` — each default rule's own cost per record, alone (``rule.observe`` as the engine calls it), on
+  2,000 records of the compat monitor's stream (`stabwatch.compat.StabilityMonitor.compute` at the "docs"
+  size: a gradient norm, one spiking layer's firing statistics), and the sum over the 8 rules the compat
+  monitor runs.
 * ``healthy`` — healthy runs of 1,000 steps, several seeds: warning/critical alerts per run, and the
   largest value each default rule's statistic reached (the "healthy maxima" its threshold is set against):
   a ratio to the trailing median, a robust z-score, a level.
@@ -54,7 +58,7 @@ from stabwatch.alerts.base import Window
 from stabwatch.alerts.rules.spike import MAD_TO_SIGMA
 from tests.alerts.scenarios import EXPECTED, FAULTS, MODELS, make, run
 
-SECTIONS = ("table", "cost", "healthy", "shadow", "detect", "repeats", "batch", "rnn")
+SECTIONS = ("table", "cost", "rules", "healthy", "shadow", "detect", "repeats", "batch", "rnn")
 
 
 def _num(x: float) -> str:
@@ -438,6 +442,70 @@ def cost(steps: int = 400) -> None:
         )
 
 
+#: the default rules `stabwatch.compat.StabilityMonitor` runs (those that watch what its records hold)
+COMPAT_RULES = (
+    "non_finite",
+    "grad_explode",
+    "grad_rising",
+    "grad_vanish",
+    "grad_tiny",
+    "spiking_dead",
+    "spiking_saturated",
+    "silent_layer",
+)
+
+
+def compat_stream(n: int = 2000, seed: int = 0) -> list[sw.StabilityMetrics]:
+    """Records as the compat monitor makes them at the "docs" size: a gradient norm with multiplicative
+    noise, one spiking layer ("network") with its firing and membrane statistics, the Lyapunov estimate."""
+    rng = random.Random(seed)
+    out = []
+    for step in range(n):
+        fr = max(0.0, rng.gauss(0.15, 0.02))
+        layer = {
+            "firing_rate_mean": fr,
+            "firing_rate_std": abs(rng.gauss(0.023, 0.003)),
+            "dead_neuron_frac": rng.choice((0.0, 0.0, 0.0, 0.03)),
+            "saturated_neuron_frac": 0.0,
+            "membrane_mean": rng.gauss(0.0, 0.02),
+            "membrane_std": abs(rng.gauss(1.0, 0.02)),
+        }
+        out.append(
+            sw.StabilityMetrics(
+                step=step,
+                grad_norm=0.77 * math.exp(rng.gauss(0.0, 0.1)),
+                layers={"network": layer},
+                extra={"compat/lyapunov": 0.02},
+                **{k: v for k, v in layer.items()},
+            )
+        )
+    return out
+
+
+def rule_cost(repeats: int = 7) -> None:
+    """Each default rule alone: best of ``repeats`` passes (a fresh rule each) over 2,000 records."""
+    from stabwatch.alerts.base import RecordView
+
+    records = compat_stream()
+    views = [RecordView(r) for r in records]
+    print(f"\n1b. each default rule's cost per record, alone ({len(records)} compat-stream records, best of {repeats})")
+    clock = time.perf_counter
+    best: dict[str, float] = {}
+    for _ in range(repeats):  # passes interleaved over the rules, so a busy moment hits them all alike
+        for rule in default_rules():
+            observe = rule.observe
+            t0 = clock()
+            for view in views:
+                observe(view)
+            dt = (clock() - t0) / len(views)
+            best[rule.name] = min(best.get(rule.name, math.inf), dt)
+    for name, dt in best.items():
+        mark = "  (compat)" if name in COMPAT_RULES else ""
+        print(f"   {name:<22}{dt * 1e6:6.2f} µs/record{mark}")
+    total = sum(best[n] for n in COMPAT_RULES)
+    print(f"   {'compat rules, sum':<22}{total * 1e6:6.2f} µs/record ({len(COMPAT_RULES)} rules)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=10, help="healthy runs per model")
@@ -456,6 +524,7 @@ def main() -> None:
     runs = {
         "table": table,
         "cost": cost,
+        "rules": rule_cost,
         "healthy": lambda: healthy(args.seeds),
         "shadow": lambda: shadow(args.shadow_seeds),
         "detect": lambda: detection(args.fault_seeds),

@@ -93,7 +93,6 @@ _RULES = (
     "grad_rising",
     "grad_vanish",
     "grad_tiny",
-    "ill_conditioned",
     "spiking_dead",
     "spiking_saturated",
     "silent_layer",
@@ -774,6 +773,9 @@ class StabilityMonitor:
                 fields_[name] = value
             else:
                 layers.setdefault(where, {})[name] = value
+        grad_norm = fields_["grad_norm"]
+        if not math.isfinite(grad_norm):  # a NaN/inf gradient: the `non_finite` rule's critical alert
+            fields_["nonfinite"], fields_["nonfinite_source"] = True, "gradients"
         pipe = self._pipeline
         # validated (~5 us; pydantic's model_construct is slower here: it resolves every default per call)
         record = pipe.publish(Record(step=pipe.step, layers=layers, extra=extra, **fields_))

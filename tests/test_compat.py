@@ -406,3 +406,22 @@ def test_alerts_are_what_each_rule_says_when_fed_by_hand():
         assert m.record.alerts == want
         seen += [(a.step, a.rule, a.layer, a.message) for a in m.record.alerts]
     assert {rule for _, rule, _, _ in seen} >= {"grad_explode", "silent_layer"}
+
+
+def test_a_non_finite_gradient_raises_the_critical_non_finite_alert():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    mon = StabilityMonitor(log_alerts=False)
+    spikes = _spikes((4, 10, 8), 0.2)
+    for step in range(3):
+        model.zero_grad()
+        model(torch.randn(4, 5)).pow(2).sum().backward()
+        if step == 2:
+            model[0].weight.grad[0, 0] = float("nan")
+        out = mon.compute(model, spikes=spikes)
+    assert np.isnan(out.grad_norm)  # the returned number is the reference's (NaN propagates)
+    assert out.record.nonfinite and out.record.nonfinite_source == "gradients"
+    fired = [(a.rule, a.step, a.severity) for a in mon.alerts]
+    assert ("non_finite", 2, sw.Severity.CRITICAL) in fired
+    assert all(a.step == 2 for a in mon.alerts if a.rule == "non_finite")
+    mon.close()

@@ -217,9 +217,9 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
     "shadow/lyapunov": (
         "From a `Monitor` with a `Shadow`: the running finite-time Lyapunov exponent of training over the "
         "open window, the mean log growth per step after its transient (data-sized by default); windows "
-        "start from the previous window's direction. From `StabilityAnalyzer(sinks=...)`: "
-        "`log(s(t)/s(0)) / t` of the replicas' spread at checkpoint t.",
-        "nats per optimizer step (Shadow); nats per epoch (analyzer, step = epoch)",
+        "start from the previous window's direction. The offline analyzer's per-epoch exponent is "
+        "`analysis/lyapunov`.",
+        "nats per optimizer step",
     ),
     "shadow/lyapunov_local": (
         "The exponent of the renormalisation interval that just ended, `log(‖δθ_end‖/‖δθ_start‖) / renorm`.",

@@ -51,6 +51,7 @@ __all__ = [
     "check_floor",
     "check_unique_names",
     "describe_span",
+    "scan_check",
     "to_scale",
 ]
 
@@ -357,6 +358,13 @@ class Rule:
     default_name: ClassVar[str] = "rule"
     #: whether non-finite values reach `_check` (otherwise they are skipped)
     accepts_nonfinite: ClassVar[bool] = False
+    #: the rule type judges values through `_scan` (its `_check` is `scan_check`) and keeps `Rule.update`:
+    #: `observe` and `update` then take the fast path of `_feed` (set by `__init_subclass__`)
+    _fast: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._fast = cls._check is scan_check and cls.update is Rule.update
 
     def __init__(
         self,
@@ -419,6 +427,12 @@ class Rule:
         """Judge one value and advance the detector; ``None`` while warming up (no opinion)."""
         raise NotImplementedError
 
+    def _scan(self, state: Any, step: int, value: float, active: bool, full: bool) -> Verdict | bool | None:
+        """`_check` with a shortcut, for rule types whose ``_check`` is `scan_check`: with ``full`` false, a
+        calm value outside an episode (``not active``) returns ``False`` instead of a `Verdict` (nobody
+        reads its message: the lifecycle only resets the streak), saving the verdict and its text."""
+        raise NotImplementedError
+
     def _dump_state(self, state: Any) -> Any:
         """Detector state as plain Python values (lists, dicts, floats, ints, str, None)."""
         return state
@@ -454,6 +468,31 @@ class Rule:
         verdict = self._check(s.det, step, v, s.active)
         return None if verdict is None else (s, verdict)
 
+    def _feed(self, step: int, value: Any, layer: str | None) -> Alert | None:
+        """`update` for a `_fast` rule type: `_judge` and `_advance` in one, through `_scan`."""
+        if type(value) is float:
+            v = value
+        else:
+            try:
+                v = float(value)
+            except (TypeError, ValueError):
+                where = f" (layer {layer!r})" if layer is not None else ""
+                raise StabwatchError(
+                    f"rule {self.name!r}: the value at step {step}{where} must be a number or None, got {value!r}"
+                ) from None
+        if not _isfinite(v) and not self.accepts_nonfinite:
+            return None
+        s = self._streams.get(layer)
+        if s is None:
+            s = self._stream(layer)
+        verdict = self._scan(s.det, step, v, s.active, False)
+        if verdict is None:
+            return None
+        if verdict is False:  # calm outside an episode: all `_advance` would do is reset the streak
+            s.streak = 0
+            return None
+        return self._advance(s, step, verdict, layer)  # type: ignore[arg-type]
+
     def check(self, step: int, value: Any, layer: str | None = None) -> Verdict | None:
         """Judge one value and advance the detector, without the alert lifecycle (used by `AllOf`)."""
         judged = self._judge(step, value, layer)
@@ -467,6 +506,8 @@ class Rule:
             value: the value (``None`` = not measured at this step: skipped).
             layer: the stream (module path) for per-layer rules; ``None`` for a global value.
         """
+        if self._fast:
+            return None if value is None else self._feed(step, value, layer)
         judged = self._judge(step, value, layer)
         return None if judged is None else self._advance(judged[0], step, judged[1], layer)
 
@@ -501,6 +542,24 @@ class Rule:
         """
         record = view.record
         binding = self.binding
+        if self._fast:  # the built-in rule types: one call per value, no list of pairs
+            kind = binding.kind
+            if kind == "field":
+                value = getattr(record, binding.field)  # type: ignore[arg-type]
+                if value is None:
+                    return []
+                alert = self._feed(record.step, value, None)
+                return [] if alert is None else [alert]
+            if kind == "layers":
+                field, step, fired = binding.field, record.step, []
+                feed = self._feed
+                for layer, vals in record.layers.items():
+                    value = vals.get(field)  # type: ignore[arg-type]
+                    if value is not None:
+                        alert = feed(step, value, layer)
+                        if alert is not None:
+                            fired.append(alert)
+                return fired
         own_update = type(self).update is not _RULE_UPDATE  # a subclass that feeds values its own way
         if binding.kind == "field" and not own_update:  # one global value (most rules): no list to make
             value = getattr(record, binding.field)  # type: ignore[arg-type]
@@ -628,6 +687,11 @@ class Rule:
 
 _RULE_UPDATE = Rule.update
 _isfinite = math.isfinite
+
+
+def scan_check(self: Rule, state: Any, step: int, value: float, active: bool) -> Verdict | None:
+    """The `Rule._check` of a rule type that implements `Rule._scan`: its full verdict."""
+    return self._scan(state, step, value, active, True)  # type: ignore[return-value]
 
 
 def check_unique_names(rules: Iterable[Rule]) -> None:

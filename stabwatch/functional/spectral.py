@@ -81,7 +81,8 @@ def batched_singular_values(a: torch.Tensor) -> torch.Tensor:
     (LAPACK never sees it).
 
     float32 (and half) matrices go through the float64 Gram matrix of their short side and a symmetric
-    eigensolver: 2-6x faster than ``svdvals`` on the CPU and, because the float32 entries are exact in
+    eigensolver: about as fast as ``svdvals`` on square matrices and 2.6-4.4x faster on wide ones on
+    the CPU (``benchmarks/bench_svd.py --part exact``) and, because the float32 entries are exact in
     float64, more accurate for the small singular values than a float32 SVD (a value at the
     ``sigma_1 * max(m, n) * eps`` rank tolerance comes out to ~1e-9 relative instead of ~1e-3). The
     values are returned in the input's precision. float64 matrices use ``svdvals``.
@@ -164,13 +165,13 @@ def block_krylov_singular_values(
     """
     m = a.shape[-2]
     ell = omega.shape[-1]
-    at = _t(a)
     y = a @ omega
     blocks = [_orthonormal_or_zero(y, y)]
     for _ in range(n_iter):
         if ell * len(blocks) >= m:
             break  # the basis already spans the whole column space
-        y0 = a @ _orthonormal(at @ blocks[-1])
+        # Aᵀq written as (qᵀA)ᵀ: a product with A's transposed view is up to 13x slower on the CPU
+        y0 = a @ _orthonormal(_t(_t(blocks[-1]) @ a))
         q = torch.cat(blocks, dim=-1)
         y = y0
         for _ in range(2):  # block classical Gram-Schmidt, twice ("twice is enough")
@@ -441,10 +442,9 @@ def batched_spectral_norm(
     if u is None or u.shape != (b, m) or u.device != w.device:
         u = torch.randn(b, m, generator=generator, device="cpu", dtype=w.dtype).to(w.device)
     u = u.to(w.dtype)[..., None]  # [b, m, 1]
-    wt = _t(w)
     sigma = torch.zeros(b, dtype=w.dtype, device=w.device)
     for _ in range(max(1, n_iter)):
-        v = wt @ u
+        v = _t(_t(u) @ w)  # Wᵀu as (uᵀW)ᵀ: a batched product with W's transposed view is ~25x slower on the CPU
         v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True).clamp_min(1e-30)
         u = w @ v
         sigma = torch.linalg.vector_norm(u, dim=-2, keepdim=True)

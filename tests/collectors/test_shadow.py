@@ -32,7 +32,9 @@ def _mse(model, batch):
 def test_log_growth_divergence_and_estimate_match_the_linear_map():
     model, batch = _problem()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    shadow = sw.Shadow(loss_fn=_mse, every=10, window=5, eps=EPS)
+    # transient=0: every step is averaged (the default "auto" cuts a data-sized transient first; see
+    # tests/test_shadow_defaults.py)
+    shadow = sw.Shadow(loss_fn=_mse, every=10, window=5, eps=EPS, transient=0)
     drive = Drive(shadow, model, opt)
     h = 2.0 / N * batch[0].T @ batch[0]
     step_map = torch.eye(D, dtype=torch.float64) - LR * h

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from typing import Any, Literal
 
-from stabwatch.alerts.base import Rule, Verdict, Window, check_floor, describe_span
+from stabwatch.alerts.base import Rule, Verdict, Window, check_floor, describe_span, scan_check
 from stabwatch.errors import ConfigError, check_choice, check_int, check_positive
 from stabwatch.metrics import AlertReason
 from stabwatch.numeric import fmt
@@ -88,20 +89,37 @@ class RatioRule(Rule):
     def _new_state(self) -> _RatioState:
         return _RatioState(self.window)
 
-    def _check(self, state: _RatioState, step: int, value: float, active: bool) -> Verdict | None:
+    _check = scan_check
+
+    def _scan(self, state: _RatioState, step: int, value: float, active: bool, full: bool) -> Verdict | bool | None:
         w = state.window
-        if len(w) < self.min_history:
+        values, ordered = w.values, w.sorted
+        n = len(values)
+        if n < self.min_history:
             w.push(step, value)
             return None
-        med = w.median()
-        span = w.span()
-        if self.direction == "up":
-            triggered = med > 0 and value >= self.factor * med and (self.floor is None or value >= self.floor)
-            magnitude = value / med if med > 0 else float("inf")
+        mid = n // 2  # `Window.median`, inlined
+        med = ordered[mid] if n % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+        up = self.direction == "up"
+        if up:
+            floor = self.floor
+            triggered = med > 0 and value >= self.factor * med and (floor is None or value >= floor)
         else:
             triggered = med > 0 and value <= med / self.factor
+        if not triggered and not active and not full:  # calm, outside an episode: the fast path
+            state.excluded = 0
+            values.append(value)  # `Window.push`, inlined
+            w.steps.append(step)
+            insort(ordered, value)
+            if n >= w.size:
+                del ordered[bisect_left(ordered, values.popleft())]
+                w.steps.popleft()
+            return False
+        span = w.span()
+        if up:
+            magnitude = value / med if med > 0 else float("inf")
+        else:
             magnitude = med / value if value > 0 else float("inf")
-        up = self.direction == "up"
 
         def detail() -> str:
             desc = describe_span(*span)

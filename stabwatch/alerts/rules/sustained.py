@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 from typing import Any
 
-from stabwatch.alerts.base import Rule, Verdict
+from stabwatch.alerts.base import Rule, Verdict, scan_check
 from stabwatch.errors import ConfigError, check_int, check_number
 from stabwatch.metrics import AlertReason
 from stabwatch.numeric import fmt
@@ -80,20 +80,34 @@ class SustainedRule(Rule):
     def _new_state(self) -> _SustainedState:
         return _SustainedState(self.n)
 
-    def _check(self, st: _SustainedState, step: int, value: float, active: bool) -> Verdict | None:
-        hit = value > self.above if self.above is not None else value < self.below  # type: ignore[operator]
-        st.push(bool(hit), value)
-        if len(st.hits) < self.k:
+    _check = scan_check
+
+    def _scan(
+        self, st: _SustainedState, step: int, value: float, active: bool, full: bool
+    ) -> Verdict | bool | None:
+        above = self.above
+        hit = value > above if above is not None else value < self.below  # type: ignore[operator]
+        hits = st.hits
+        n = len(hits)
+        if n == hits.maxlen and hits[0]:  # `_SustainedState.push`, inlined
+            st.count -= 1
+        hits.append(bool(hit))
+        st.values.append(value)
+        count = st.count = st.count + hit
+        k = self.k
+        if n < k - 1:  # fewer than `patience` values so far (n is the count before this one)
             return None
-        count, n = st.count, len(st.hits)
-        above, below, values = self.above, self.below, st.values
+        if count < k and not active and not full:
+            return False  # calm, outside an episode
+        n = len(hits)
+        below, values = self.below, st.values
 
         def detail() -> str:
             cond = f"> {fmt(above)}" if above is not None else f"< {fmt(below)}"  # type: ignore[arg-type]
             mean = sum(values) / len(values)
             return f"{cond} in {count} of the last {n} values (mean {fmt(mean)}, last {fmt(value)})"
 
-        return Verdict(count >= self.k, value, detail)
+        return Verdict(count >= k, value, detail)
 
     def _dump_state(self, st: _SustainedState) -> dict[str, Any]:
         return {"hits": list(st.hits), "values": list(st.values)}

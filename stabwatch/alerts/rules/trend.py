@@ -6,7 +6,7 @@ import collections
 import math
 from typing import Any, Literal
 
-from stabwatch.alerts.base import Rule, Verdict, check_floor, to_scale
+from stabwatch.alerts.base import Rule, Verdict, check_floor, scan_check
 from stabwatch.errors import ConfigError, check_choice, check_int, check_positive
 from stabwatch.metrics import AlertReason
 from stabwatch.numeric import fmt
@@ -48,45 +48,67 @@ class _TrendState:
     """The window plus running sums of x, y, x², xy, y² (x = step - x0), so each value costs O(1);
     the sums are recomputed from the window every ``size`` values to keep round-off from piling up."""
 
-    __slots__ = ("n_since", "steps", "sums", "values", "x0")
+    __slots__ = ("n_since", "steps", "sx", "sxx", "sxy", "sy", "syy", "values", "x0")
 
     def __init__(self, size: int) -> None:
         self.steps: collections.deque[int] = collections.deque()
         self.values: collections.deque[float] = collections.deque()
         self.x0 = 0
-        self.sums = [0.0, 0.0, 0.0, 0.0, 0.0]
+        self.sx = self.sy = self.sxx = self.sxy = self.syy = 0.0
         self.n_since = 0
 
-    def _add(self, step: int, y: float, sign: float) -> None:
-        x = float(step - self.x0)
-        s = self.sums
-        s[0] += sign * x
-        s[1] += sign * y
-        s[2] += sign * x * x
-        s[3] += sign * x * y
-        s[4] += sign * y * y
+    @property
+    def sums(self) -> list[float]:
+        return [self.sx, self.sy, self.sxx, self.sxy, self.syy]
+
+    @sums.setter
+    def sums(self, sums: list[float]) -> None:
+        self.sx, self.sy, self.sxx, self.sxy, self.syy = sums
 
     def rebase(self) -> None:
-        self.x0 = self.steps[0] if self.steps else 0
-        self.sums = [0.0, 0.0, 0.0, 0.0, 0.0]
+        x0 = self.x0 = self.steps[0] if self.steps else 0
+        sx = sy = sxx = sxy = syy = 0.0
         for step, y in zip(self.steps, self.values):
-            self._add(step, y, 1.0)
+            x = float(step - x0)
+            sx += x
+            sy += y
+            sxx += x * x
+            sxy += x * y
+            syy += y * y
+        self.sx, self.sy, self.sxx, self.sxy, self.syy = sx, sy, sxx, sxy, syy
         self.n_since = 0
 
     def push(self, step: int, y: float, size: int) -> None:
-        self.steps.append(step)
-        self.values.append(y)
-        self._add(step, y, 1.0)
-        if len(self.values) > size:
-            self._add(self.steps.popleft(), self.values.popleft(), -1.0)
+        # the sums move by +x, +x*x ... for the new value and -x, -x*x ... for the one leaving the window:
+        # the same floating-point results as adding (±1.0 * x) * x etc. (a sign flip is exact)
+        steps, values = self.steps, self.values
+        steps.append(step)
+        values.append(y)
+        x0 = self.x0
+        x = float(step - x0)
+        sx, sy, sxx, sxy, syy = self.sx + x, self.sy + y, self.sxx + x * x, self.sxy + x * y, self.syy + y * y
+        if len(values) > size:
+            x = float(steps.popleft() - x0)
+            y = values.popleft()
+            sx, sy, sxx, sxy, syy = sx - x, sy - y, sxx - x * x, sxy - x * y, syy - y * y
+        self.sx, self.sy, self.sxx, self.sxy, self.syy = sx, sy, sxx, sxy, syy
         self.n_since += 1
         if self.n_since >= size:
             self.rebase()
 
+    def slope(self) -> float:
+        """The slope of `fit` alone (0 where `fit` gives 0)."""
+        n = len(self.values)
+        sx = self.sx
+        cxx = self.sxx - sx * sx / n
+        if n < 3 or cxx <= 0:
+            return 0.0
+        return (self.sxy - sx * self.sy / n) / cxx
+
     def fit(self) -> tuple[float, float]:
         """Slope and its t-statistic (as `fit_slope`) from the running sums."""
         n = len(self.values)
-        sx, sy, sxx, sxy, syy = self.sums
+        sx, sy, sxx, sxy, syy = self.sx, self.sy, self.sxx, self.sxy, self.syy
         cxx = sxx - sx * sx / n
         if n < 3 or cxx <= 0:
             return 0.0, 0.0
@@ -166,19 +188,49 @@ class TrendRule(Rule):
     def _new_state(self) -> _TrendState:
         return _TrendState(self.window)
 
-    def _check(self, st: _TrendState, step: int, value: float, active: bool) -> Verdict | None:
-        y = to_scale(value, self.log)
-        if y is None:
+    _check = scan_check
+
+    def _scan(self, st: _TrendState, step: int, value: float, active: bool, full: bool) -> Verdict | bool | None:
+        if not self.log:
+            y = value
+        elif value > 0:  # `to_scale`, inlined
+            y = math.log(value)
+        else:
             return None
-        st.push(step, y, self.window)
-        if len(st.values) < self.window:
+        window = self.window
+        # `_TrendState.push` and `.slope`, inlined (this is the rule's per-value cost)
+        steps, values = st.steps, st.values
+        steps.append(step)
+        values.append(y)
+        x0 = st.x0
+        x = float(step - x0)
+        sx, sy, sxx, sxy, syy = st.sx + x, st.sy + y, st.sxx + x * x, st.sxy + x * y, st.syy + y * y
+        n = len(values)
+        if n > window:
+            x = float(steps.popleft() - x0)
+            y = values.popleft()
+            sx, sy, sxx, sxy, syy = sx - x, sy - y, sxx - x * x, sxy - x * y, syy - y * y
+            n -= 1
+        st.sx, st.sy, st.sxx, st.sxy, st.syy = sx, sy, sxx, sxy, syy
+        st.n_since += 1
+        if st.n_since >= window:
+            st.rebase()
+            sx, sy, sxx, sxy = st.sx, st.sy, st.sxx, st.sxy
+        if n < window:
             return None
+        sign = 1.0 if self.direction == "rising" else -1.0
+        if not active and not full:
+            cxx = sxx - sx * sx / n
+            slope = 0.0 if n < 3 or cxx <= 0 else (sxy - sx * sy / n) / cxx
+            if not sign * slope * (steps[-1] - steps[0]) >= self.threshold:
+                return False  # the fitted change is too small: calm (no t-statistic needed), outside an episode
         slope, t = st.fit()
         change = slope * (st.steps[-1] - st.steps[0])
-        sign = 1.0 if self.direction == "rising" else -1.0
         triggered = (
             sign * change >= self.threshold and sign * t >= self.min_t and (self.floor is None or value >= self.floor)
         )
+        if not triggered and not active and not full:
+            return False
         first, last, log = st.steps[0], st.steps[-1], self.log
 
         def detail() -> str:
