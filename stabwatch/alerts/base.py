@@ -13,6 +13,11 @@ window); the base class owns what turns a condition into alerts:
 * **per-layer streams** — a rule bound to ``"layers:<field>"`` keeps one independent state per module
   path; `Rule.update` takes ``layer=`` for that.
 
+The built-in rule types implement `Rule._scan` instead (``_check = scan_check``): the same judgement,
+with a shortcut for the common case of a calm value outside an episode, where no `Verdict` or message
+is made (the engine runs every rule on every record; ``tests/alerts/test_rule_speed_equivalence.py``
+holds them to the alerts they raised before the shortcut).
+
 Missing values (``None``, the metric was not scheduled at this step) are skipped without touching any
 state. Non-finite values are skipped too — they are the business of `NonFiniteRule`, so one NaN raises
 one alert, not a cascade — except by rules that set ``accepts_nonfinite``.
@@ -84,12 +89,15 @@ class Verdict(NamedTuple):
 
 
 class RecordView:
-    """A record plus a lazily built flat-key dict, shared by all rules evaluating one record."""
+    """A record plus a lazily built flat-key dict, shared by all rules evaluating one record (and its
+    ``step`` and ``layers``, read once here: a field of a pydantic record costs several plain attributes)."""
 
-    __slots__ = ("_flat", "record")
+    __slots__ = ("_flat", "layers", "record", "step")
 
     def __init__(self, record: StabilityMetrics) -> None:
         self.record = record
+        self.step = record.step
+        self.layers = record.layers
         self._flat: dict[str, float] | None = None
 
     def flat(self) -> dict[str, float]:
@@ -493,6 +501,10 @@ class Rule:
             return None
         return self._advance(s, step, verdict, layer)  # type: ignore[arg-type]
 
+    def _feed_list(self, step: int, value: Any, layer: str | None) -> list[Alert]:
+        alert = self._feed(step, value, layer)
+        return [] if alert is None else [alert]
+
     def check(self, step: int, value: Any, layer: str | None = None) -> Verdict | None:
         """Judge one value and advance the detector, without the alert lifecycle (used by `AllOf`)."""
         judged = self._judge(step, value, layer)
@@ -544,21 +556,46 @@ class Rule:
         binding = self.binding
         if self._fast:  # the built-in rule types: one call per value, no list of pairs
             kind = binding.kind
-            if kind == "field":
+            if kind == "field":  # one global value (most rules): `_feed`, inlined
                 value = getattr(record, binding.field)  # type: ignore[arg-type]
                 if value is None:
                     return []
-                alert = self._feed(record.step, value, None)
+                if type(value) is not float or not _isfinite(value):  # converted, refused or skipped
+                    return self._feed_list(view.step, value, None)
+                s = self._streams.get(None)
+                if s is None:
+                    s = self._stream(None)
+                verdict = self._scan(s.det, view.step, value, s.active, False)
+                if verdict is None:
+                    return []
+                if verdict is False:
+                    s.streak = 0
+                    return []
+                alert = self._advance(s, view.step, verdict, None)  # type: ignore[arg-type]
                 return [] if alert is None else [alert]
-            if kind == "layers":
-                field, step, fired = binding.field, record.step, []
-                feed = self._feed
-                for layer, vals in record.layers.items():
+            if kind == "layers":  # one value per layer: `_feed`, inlined
+                field, step = binding.field, view.step
+                fired: list[Alert] = []
+                streams, scan = self._streams, self._scan
+                for path, vals in view.layers.items():
                     value = vals.get(field)  # type: ignore[arg-type]
-                    if value is not None:
-                        alert = feed(step, value, layer)
-                        if alert is not None:
-                            fired.append(alert)
+                    if value is None:
+                        continue
+                    if type(value) is not float or not _isfinite(value):  # converted, refused or skipped
+                        alert = self._feed(step, value, path)
+                    else:
+                        s = streams.get(path)
+                        if s is None:
+                            s = self._stream(path)
+                        verdict = scan(s.det, step, value, s.active, False)
+                        if verdict is None:
+                            continue
+                        if verdict is False:
+                            s.streak = 0
+                            continue
+                        alert = self._advance(s, step, verdict, path)  # type: ignore[arg-type]
+                    if alert is not None:
+                        fired.append(alert)
                 return fired
         own_update = type(self).update is not _RULE_UPDATE  # a subclass that feeds values its own way
         if binding.kind == "field" and not own_update:  # one global value (most rules): no list to make

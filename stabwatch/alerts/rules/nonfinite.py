@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
-from stabwatch.alerts.base import RecordView, Rule, Verdict
+from stabwatch.alerts.base import RecordView, Rule, Verdict, scan_check
 from stabwatch.metrics import Alert, AlertReason, Severity
 from stabwatch.numeric import fmt
 
@@ -44,10 +44,14 @@ class NonFiniteRule(Rule):
         super().__init__(metric, **kwargs)
         self._flag = self.binding.kind == "field" and self.binding.field == "nonfinite"
 
-    def _check(self, state: Any, step: int, value: float, active: bool) -> Verdict:
+    _check = scan_check
+
+    def _scan(self, state: Any, step: int, value: float, active: bool, full: bool) -> Verdict | bool:
         if self._flag:
-            return Verdict(bool(value), math.nan, "" if value else "all values finite again")
+            return _flag_verdict(value)
         if math.isfinite(value):
+            if not active and not full:
+                return False  # calm, outside an episode
             return Verdict(False, value, f"finite again ({fmt(value)})")
         return Verdict(True, value, f"is {value}")
 
@@ -62,7 +66,7 @@ class NonFiniteRule(Rule):
             return []
         where = record.nonfinite_source
         s = self._stream(None)
-        verdict = self._check(s.det, record.step, 1.0 if record.nonfinite else 0.0, s.active)
+        verdict = cast(Verdict, self._check(s.det, record.step, 1.0 if record.nonfinite else 0.0, s.active))
         if verdict.triggered:
             loss = record.loss
             extra = f" (loss = {loss})" if loss is not None and not math.isfinite(loss) else ""
@@ -79,3 +83,8 @@ class NonFiniteRule(Rule):
         if layer is not None and alert.reason is not AlertReason.RECOVERED:
             alert = alert.model_copy(update={"layer": layer})
         return [alert]
+
+
+def _flag_verdict(value: float) -> Verdict:
+    """The verdict on the record's ``nonfinite`` flag (1.0 or 0.0); `observe` words the alert."""
+    return Verdict(bool(value), math.nan, "" if value else "all values finite again")

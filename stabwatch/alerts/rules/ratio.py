@@ -116,7 +116,7 @@ class RatioRule(Rule):
                 w.steps.popleft()
             return False
         span = w.span()
-        if up:
+        if up:  # noqa: SIM108 - two conditionals in one line are harder to read
             magnitude = value / med if med > 0 else float("inf")
         else:
             magnitude = med / value if value > 0 else float("inf")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from stabwatch.alerts.base import Rule, Verdict, Window, check_floor, describe_span, to_scale
+from stabwatch.alerts.base import Rule, Verdict, Window, check_floor, describe_span, scan_check
 from stabwatch.errors import ConfigError, check_choice, check_int, check_positive
 from stabwatch.metrics import AlertReason
 from stabwatch.numeric import fmt
@@ -124,30 +124,42 @@ class SpikeRule(Rule):
         st.mean += a * diff
         st.var = (1.0 - a) * (st.var + a * diff * diff)
 
-    def _check(self, st: _SpikeState, step: int, value: float, active: bool) -> Verdict | None:
-        y = to_scale(value, self.log)
-        if y is None:
+    _check = scan_check
+
+    def _scan(self, st: _SpikeState, step: int, value: float, active: bool, full: bool) -> Verdict | bool | None:
+        if not self.log:
+            y = value
+        elif value > 0:  # `to_scale`, inlined
+            y = math.log(value)
+        else:
             return None
         if st.n < self.warmup:
             self._accept(st, step, y)
             return None
         span = None
-        if st.window is not None:
-            center = st.window.median()
-            scale = MAD_TO_SIGMA * st.window.mad(center)
-            span = st.window.span()
+        w = st.window
+        if w is not None:
+            center = w.median()
+            scale = MAD_TO_SIGMA * w.mad(center)
         else:
             center, scale = st.mean, math.sqrt(st.var)
         scale = max(scale, self.min_scale)
         z = (y - center) / scale
         base = math.exp(center) if self.log else center
+        direction = self.direction
         up = (
             z >= self.z
             and (self.min_ratio is None or value >= self.min_ratio * base)
             and (self.floor is None or value >= self.floor)
         )
         down = z <= -self.z and (self.min_ratio is None or value * self.min_ratio <= base)
-        triggered = (up and self.direction in ("up", "both")) or (down and self.direction in ("down", "both"))
+        triggered = (up and direction in ("up", "both")) or (down and direction in ("down", "both"))
+        if not triggered and not active and not full:  # calm, outside an episode
+            st.excluded = 0
+            self._accept(st, step, y)
+            return False
+        if w is not None:
+            span = w.span()
         log = self.log
         window = self.window
 

@@ -82,16 +82,14 @@ class SustainedRule(Rule):
 
     _check = scan_check
 
-    def _scan(
-        self, st: _SustainedState, step: int, value: float, active: bool, full: bool
-    ) -> Verdict | bool | None:
+    def _scan(self, st: _SustainedState, step: int, value: float, active: bool, full: bool) -> Verdict | bool | None:
         above = self.above
         hit = value > above if above is not None else value < self.below  # type: ignore[operator]
         hits = st.hits
         n = len(hits)
-        if n == hits.maxlen and hits[0]:  # `_SustainedState.push`, inlined
+        if n == self.n and hits[0]:  # `_SustainedState.push`, inlined (the deques' maxlen is `self.n`)
             st.count -= 1
-        hits.append(bool(hit))
+        hits.append(hit)  # a bool: a comparison of two floats
         st.values.append(value)
         count = st.count = st.count + hit
         k = self.k

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stabwatch.alerts.base import Rule, Verdict
+from stabwatch.alerts.base import Rule, Verdict, scan_check
 from stabwatch.errors import ConfigError, check_number
 from stabwatch.metrics import AlertReason
 from stabwatch.numeric import fmt
@@ -60,7 +60,9 @@ class ThresholdRule(Rule):
             if self.below is not None and self.clear < self.below:
                 raise ConfigError(f"ThresholdRule({metric!r}).clear: {self.clear} must be >= below={self.below}")
 
-    def _check(self, state: Any, step: int, value: float, active: bool) -> Verdict:
+    _check = scan_check
+
+    def _scan(self, state: Any, step: int, value: float, active: bool, full: bool) -> Verdict | bool:
         hi, lo = self.above, self.below
         if active and self.clear is not None:
             if hi is not None:
@@ -71,6 +73,8 @@ class ThresholdRule(Rule):
             return Verdict(True, value, lambda: f"{fmt(value)} > {fmt(hi)}")  # type: ignore[arg-type]
         if lo is not None and value < lo:
             return Verdict(True, value, lambda: f"{fmt(value)} < {fmt(lo)}")  # type: ignore[arg-type]
+        if not active and not full:
+            return False  # calm, outside an episode
 
         def detail() -> str:
             bounds = [f"<= {fmt(hi)}"] if hi is not None else []

@@ -46,7 +46,10 @@ def fit_slope(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 class _TrendState:
     """The window plus running sums of x, y, x², xy, y² (x = step - x0), so each value costs O(1);
-    the sums are recomputed from the window every ``size`` values to keep round-off from piling up."""
+    the sums are recomputed from the window every ``size`` values to keep round-off from piling up.
+    `TrendRule._scan` moves them, inlined: +x, +x*x ... for a new value, -x, -x*x ... for the one
+    leaving the window (the same floating-point results as adding ``(±1.0 * x) * x``: a sign flip is
+    exact, so states saved before this form resume identically)."""
 
     __slots__ = ("n_since", "steps", "sx", "sxx", "sxy", "sy", "syy", "values", "x0")
 
@@ -77,33 +80,6 @@ class _TrendState:
             syy += y * y
         self.sx, self.sy, self.sxx, self.sxy, self.syy = sx, sy, sxx, sxy, syy
         self.n_since = 0
-
-    def push(self, step: int, y: float, size: int) -> None:
-        # the sums move by +x, +x*x ... for the new value and -x, -x*x ... for the one leaving the window:
-        # the same floating-point results as adding (±1.0 * x) * x etc. (a sign flip is exact)
-        steps, values = self.steps, self.values
-        steps.append(step)
-        values.append(y)
-        x0 = self.x0
-        x = float(step - x0)
-        sx, sy, sxx, sxy, syy = self.sx + x, self.sy + y, self.sxx + x * x, self.sxy + x * y, self.syy + y * y
-        if len(values) > size:
-            x = float(steps.popleft() - x0)
-            y = values.popleft()
-            sx, sy, sxx, sxy, syy = sx - x, sy - y, sxx - x * x, sxy - x * y, syy - y * y
-        self.sx, self.sy, self.sxx, self.sxy, self.syy = sx, sy, sxx, sxy, syy
-        self.n_since += 1
-        if self.n_since >= size:
-            self.rebase()
-
-    def slope(self) -> float:
-        """The slope of `fit` alone (0 where `fit` gives 0)."""
-        n = len(self.values)
-        sx = self.sx
-        cxx = self.sxx - sx * sx / n
-        if n < 3 or cxx <= 0:
-            return 0.0
-        return (self.sxy - sx * self.sy / n) / cxx
 
     def fit(self) -> tuple[float, float]:
         """Slope and its t-statistic (as `fit_slope`) from the running sums."""
@@ -198,7 +174,7 @@ class TrendRule(Rule):
         else:
             return None
         window = self.window
-        # `_TrendState.push` and `.slope`, inlined (this is the rule's per-value cost)
+        # push the value (see `_TrendState`) and, on the fast path, fit the slope alone
         steps, values = st.steps, st.values
         steps.append(step)
         values.append(y)
