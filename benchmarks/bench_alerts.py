@@ -56,6 +56,7 @@ import stabwatch as sw
 from stabwatch.alerts import AlertEngine, RatioRule, Rule, SpikeRule, SustainedRule, ThresholdRule, default_rules
 from stabwatch.alerts.base import Window
 from stabwatch.alerts.rules.spike import MAD_TO_SIGMA
+from stabwatch.compat import _RULES as _COMPAT_RULES
 from tests.alerts.scenarios import EXPECTED, FAULTS, MODELS, make, run
 
 SECTIONS = ("table", "cost", "rules", "healthy", "shadow", "detect", "repeats", "batch", "rnn")
@@ -443,16 +444,7 @@ def cost(steps: int = 400) -> None:
 
 
 #: the default rules `stabwatch.compat.StabilityMonitor` runs (those that watch what its records hold)
-COMPAT_RULES = (
-    "non_finite",
-    "grad_explode",
-    "grad_rising",
-    "grad_vanish",
-    "grad_tiny",
-    "spiking_dead",
-    "spiking_saturated",
-    "silent_layer",
-)
+COMPAT_RULES = _COMPAT_RULES
 
 
 def compat_stream(n: int = 2000, seed: int = 0) -> list[sw.StabilityMetrics]:

@@ -455,19 +455,21 @@ class Rule:
             s = self._streams[layer] = _Stream(self._new_state())
         return s
 
+    def _number(self, step: int, value: Any, layer: str | None) -> float:
+        """``float(value)``, or an error naming the rule, the step and the layer."""
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            where = f" (layer {layer!r})" if layer is not None else ""
+            raise StabwatchError(
+                f"rule {self.name!r}: the value at step {step}{where} must be a number or None, got {value!r}"
+            ) from None
+
     def _judge(self, step: int, value: Any, layer: str | None) -> tuple[_Stream, Verdict] | None:
         if value is None:
             return None
-        if type(value) is float:  # what records hold: no conversion to make
-            v = value
-        else:
-            try:
-                v = float(value)
-            except (TypeError, ValueError):
-                where = f" (layer {layer!r})" if layer is not None else ""
-                raise StabwatchError(
-                    f"rule {self.name!r}: the value at step {step}{where} must be a number or None, got {value!r}"
-                ) from None
+        # what records hold is a float already: no conversion (nor call) on the hot path
+        v = value if type(value) is float else self._number(step, value, layer)
         if not self.accepts_nonfinite and not _isfinite(v):
             return None
         s = self._streams.get(layer)
@@ -478,16 +480,7 @@ class Rule:
 
     def _feed(self, step: int, value: Any, layer: str | None) -> Alert | None:
         """`update` for a `_fast` rule type: `_judge` and `_advance` in one, through `_scan`."""
-        if type(value) is float:
-            v = value
-        else:
-            try:
-                v = float(value)
-            except (TypeError, ValueError):
-                where = f" (layer {layer!r})" if layer is not None else ""
-                raise StabwatchError(
-                    f"rule {self.name!r}: the value at step {step}{where} must be a number or None, got {value!r}"
-                ) from None
+        v = value if type(value) is float else self._number(step, value, layer)
         if not _isfinite(v) and not self.accepts_nonfinite:
             return None
         s = self._streams.get(layer)
