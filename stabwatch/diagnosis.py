@@ -100,6 +100,9 @@ class Trend:
         return f"×{fmt(v, 3)}/100 steps" if self.log else f"{fmt(v, 3, signed=True)}/100 steps"
 
     def __str__(self) -> str:
+        if self.label == "n/a":  # no rate to show: a "×1/100 steps" here would read as a measured one
+            values = f"{self.n} value" + ("" if self.n == 1 else "s")
+            return f"{self.metric:<22}{self.label:<8} {values}, too few steps for a trend; latest {fmt(self.latest)}"
         text = (
             f"{self.metric:<22}{self.label:<8} median {fmt(self.first_median)} → {fmt(self.last_median)}"
             f"  ({self.rate()}); latest {fmt(self.latest)}"

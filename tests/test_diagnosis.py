@@ -204,3 +204,16 @@ def test_diagnose_refuses_what_is_not_a_run(records, alerts, where):
     for fn in (analyse, diagnose):
         with pytest.raises(StabwatchError, match=re.escape(where)):
             fn(records, alerts)
+
+
+def test_a_metric_with_too_few_values_shows_no_rate():
+    # the loss at every step, the update ratio only twice (a family on a schedule): no trend for the latter
+    recs = [
+        sw.StabilityMetrics(step=s, loss=2.0 * 0.99**s, update_ratio=1e-3 if s in (0, 100) else None)
+        for s in range(120)
+    ]
+    lines = diagnose(recs).splitlines()
+    (line,) = [ln for ln in lines if ln.lstrip().startswith("update_ratio")]
+    assert "n/a" in line and "2 values, too few steps for a trend" in line and "/100 steps" not in line
+    (loss,) = [ln for ln in lines if ln.lstrip().startswith("loss ")]
+    assert "falling" in loss and "/100 steps" in loss
