@@ -63,6 +63,7 @@ from stabwatch.functional.spectral import (
 )
 from stabwatch.metrics import Alert, AlertReason
 from stabwatch.metrics import StabilityMetrics as Record
+from stabwatch.numeric import round32
 from stabwatch.pipeline import RecordPipeline, sink_list
 
 __all__ = ["LYAPUNOV_KEY", "StabilityMetrics", "StabilityMonitor", "analyze_weight_spectrum", "compute_spectral_radius"]
@@ -321,7 +322,6 @@ _FEW = 64
 #: where `_few_firing_stats` is the same arithmetic as torch's kernel: x86-64, whose baseline build of the
 #: kernel has no fused multiply-add (an ARM build may fuse ``sum += d * d`` and round differently)
 _REPLAY_STD = platform.machine().lower() in ("x86_64", "amd64")
-_F32_MAX = float(np.finfo(np.float32).max)
 
 
 def _few_firing_stats(values: list[float], mean: float, low: float, high: float) -> tuple[float, int, int]:
@@ -338,11 +338,7 @@ def _few_firing_stats(values: list[float], mean: float, low: float, high: float)
             n_low += 1
         elif x > high:
             n_high += 1
-    std = math.sqrt(total / (len(values) - 1))
-    if std > _F32_MAX:
-        with np.errstate(over="ignore"):  # beyond float32's range: inf (or its largest value), as the cast gives
-            return float(np.float32(std)), n_low, n_high
-    return float(np.float32(std)), n_low, n_high
+    return round32(math.sqrt(total / (len(values) - 1))), n_low, n_high
 
 
 def _firing_host(rates: torch.Tensor, dead: float, saturated: float) -> list[float]:

@@ -9,7 +9,25 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
-__all__ = ["fmt", "median", "median_sorted"]
+import numpy as np
+
+__all__ = ["fmt", "median", "median_sorted", "round32"]
+
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def round32(x: float) -> float:
+    """``x`` rounded to float32 as a cast does (to ±inf beyond its range, without numpy's overflow
+    warning), as a Python float.
+
+    Example:
+        >>> round32(0.1), round32(1e39)
+        (0.10000000149011612, inf)
+    """
+    if -_F32_MAX <= x <= _F32_MAX or x != x:
+        return float(np.float32(x))
+    with np.errstate(over="ignore"):
+        return float(np.float32(x))
 
 
 def fmt(value: float, digits: int = 4, *, signed: bool = False) -> str:

@@ -57,7 +57,6 @@ __all__ = [
     "check_unique_names",
     "describe_span",
     "scan_check",
-    "to_scale",
 ]
 
 #: record fields a rule can bind to (metrics; not step / layers / extra / alerts / text fields)
@@ -331,13 +330,6 @@ def check_floor(value: Any, field: str, upward: bool = True) -> float | None:
     if not upward:
         raise ConfigError(f"{field}: a floor (how high a value must be) only applies to a rule watching for a rise")
     return v
-
-
-def to_scale(value: float, log: bool) -> float | None:
-    """What a rule judges: ``ln(value)`` on log scale (``None`` for a value <= 0: skipped), else ``value``."""
-    if not log:
-        return value
-    return math.log(value) if value > 0 else None
 
 
 class Rule:

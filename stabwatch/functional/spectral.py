@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from stabwatch.errors import InputError
+from stabwatch.numeric import round32
 
 __all__ = [
     "SpectrumSummary",
@@ -348,7 +349,7 @@ def spectrum_summary_rows(
         spectra[~finite.numpy()] = np.nan  # `_nan_unless`
     # `condition_number` on Python floats: in float32, every product and quotient below is exact or
     # correctly rounded in float64 (operands of 24 bits), so rounding it to float32 gives the float32 result
-    r = _round32 if single else float
+    r = round32 if single else float
     size = r(max(a.shape[-2:]))
     eps = torch.finfo(a.dtype).eps
     rows: list[tuple[list[float], float, float, float]] = []
@@ -362,17 +363,6 @@ def spectrum_summary_rows(
         else:
             rows.append((values[:top_k], 0.0, 0.0, math.inf))
     return rows
-
-
-_F32_MAX = float(np.finfo(np.float32).max)
-
-
-def _round32(x: float) -> float:
-    """``x`` rounded to float32 as a cast does (to ±inf beyond its range), as a Python float."""
-    if -_F32_MAX <= x <= _F32_MAX or x != x:
-        return float(np.float32(x))
-    with np.errstate(over="ignore"):
-        return float(np.float32(x))
 
 
 def group_matrices(tensors: Sequence[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:

@@ -169,7 +169,7 @@ class TrendRule(Rule):
     def _scan(self, st: _TrendState, step: int, value: float, active: bool, full: bool) -> Verdict | bool | None:
         if not self.log:
             y = value
-        elif value > 0:  # `to_scale`, inlined
+        elif value > 0:  # log scale: ln(value); a value <= 0 is skipped
             y = math.log(value)
         else:
             return None
