@@ -97,6 +97,9 @@ _RULES = (
     "spiking_dead",
     "spiking_saturated",
     "silent_layer",
+    "spiking_rate_falling",
+    "spiking_rate_high",
+    "membrane_above_threshold",
 )
 
 

@@ -18,6 +18,17 @@ live `Monitor` (`Monitor.diagnose`) and a JSONL file read back (``stabwatch diag
   and each comes with what to try. A recent rise of the gradient norm counts only once the latest
   value has reached the gradient-explosion floor (`stabwatch.alerts.defaults.GRAD_FLOOR`), as for the
   alert rules: a dead network whose gradient creeps up from 1e-6 is not taking too large steps.
+* **Causes in a chain.** Vanishing gradients, saturated, dead or silent units and collapse within 100 steps
+  after the first step-size alert (update ratio, loss jump, gradient explosion) are its consequence: they
+  count for the step size ("weights blow up, then the surrogate gradients vanish and neurons saturate").
+* **Spiking networks** (the records carry a firing rate or a ``spiking/...`` key): dead/silent, saturated
+  and vanishing-surrogate causes give spiking advice (threshold, input scaling, bias, leak β, surrogate
+  slope, a firing-rate regulariser), not ReLU / He / Xavier / BatchNorm; a vanishing gradient that comes
+  with silent or saturated neurons is theirs (the membranes sit far from the threshold); a gradient alert
+  while a silent layer fires again is a recovery; the trend lines of the firing rate, the dead and
+  saturated fractions and the membrane's distance to the threshold count as evidence.
+* **Clipping** is not suggested under an adaptive optimizer (``optimizer=``: Adam & co. step by about the
+  learning rate whatever the gradient), nor, the optimizer unknown, while gradients vanish.
 """
 
 from __future__ import annotations
@@ -52,6 +63,7 @@ WATCHED: tuple[str, ...] = (
     "firing_rate_mean",
     "dead_neuron_frac",
     "saturated_neuron_frac",
+    "membrane_threshold_distance",
     "lyapunov",
     "lyapunov_local",
     "shadow_divergence",
@@ -102,9 +114,11 @@ class Trend:
     def __str__(self) -> str:
         if self.label == "n/a":  # no rate to show: a "×1/100 steps" here would read as a measured one
             values = f"{self.n} value" + ("" if self.n == 1 else "s")
-            return f"{self.metric:<22}{self.label:<8} {values}, too few steps for a trend; latest {fmt(self.latest)}"
+            return (
+                f"{self.metric + ' ':<22}{self.label:<8} {values}, too few steps for a trend; latest {fmt(self.latest)}"
+            )
         text = (
-            f"{self.metric:<22}{self.label:<8} median {fmt(self.first_median)} → {fmt(self.last_median)}"
+            f"{self.metric + ' ':<22}{self.label:<8} median {fmt(self.first_median)} → {fmt(self.last_median)}"
             f"  ({self.rate()}); latest {fmt(self.latest)}"
         )
         if self.recent is not None and self.recent != self.label:
@@ -206,6 +220,7 @@ class AlertSummary:
     layers: list[str]
     message: str
     suggestion: str
+    metric: str = ""
 
     def __str__(self) -> str:
         where = f" in {', '.join(self.layers[:4])}{' ...' if len(self.layers) > 4 else ''}" if self.layers else ""
@@ -224,28 +239,37 @@ class Cause:
     actions: list[str] = field(default_factory=list)
 
 
-# cause -> (title, evidence reasons, actions)
-_CAUSES: dict[str, tuple[str, frozenset[AlertReason], tuple[str, ...]]] = {
-    "step_size": (
+@dataclass(frozen=True)
+class _CauseSpec:
+    """A cause: its title and what to try, and, for a spiking network, the spiking-specific versions."""
+
+    title: str
+    actions: tuple[str, ...]
+    spiking_title: str | None = None
+    spiking_actions: tuple[str, ...] | None = None
+
+
+_CLIP_ACTION = "clip gradients: torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={clip})"
+
+_CAUSES: dict[str, _CauseSpec] = {
+    "step_size": _CauseSpec(
         "the learning rate (step size) is too high for this model/batch",
-        frozenset(
-            {
-                AlertReason.EXPLODING_GRADIENT,
-                AlertReason.LOSS_SPIKE,
-                AlertReason.UPDATE_RATIO,
-                AlertReason.CHAOTIC_TRAINING,
-                AlertReason.NON_FINITE,
-            }
-        ),
         (
             "lower the learning rate (÷3 to ÷10), or add / lengthen the warm-up",
-            "clip gradients: torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={clip})",
+            _CLIP_ACTION,
+            "Monitor(guard=True) skips single bad steps while you fix the cause",
+        ),
+        "the learning rate (step size) is too high: large steps blow the weights up, then the membranes leave "
+        "the surrogate's window (neurons saturate or fall silent) and the surrogate gradients vanish",
+        (
+            "lower the learning rate (÷3 to ÷10), or add / lengthen the warm-up; check the scheduler (a "
+            "restart, a jump) at the step named above",
+            _CLIP_ACTION,
             "Monitor(guard=True) skips single bad steps while you fix the cause",
         ),
     ),
-    "numerics": (
+    "numerics": _CauseSpec(
         "a numerical overflow or an invalid operation (log(0), 0/0, sqrt of a negative, fp16 overflow)",
-        frozenset({AlertReason.NON_FINITE}),
         (
             "look at the named layer and the loss for log/exp/division/sqrt; add epsilons",
             "under AMP use bf16 or torch.amp.GradScaler; keep the loss in float32",
@@ -253,10 +277,9 @@ _CAUSES: dict[str, tuple[str, frozenset[AlertReason], tuple[str, ...]]] = {
             "torch.autograd.set_detect_anomaly(True) names the op (slow: for debugging only)",
         ),
     ),
-    "recurrent": (
+    "recurrent": _CauseSpec(
         "the recurrent weights amplify small hidden states (spectral radius > 1); gradients through time can "
         "grow only where ‖W_hh‖₂ > 1 (the radius alone neither implies nor rules it out)",
-        frozenset({AlertReason.SPECTRAL_RADIUS}),
         (
             "regularise the recurrent weights: orthogonal init, spectral normalisation, weight decay on W_hh",
             "check the gradient alerts: they, not the radius, say whether gradients through time explode",
@@ -264,28 +287,70 @@ _CAUSES: dict[str, tuple[str, frozenset[AlertReason], tuple[str, ...]]] = {
             "an LSTM/GRU instead of a vanilla RNN",
         ),
     ),
-    "propagation": (
+    "propagation": _CauseSpec(
         "poor signal propagation: initialisation or saturating activations",
-        frozenset({AlertReason.VANISHING_GRADIENT, AlertReason.SATURATED_NEURONS, AlertReason.COLLAPSE}),
         (
             "change the initialisation (He for ReLU, Xavier/Glorot for tanh; smaller scale if units saturate)",
             "add normalisation (LayerNorm/BatchNorm) or residual connections",
             "prefer ReLU/GELU over sigmoid/tanh in deep stacks; normalise the inputs",
         ),
+        "poor signal propagation through the spiking layers (input or weight scale off for the thresholds)",
+        (
+            "rescale the inputs (input gain / encoding) and the initial weights so each layer's membrane "
+            "reaches its threshold at a moderate rate (~5-20 %)",
+            "lower the learning rate",
+        ),
     ),
-    "dead_units": (
+    "dead_units": _CauseSpec(
         "dead or silent units (no output, so no gradient)",
-        frozenset({AlertReason.DEAD_NEURONS, AlertReason.SILENT_LAYER}),
         (
             "lower the learning rate (large steps kill ReLUs)",
             "LeakyReLU/GELU, He init, a small positive bias",
             "spiking layers: lower the threshold, raise the input gain, check the surrogate-gradient slope",
         ),
+        "silent or dying spiking neurons: they never reach the threshold, so they pass nothing on and their "
+        "surrogate gradient is almost zero",
+        (
+            "lower the firing threshold, or raise the input scaling (gain) / the initial weight scale, so the "
+            "membrane reaches the threshold",
+            "look for what pushes the layer down (a drifting or too negative bias, weight decay, a firing-rate "
+            "penalty that is too strong); a small positive bias init helps",
+            "add a firing-rate regulariser that keeps each layer's rate above a floor (e.g. penalise rates < 1 %)",
+            "a wider surrogate (a smaller slope) gives sub-threshold neurons some gradient to recover with",
+        ),
     ),
-    "conditioning": (
+    "saturation": _CauseSpec(
+        "saturated units (they sit at their maximum output, so they pass no gradient)",
+        (
+            "normalise the inputs; use a smaller initialisation scale",
+            "lower the learning rate",
+        ),
+        "saturated spiking neurons: they fire at (almost) every time step and the membrane sits above the "
+        "threshold, so spike rates carry no information and the surrogate lets little gradient through",
+        (
+            "raise the firing threshold, or lower the input scaling (gain) / the weight scale",
+            "add leak: a membrane decay β < 1 (β = 1 integrates without forgetting and climbs past the threshold)",
+            "add a firing-rate regulariser that pulls rates down (e.g. towards 5-20 %)",
+            "check the reset: a reset by subtraction of a tiny threshold barely lowers the membrane",
+        ),
+    ),
+    "vanishing_surrogate": _CauseSpec(
+        "vanishing gradients",
+        (
+            "change the initialisation (He for ReLU, Xavier/Glorot for tanh)",
+            "add normalisation or residual connections",
+        ),
+        "the surrogate gradient lets almost nothing through: the surrogate is too steep for where the "
+        "membranes are, so the layers before the spiking neurons barely learn",
+        (
+            "use a wider surrogate: a smaller slope (snntorch fast_sigmoid slope ~25 or less, atan alpha ~2)",
+            "bring the membranes near the threshold: input scaling (gain), weight init scale, the threshold",
+            "normalise the inputs; check the gradient floor per layer (grad_floor_layer) after the change",
+        ),
+    ),
+    "conditioning": _CauseSpec(
         "a jump of a layer's gradient condition number (σ₁/σ_min of the batch gradient, not the Hessian's; "
         "raised only by a rule of your own, none of the default rules watches it)",
-        frozenset({AlertReason.ILL_CONDITIONED}),
         (
             "check whether the batch size changed: the batch gradient has rank <= B, and its condition number "
             "follows B",
@@ -293,6 +358,136 @@ _CAUSES: dict[str, tuple[str, frozenset[AlertReason], tuple[str, ...]]] = {
         ),
     ),
 }
+
+#: alert reasons that are direct signs of too large a step (``update_ratio_low`` excluded by name)
+_STEP_REASONS = frozenset(
+    {
+        AlertReason.EXPLODING_GRADIENT,
+        AlertReason.LOSS_SPIKE,
+        AlertReason.UPDATE_RATIO,
+        AlertReason.CHAOTIC_TRAINING,
+        AlertReason.NON_FINITE,
+    }
+)
+#: what a too large step leaves behind: alerts of these reasons that follow a step-size alert (within
+#: `_AFTERMATH` steps) count for the step size, not for a cause of their own
+_AFTERMATH_REASONS = frozenset(
+    {
+        AlertReason.VANISHING_GRADIENT,
+        AlertReason.SATURATED_NEURONS,
+        AlertReason.DEAD_NEURONS,
+        AlertReason.SILENT_LAYER,
+        AlertReason.COLLAPSE,
+    }
+)
+_AFTERMATH = 100
+#: record fields of the spiking family (an alert on one of them is about spiking neurons)
+_SPIKING_FIELDS = frozenset(
+    {
+        "firing_rate_mean",
+        "firing_rate_std",
+        "dead_neuron_frac",
+        "saturated_neuron_frac",
+        "membrane_mean",
+        "membrane_std",
+        "membrane_threshold_distance",
+    }
+)
+#: optimizers whose step is about ``lr`` per weight whatever the gradient's size (clipping does not bound it)
+_ADAPTIVE = ("adam", "rmsprop", "adagrad", "adadelta", "adafactor", "lion", "lamb", "sophia", "nadam", "radam")
+
+
+def _targets(s: AlertSummary, spiking: bool) -> list[str]:
+    """The causes an alert group is evidence for (in a spiking network, vanishing gradients point at the
+    surrogate and saturated spiking neurons at saturation, not at ReLU/He/Xavier territory)."""
+    r = s.reason
+    out: list[str] = []
+    if r in _STEP_REASONS and not (r is AlertReason.UPDATE_RATIO and "low" in s.rule):
+        out.append("step_size")
+    if r is AlertReason.NON_FINITE:
+        out.append("numerics")
+    if r is AlertReason.SPECTRAL_RADIUS:
+        out.append("recurrent")
+    if r is AlertReason.VANISHING_GRADIENT:
+        out.append("vanishing_surrogate" if spiking else "propagation")
+    if r is AlertReason.SATURATED_NEURONS:
+        out.append("saturation" if _is_spiking_metric(s.metric) else "propagation")
+    if r is AlertReason.COLLAPSE:
+        out.append("propagation")
+    if r in (AlertReason.DEAD_NEURONS, AlertReason.SILENT_LAYER):
+        out.append("dead_units")
+    if r is AlertReason.ILL_CONDITIONED:
+        out.append("conditioning")
+    return out
+
+
+def _is_spiking_metric(metric: str) -> bool:
+    return metric in _SPIKING_FIELDS or metric.startswith("spiking")
+
+
+def is_spiking_run(records: Sequence[StabilityMetrics]) -> bool:
+    """Whether the records come from a spiking network: the spiking family measured something (a global or
+    per-layer firing rate, or a ``spiking/...`` extra key)."""
+    for r in records:
+        if r.firing_rate_mean is not None or any(k.startswith("spiking") for k in r.extra):
+            return True
+        if any("firing_rate_mean" in vals for vals in r.layers.values()):
+            return True
+    return False
+
+
+#: steps a dead / saturation alert may come after a vanishing-gradient alert and still explain it
+_NEAR = 20
+
+
+def _explained_by(s: AlertSummary, summaries: list[AlertSummary]) -> str | None:
+    """``"dead_units"`` or ``"saturation"`` when a vanishing (surrogate) gradient comes with silent / dead or
+    saturated spiking neurons: the membranes sit far from the threshold, so the surrogate passes little
+    whatever its slope; ``None`` when nothing else explains it."""
+    best: tuple[int, str] | None = None
+    for other in summaries:
+        if other.first_step > s.first_step + _NEAR:  # before it (an episode going on), or just after
+            continue
+        if other.reason in (AlertReason.DEAD_NEURONS, AlertReason.SILENT_LAYER):
+            key = "dead_units"
+        elif other.reason is AlertReason.SATURATED_NEURONS and _is_spiking_metric(other.metric):
+            key = "saturation"
+        else:
+            continue
+        if best is None or other.first_step < best[0]:
+            best = (other.first_step, key)
+    return None if best is None else best[1]
+
+
+def _adaptive(optimizer: str | None) -> bool | None:
+    """``True`` for an optimizer whose step does not scale with the gradient (Adam & co.), ``False`` for
+    another, ``None`` when unknown."""
+    if not optimizer:
+        return None
+    name = optimizer.lower()
+    return any(word in name for word in _ADAPTIVE)
+
+
+def _revival(records: Sequence[StabilityMetrics], step: int) -> str | None:
+    """If a spiking layer was silent before ``step`` and fires again around it, say which (a gradient rising
+    back then is the network recovering, not exploding); else ``None``."""
+    window = [r for r in records if step - _AFTERMATH <= r.step <= step + 10]
+    rates: dict[str, list[tuple[int, float]]] = {}
+    for r in window:
+        for layer, vals in r.layers.items():
+            v = vals.get("firing_rate_mean")
+            if v is not None and math.isfinite(v):
+                rates.setdefault(layer, []).append((r.step, v))
+    for layer, pts in rates.items():
+        before = [v for s, v in pts if s < step]
+        after = [v for s, v in pts if s >= step - 1]
+        if before and after and min(before) < _SILENT_RATE and max(after) > max(2 * min(before), _SILENT_RATE):
+            return f"{layer}'s firing rate {fmt(min(before))} → {fmt(max(after))}"
+    return None
+
+
+#: a firing rate below this is a silent layer (for telling recovery from explosion)
+_SILENT_RATE = 1e-3
 
 
 @dataclass
@@ -367,7 +562,16 @@ def _summaries(alerts: Iterable[Alert]) -> list[AlertSummary]:
         s = out.get(a.rule)
         if s is None:
             out[a.rule] = AlertSummary(
-                a.rule, a.reason, a.severity, 1, a.step, a.step, [a.layer] if a.layer else [], a.message, a.suggestion
+                a.rule,
+                a.reason,
+                a.severity,
+                1,
+                a.step,
+                a.step,
+                [a.layer] if a.layer else [],
+                a.message,
+                a.suggestion,
+                a.metric,
             )
             continue
         s.count += 1
@@ -398,12 +602,149 @@ def _check_inputs(records: Any, alerts: Any) -> None:
             )
 
 
-def analyse(records: Sequence[StabilityMetrics], alerts: Sequence[Alert] | None = None) -> Diagnosis:
+def _causes(
+    records: Sequence[StabilityMetrics],
+    summaries: list[AlertSummary],
+    trends: list[Trend],
+    first: Alert | None,
+    optimizer: str | None,
+) -> list[Cause]:
+    """Rank the likely causes (see the module docstring)."""
+    spiking = is_spiking_run(records)
+    by_trend = {t.metric: t for t in trends}
+    score: dict[str, int] = {}
+    evidence: dict[str, list[str]] = {}
+
+    def add(key: str, points: int, text: str) -> None:
+        score[key] = score.get(key, 0) + points
+        evidence.setdefault(key, []).append(text)
+
+    def when(s: AlertSummary) -> str:
+        return f"step {s.first_step}" if s.count == 1 else f"{s.count}×, from step {s.first_step}"
+
+    # a gradient rising back while a silent spiking layer starts firing again is the network recovering
+    revived: dict[str, str] = {}
+    for s in summaries:
+        if s.reason is AlertReason.EXPLODING_GRADIENT and spiking:
+            how = _revival(records, s.first_step)
+            if how is not None:
+                revived[s.rule] = how
+    step_alerts = [
+        s
+        for s in summaries
+        if "step_size" in _targets(s, spiking) and s.rule not in revived and s.reason is not AlertReason.NON_FINITE
+    ]
+    big_step = min((s.first_step for s in step_alerts), default=None)
+    for s in summaries:
+        weight = _WEIGHT[s.severity]
+        if s.rule in revived:
+            add("dead_units", 0, f"{s.rule} ({when(s)}): the gradient rising back as {revived[s.rule]} (recovery)")
+            continue
+        targets = _targets(s, spiking)
+        aftermath = (
+            big_step is not None
+            and s.reason in _AFTERMATH_REASONS
+            and big_step <= s.first_step <= big_step + _AFTERMATH
+        )
+        if aftermath:  # weights blown up by a large step: what follows is its consequence
+            add("step_size", weight, f"then {s.rule} ({when(s)})")
+            for key in targets:
+                add(key, 0, f"{s.rule} ({when(s)}, after the large step at step {big_step})")
+            continue
+        owner = _explained_by(s, summaries) if spiking and s.reason is AlertReason.VANISHING_GRADIENT else None
+        if owner is not None:  # little surrogate gradient because the membranes sit far from the threshold
+            where = "below" if owner == "dead_units" else "above"
+            add(owner, weight, f"{s.rule} ({when(s)}): the membranes sit far {where} the threshold")
+            continue
+        for key in targets:
+            add(key, weight, f"{s.rule} ({when(s)})")
+    for metric, floor in (("grad_norm", GRAD_FLOOR), ("loss", None)):
+        t = by_trend.get(metric)
+        if t is not None and t.recent == "rising" and (floor is None or t.latest >= floor) and not revived:
+            add("step_size", 1, f"{metric} rising since step {t.recent_from} ({t.rate(t.recent_per_100)})")
+    if spiking:  # the trend lines of the spiking statistics are evidence too
+        for metric, label, key, level in (
+            ("firing_rate_mean", "falling", "dead_units", 0.0),
+            ("dead_neuron_frac", "rising", "dead_units", 0.5),
+            ("saturated_neuron_frac", "rising", "saturation", 0.1),
+        ):
+            t = by_trend.get(metric)  # a fraction rising from 0 to 0.004 is not news: it must reach `level`
+            if t is not None and label in (t.label, t.recent) and t.last_median >= level:
+                add(key, 1, f"{metric} {label} {fmt(t.first_median)} → {fmt(t.last_median)}")
+        t = by_trend.get("membrane_threshold_distance")
+        if t is not None and t.label != "n/a" and t.last_median < 0:
+            add(
+                "saturation",
+                1,
+                f"membrane_threshold_distance {fmt(t.last_median)} (the membrane sits above the threshold)",
+            )
+    if first is not None:
+        s0 = next((s for s in summaries if s.rule == first.rule), None)
+        if s0 is not None and s0.rule not in revived:
+            keys = (
+                ["step_size"]
+                if big_step is not None and s0.reason in _AFTERMATH_REASONS and first.step >= big_step
+                else _targets(s0, spiking)
+            )
+            for key in keys:
+                score[key] = score.get(key, 0) + 1
+    clip = _clip_text(records)
+    vanishing = any(s.reason is AlertReason.VANISHING_GRADIENT for s in summaries) or any(
+        t.metric == "grad_norm" and "falling" in (t.label, t.recent) for t in trends
+    )
+    adaptive = _adaptive(optimizer)
+    causes: list[Cause] = []
+    for key, spec in _CAUSES.items():
+        if not evidence.get(key):
+            continue
+        use_spiking = spiking and spec.spiking_title is not None
+        if key == "step_size":  # the spiking story of a large step only when its aftermath was seen
+            use_spiking = use_spiking and any(e.startswith("then ") for e in evidence[key])
+        title = spec.spiking_title if use_spiking else spec.title
+        actions = list(spec.spiking_actions if use_spiking and spec.spiking_actions else spec.actions)
+        if key == "step_size" and _CLIP_ACTION in actions:
+            i = actions.index(_CLIP_ACTION)
+            if adaptive:
+                actions[i] = (
+                    f"not clipping: under {optimizer} the step is about lr per weight whatever the gradient's size, "
+                    "so clipping the gradient does not bound it; lower the learning rate instead"
+                )
+            elif adaptive is None and vanishing:
+                del actions[i]  # the gradients are vanishing: clipping them cannot help
+            else:
+                actions[i] = actions[i].format(clip=clip)
+        causes.append(Cause(key, title or spec.title, max(score.get(key, 0), 1), evidence[key], actions))
+    low = [s for s in summaries if s.rule == "update_ratio_low"]
+    if low:
+        causes.append(
+            Cause(
+                "step_too_small",
+                "the learning rate is too low (the weights barely move)",
+                _WEIGHT[low[0].severity],
+                [f"update_ratio_low ({low[0].count}×, from step {low[0].first_step})"],
+                ["raise the learning rate (×3 to ×10); check every parameter is in the optimizer"],
+            )
+        )
+    return sorted(causes, key=lambda c: -c.score)
+
+
+def _clip_text(records: Sequence[StabilityMetrics]) -> str:
+    grad_median = median(r.grad_norm for r in records if r.grad_norm is not None and math.isfinite(r.grad_norm))
+    if grad_median > 0:
+        return f"≈{fmt(2 * grad_median)} (2× the median grad norm {fmt(grad_median)})"
+    return "2× the typical norm"
+
+
+def analyse(
+    records: Sequence[StabilityMetrics], alerts: Sequence[Alert] | None = None, *, optimizer: str | None = None
+) -> Diagnosis:
     """Build the `Diagnosis` of a run.
 
     Args:
         records: the run's records, in step order.
         alerts: its alerts (default: those stored in the records).
+        optimizer: the optimizer's class name (``Monitor.describe()["optimizer"]``), if known: under an
+            adaptive optimizer (Adam & co.) clipping is not suggested (it does not bound the step).
 
     Raises:
         StabwatchError: ``records`` is not a list of `StabilityMetrics` (or ``alerts`` of `Alert`).
@@ -437,47 +778,7 @@ def analyse(records: Sequence[StabilityMetrics], alerts: Sequence[Alert] | None 
     first = min(real, key=lambda a: a.step) if real else None
     first_sign = f"step {first.step}, {first.rule}: {first.message}" if first is not None else None
 
-    # evidence: alert reasons, plus recent rises of the gradient norm / loss without an alert
-    grad_median = median(r.grad_norm for r in records if r.grad_norm is not None and math.isfinite(r.grad_norm))
-    clip = (
-        f"≈{fmt(2 * grad_median)} (2× the median grad norm {fmt(grad_median)})"
-        if grad_median > 0
-        else "2× the typical norm"
-    )
-    causes: list[Cause] = []
-    by_trend = {t.metric: t for t in trends}
-    for key, (title, reasons, actions) in _CAUSES.items():
-        evidence: list[str] = []
-        score = 0
-        for s in summaries:
-            if s.reason in reasons and not (
-                key == "step_size" and s.reason is AlertReason.UPDATE_RATIO and "low" in s.rule
-            ):
-                score += _WEIGHT[s.severity]
-                when = f"step {s.first_step}" if s.count == 1 else f"{s.count}×, from step {s.first_step}"
-                evidence.append(f"{s.rule} ({when})")
-        if key == "step_size":
-            for metric, floor in (("grad_norm", GRAD_FLOOR), ("loss", None)):
-                t = by_trend.get(metric)
-                if t is not None and t.recent == "rising" and (floor is None or t.latest >= floor):
-                    score += 1
-                    evidence.append(f"{metric} rising since step {t.recent_from} ({t.rate(t.recent_per_100)})")
-        if first is not None and first.reason in reasons:
-            score += 1
-        if score and evidence:
-            causes.append(Cause(key, title, score, evidence, [a.format(clip=clip) for a in actions]))
-    low = [s for s in summaries if s.rule == "update_ratio_low"]
-    if low:
-        causes.append(
-            Cause(
-                "step_too_small",
-                "the learning rate is too low (the weights barely move)",
-                _WEIGHT[low[0].severity],
-                [f"update_ratio_low ({low[0].count}×, from step {low[0].first_step})"],
-                ["raise the learning rate (×3 to ×10); check every parameter is in the optimizer"],
-            )
-        )
-    causes.sort(key=lambda c: -c.score)
+    causes = _causes(records, summaries, trends, first, optimizer)
     return Diagnosis(
         first_step=records[0].step if records else 0,
         last_step=records[-1].step if records else 0,
@@ -492,12 +793,15 @@ def analyse(records: Sequence[StabilityMetrics], alerts: Sequence[Alert] | None 
     )
 
 
-def diagnose(records: Sequence[StabilityMetrics], alerts: Sequence[Alert] | None = None) -> str:
+def diagnose(
+    records: Sequence[StabilityMetrics], alerts: Sequence[Alert] | None = None, *, optimizer: str | None = None
+) -> str:
     """A readable summary of a run: trends per metric, the alerts, likely causes and what to try.
 
     Args:
         records: the run's records (e.g. ``list(monitor.records)`` or `stabwatch.sinks.read_jsonl`).
         alerts: its alerts (default: those stored in the records).
+        optimizer: the optimizer's class name, if known (see `analyse`).
 
     Example:
         >>> recs = [StabilityMetrics(step=s, loss=2.0 * 0.99 ** s, grad_norm=1.0) for s in range(200)]
@@ -507,7 +811,7 @@ def diagnose(records: Sequence[StabilityMetrics], alerts: Sequence[Alert] | None
     _check_inputs(records, alerts)
     if not records:
         return "stabwatch: no records yet."
-    return analyse(records, alerts).to_text()
+    return analyse(records, alerts, optimizer=optimizer).to_text()
 
 
 def to_dict(diagnosis: Diagnosis) -> dict[str, Any]:

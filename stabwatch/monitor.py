@@ -386,7 +386,9 @@ class Monitor:
         advanced, so gradient-accumulation micro-batches make no record)."""
         return self._optimizer_steps
 
-    def step(self, loss: torch.Tensor | float | None = None, batch: Any = None) -> StabilityMetrics | None:
+    def step(
+        self, loss: torch.Tensor | float | None = None, batch: Any = None, logits: torch.Tensor | None = None
+    ) -> StabilityMetrics | None:
         """Close one training step: gather what the hooks saw, emit a record, prepare the next step.
 
         Call it once per optimizer step, after ``optimizer.step()``.
@@ -394,6 +396,8 @@ class Monitor:
         Args:
             loss: this step's loss (tensor or float); a non-finite loss is reported.
             batch: this step's batch (used by the shadow replica).
+            logits: this step's output logits ``[..., classes]`` (optional): the attention family reads the
+                log-partition ``z = logsumexp(logits)`` from them instead of recomputing the output head.
 
         Returns:
             The record emitted at this step, or ``None`` on steps that `log_every` skips.
@@ -402,7 +406,14 @@ class Monitor:
             raise StabwatchError(
                 "Monitor.step() called outside the monitor; use `with Monitor(...) as mon:` or mon.start()"
             )
-        return self._pipeline.record(loss, batch)
+        ctx = self._pipeline.ctx
+        if ctx is not None:
+            ctx.logits = logits.detach() if isinstance(logits, torch.Tensor) else None
+        try:
+            return self._pipeline.record(loss, batch)
+        finally:
+            if ctx is not None:
+                ctx.logits = None
 
     # results ---------------------------------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> bool:
@@ -417,7 +428,7 @@ class Monitor:
         """A readable summary of the run so far: trends per metric, alerts, likely causes, what to try."""
         from stabwatch.diagnosis import diagnose
 
-        return diagnose(list(self.records), list(self.alerts))
+        return diagnose(list(self.records), list(self.alerts), optimizer=self.describe().get("optimizer"))
 
     def describe(self) -> dict[str, str]:
         """The run's configuration as flat ``{name: str}`` (what tracker sinks log as parameters)."""

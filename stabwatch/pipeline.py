@@ -241,10 +241,8 @@ class RecordPipeline:
                     raise error
             return None
         extra: list[Alert] = self.guard.pop_alerts() if self.guard is not None else []
-        hook_time = self._hook_time + sum(c.elapsed for c in self.collectors)
+        hook_time = self._hook_time + sum(c.take_hook_time() for c in self.collectors)
         self._hook_time = 0.0
-        for c in self.collectors:
-            c.elapsed = 0.0
         return self.publish(record, extra_alerts=extra, started=t0, hook_time=hook_time)
 
     def build(self, step: int, readout: Readout) -> StabilityMetrics:

@@ -217,3 +217,132 @@ def test_a_metric_with_too_few_values_shows_no_rate():
     assert "n/a" in line and "2 values, too few steps for a trend" in line and "/100 steps" not in line
     (loss,) = [ln for ln in lines if ln.lstrip().startswith("loss ")]
     assert "falling" in loss and "/100 steps" in loss
+
+
+# --- spiking networks -------------------------------------------------------------------------------------------
+
+NON_SPIKING_ADVICE = ("ReLU", "He ", "He/", "Xavier", "BatchNorm")
+
+
+def _spiking_records(n: int = 120, rate=lambda s: 0.1, dead=lambda s: 0.2, grad=lambda s: 1.0) -> list:
+    return [
+        StabilityMetrics(
+            step=s,
+            loss=1.0,
+            grad_norm=grad(s),
+            firing_rate_mean=rate(s),
+            dead_neuron_frac=dead(s),
+            layers={"lif1": {"firing_rate_mean": rate(s), "dead_neuron_frac": dead(s)}},
+        )
+        for s in range(n)
+    ]
+
+
+def _spk_alert(rule, reason, step, metric, severity=Severity.WARNING, layer="lif1"):
+    return Alert(rule=rule, reason=reason, severity=severity, step=step, metric=metric, layer=layer, message="x 1")
+
+
+def _text(cause) -> str:
+    return " ".join([cause.title, *cause.actions])
+
+
+@pytest.mark.parametrize(
+    ("alert", "key", "words"),
+    [
+        (_spk_alert("membrane_above_threshold", AlertReason.SATURATED_NEURONS, 5, "membrane_threshold_distance"),
+         "saturation", ("threshold", "β < 1", "regulariser")),
+        (_spk_alert("silent_layer", AlertReason.SILENT_LAYER, 5, "firing_rate_mean"),
+         "dead_units", ("threshold", "input scaling", "bias", "regulariser")),
+        (_spk_alert("surrogate_vanishing", AlertReason.VANISHING_GRADIENT, 5, "spiking/surrogate_grad", layer=None),
+         "vanishing_surrogate", ("slope", "threshold")),
+    ],
+)  # fmt: skip
+def test_spiking_causes_give_spiking_advice(alert, key, words):
+    d = analyse(_spiking_records(), [alert])
+    first = d.causes[0]
+    assert first.key == key
+    text = _text(first)
+    assert all(w in text for w in words), text
+    assert not [w for w in NON_SPIKING_ADVICE if w in text], text
+
+
+def test_the_same_reasons_keep_their_non_spiking_causes_without_spiking_records():
+    recs = [StabilityMetrics(step=s, loss=1.0, grad_norm=1.0) for s in range(50)]
+    sat = _alert("saturated_neurons", AlertReason.SATURATED_NEURONS, 5)
+    vanish = _alert("grad_vanish", AlertReason.VANISHING_GRADIENT, 5)
+    for alert in (sat, vanish):
+        first = analyse(recs, [alert]).causes[0]
+        assert first.key == "propagation" and "He for ReLU" in _text(first)
+
+
+def test_a_gradient_rising_as_silent_neurons_revive_is_recovery_not_step_size():
+    # lif1 silent until step 60, then firing again; grad_explode fired at step 62 (a rule set without the
+    # revival guard): the diagnosis reads it as the recovery
+    recs = _spiking_records(
+        rate=lambda s: 0.0 if s < 60 else 0.02,
+        dead=lambda s: 1.0 if s < 60 else 0.5,
+        grad=lambda s: 1e-3 if s < 60 else 1.0,
+    )
+    alerts = [
+        _spk_alert("silent_layer", AlertReason.SILENT_LAYER, 2, "firing_rate_mean"),
+        _spk_alert("grad_explode", AlertReason.EXPLODING_GRADIENT, 62, "grad_norm", Severity.CRITICAL, layer=None),
+    ]
+    d = analyse(recs, alerts)
+    assert [c.key for c in d.causes] == ["dead_units"]
+    assert any("recovery" in e and "grad_explode" in e for e in d.causes[0].evidence)
+
+
+def _step_then_collapse() -> tuple[list, list]:
+    recs = _spiking_records(grad=lambda s: 1.0 if s < 10 else 1e-5)
+    alerts = [
+        _spk_alert("update_too_large", AlertReason.UPDATE_RATIO, 0, "update_ratio", Severity.CRITICAL, layer=None),
+        _spk_alert("spiking_saturated", AlertReason.SATURATED_NEURONS, 3, "saturated_neuron_frac"),
+        _spk_alert("membrane_above_threshold", AlertReason.SATURATED_NEURONS, 4, "membrane_threshold_distance"),
+        _spk_alert("grad_vanish", AlertReason.VANISHING_GRADIENT, 11, "grad_norm", layer=None),
+        _spk_alert("surrogate_vanishing", AlertReason.VANISHING_GRADIENT, 12, "spiking/surrogate_grad", layer=None),
+    ]
+    return recs, alerts
+
+
+@pytest.mark.parametrize(("optimizer", "clip"), [(None, False), ("Adam", False), ("AdamW", False), ("SGD", True)])
+def test_weights_blown_up_then_vanishing_surrogates_is_step_size(optimizer, clip):
+    recs, alerts = _step_then_collapse()
+    d = analyse(recs, alerts, optimizer=optimizer)
+    first = d.causes[0]
+    assert first.key == "step_size" and first.score >= 3 + 1 + 2 + 2 + 2 + 2
+    assert "then grad_vanish (step 11)" in first.evidence and "surrogate gradients vanish" in first.title
+    assert ("clip_grad_norm_" in _text(first)) is clip
+    if optimizer is not None and optimizer.startswith("Adam"):
+        assert f"under {optimizer} the step is about lr per weight" in _text(first)
+    others = {c.key: c for c in d.causes[1:]}
+    assert "after the large step at step 0" in "; ".join(others["saturation"].evidence)
+    assert not [w for w in NON_SPIKING_ADVICE if w in _text(first)]
+
+
+def test_spiking_trend_lines_are_evidence():
+    # the slow death of the issue: no alert, but the trend lines say it
+    recs = _spiking_records(
+        n=300, rate=lambda s: 0.09 if s < 50 else 0.09 * 0.98 ** (s - 50), dead=lambda s: min(0.95, 0.3 + 0.003 * s)
+    )
+    d = analyse(recs, [])
+    (cause,) = d.causes
+    assert cause.key == "dead_units"
+    assert any(e.startswith("firing_rate_mean falling 0.09 → ") for e in cause.evidence), cause.evidence
+    assert any(e.startswith("dead_neuron_frac rising") for e in cause.evidence), cause.evidence
+    healthy = analyse(_spiking_records(n=300), [])
+    assert healthy.causes == [] and healthy.verdict == "healthy"
+
+
+def test_compat_diagnose_gives_spiking_advice():
+    from stabwatch.compat import StabilityMonitor
+
+    mon = StabilityMonitor()
+    model = nn.Linear(4, 4)
+    for _ in range(12):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 0.1)
+        mon.compute(model, spikes=torch.ones(4, 10, 20))  # every neuron fires at every step
+    text = mon.diagnose()
+    causes = text.split("likely causes (most likely first):")[1]
+    assert "saturated spiking neurons" in causes and "raise the firing threshold" in causes
+    assert not [w for w in NON_SPIKING_ADVICE if w in causes], causes

@@ -213,6 +213,82 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
         "Mean of `threshold − v` over the layer's membrane elements.",
         "membrane units",
     ),
+    "spiking/surrogate_grad": (
+        "Mean surrogate derivative `σ'(v − threshold)` of each layer's own spike function on a sample of its membrane "
+        "values, pooled over layers by neuron count: how much gradient the surrogate lets through (snntorch "
+        "fast_sigmoid slope 25 on the digits SNN: 0.021–0.035; slope 500: 0.0004–0.0028).",
+        "in [0, 1] (surrogates peaking at 1 at the threshold)",
+    ),
+    "spiking/near_threshold_frac": (
+        "Fraction of sampled membrane values inside the surrogate's half-maximum window around the threshold "
+        "(`σ'(u) ≥ σ'(0)/2`), pooled over layers by neuron count.",
+        "fraction",
+    ),
+    "spiking_layers/surrogate_grad/<module.path>": ("The layer's mean surrogate derivative.", "in [0, 1]"),
+    "spiking_layers/near_threshold_frac/<module.path>": (
+        "Fraction of the layer's sampled membrane values inside its surrogate's half-maximum window.",
+        "fraction",
+    ),
+    # attention
+    "attention/max_logit": (
+        "Largest pre-softmax attention logit `scale·q·kᵀ` over every attention layer, head, sampled sequence, "
+        "query and attended key (`AttentionCollector(samples=2)`: the first sequences of the batch). Grows "
+        "without bound in the attention-logit instability of Wortsman et al. (2023).",
+        "logit units (healthy: tens); per measured step",
+    ),
+    "attention/entropy_min": (
+        "Smallest head entropy over all attention layers: `−Σ_j p_ij log p_ij` of `softmax(scale·q·kᵀ + mask)`, "
+        "the mean over the head's query rows. Near 0: the head attends to one key (entropy collapse).",
+        "nats (uniform over n keys: log n); per measured step",
+    ),
+    "attention/entropy_mean": ("Mean head entropy over all attention layers and heads.", "nats"),
+    "attention/q_norm_max": (
+        "Largest mean query-vector norm `mean_i ‖q_i‖` of any head (what drives the logits up).",
+        "activation units",
+    ),
+    "attention/k_norm_max": ("Largest mean key-vector norm `mean_j ‖k_j‖` of any head.", "activation units"),
+    "attention/z_mean": (
+        "Mean log-partition `z = log Σ_v exp(y_v)` of the output head's logits over the sampled sequences' "
+        "positions (what a z-loss keeps near 0).",
+        "nats; per measured step",
+    ),
+    "attention/z_max": ("Largest log-partition `z` of the output logits over the sampled positions.", "nats"),
+    "attention_layers/max_logit/<module.path>": (
+        "Largest pre-softmax logit of the attention layer (over its heads); with `per_head=True` also per head, "
+        "`<module.path>:h<i>`.",
+        "logit units",
+    ),
+    "attention_layers/entropy_min/<module.path>": ("Smallest head entropy of the attention layer.", "nats"),
+    "attention_layers/entropy_mean/<module.path>": (
+        "Mean head entropy of the attention layer (per head: that head's entropy).",
+        "nats",
+    ),
+    "attention_layers/q_norm/<module.path>": ("Largest mean query norm of the layer's heads.", "activation units"),
+    "attention_layers/k_norm/<module.path>": ("Largest mean key norm of the layer's heads.", "activation units"),
+    # lyapunov_spectrum
+    "lyapunov_spectrum/max": (
+        "Largest Lyapunov exponent λ_1 over the model's recurrent modules (nn.RNN/LSTM/GRU), each run with its "
+        "current weights over a fixed probe batch (QR method, `LyapunovSpectrumCollector`). > 0: the state "
+        "forgets its past chaotically (exploding sensitivity); ≪ 0: it forgets fast (vanishing memory).",
+        "nats per time step of the network; per measured step",
+    ),
+    "lyapunov_spectrum_layers/top<i>/<module.path>": (
+        "The i-th largest Lyapunov exponent of the recurrent module (its full state: (h, c) for an LSTM, every "
+        "layer of a stack), mean over the probe sequences; i = 1..`top_k`.",
+        "nats per time step of the network",
+    ),
+    # ftle
+    "ftle/mean": (
+        "Mean over the probe inputs of the maximal input-space finite-time Lyapunov exponent "
+        "λ(x) = (1/L)·log σ_max(∂output/∂x) (`FTLECollector`, docs/ftle.md): > 0, the network amplifies small "
+        "input perturbations; ≪ 0, signals and gradients die with depth. Training tends to centre it near 0.",
+        "nats per layer; per measured step",
+    ),
+    "ftle/max": (
+        "The largest λ(x) over the probe inputs: the most sensitive input (a ridge of the FTLE field, "
+        "typically near the decision boundary).",
+        "nats per layer; per measured step",
+    ),
     # shadow
     "shadow/lyapunov": (
         "From a `Monitor` with a `Shadow`: the running finite-time Lyapunov exponent of training over the "
@@ -304,6 +380,7 @@ def reference_model(spiking: bool | None = None) -> Any:
             self.tanh = nn.Tanh()
             self.lstm = nn.LSTM(16, 16, batch_first=True)
             self.gru = nn.GRU(16, 16, batch_first=True)
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
             self.gate = nn.Sequential(nn.Linear(16, 16), nn.Sigmoid())
             self.lif: nn.Module | None = None
             if spiking:
@@ -317,6 +394,7 @@ def reference_model(spiking: bool | None = None) -> Any:
             h = self.tanh(self.norm(self.proj(h)))
             seq = torch.stack([h, h], dim=1)
             seq = self.lstm(seq)[0]
+            seq = seq + self.attn(seq, seq, seq)[0]
             h = self.gru(seq)[0][:, -1]
             h = h * self.gate(h)
             if self.lif is not None:
@@ -502,6 +580,9 @@ _TITLES = {
     "weight": "Weight spectra (`weight`)",
     "activation": "Activations (`activation`)",
     "spiking": "Spiking layers (`spiking`)",
+    "attention": "Attention and output logits (`attention`)",
+    "lyapunov_spectrum": "Lyapunov spectrum of recurrent modules (`lyapunov_spectrum`)",
+    "ftle": "Input-space FTLE (`ftle`)",
     "shadow": "Lyapunov exponent of training (`shadow`)",
     "monitor": "The monitor",
     "analysis": "Offline analyzer (`stabwatch.analysis`)",

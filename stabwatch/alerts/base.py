@@ -28,6 +28,8 @@ Metric bindings (what `AlertEngine` feeds a rule with, see `Binding`):
 * ``"layers:<field>"``: every layer's value of that field, one stream per layer;
 * ``"layers_rel:<field>"``: every layer's value divided by the median over all layers at the same step
   (how far a layer is from the typical layer; needs at least 3 layers);
+* ``"layers_ratio:<field>/<field>"``: every layer's ratio of two of its values, at the records that
+  carry both (``"layers_ratio:grad_norm/weight_norm"``: a layer's gradient relative to its weights);
 * a flat key as in `StabilityMetrics.to_dict`: ``family/metric`` or ``family_layers/metric/<layer>``
   (``"grad/norm"``, ``"grad_layers/norm/fc1"``, or an ``extra`` key such as ``"grad_sv_layers/top1/fc1"``).
 """
@@ -91,12 +93,14 @@ class RecordView:
     """A record plus a lazily built flat-key dict, shared by all rules evaluating one record (and its
     ``step`` and ``layers``, read once here: a field of a pydantic record costs several plain attributes)."""
 
-    __slots__ = ("_flat", "layers", "record", "step")
+    __slots__ = ("_flat", "layers", "recent", "record", "step")
 
-    def __init__(self, record: StabilityMetrics) -> None:
+    def __init__(self, record: StabilityMetrics, recent: dict[str, int] | None = None) -> None:
         self.record = record
         self.step = record.step
         self.layers = record.layers
+        #: rule name -> the last step it ended an episode (kept by `AlertEngine`, for ``suppressed_by``)
+        self.recent: dict[str, int] = {} if recent is None else recent
         self._flat: dict[str, float] | None = None
 
     def flat(self) -> dict[str, float]:
@@ -106,7 +110,7 @@ class RecordView:
 
 
 class Binding:
-    """Which values of a record a rule is fed (see the module docstring for the four forms).
+    """Which values of a record a rule is fed (see the module docstring for the five forms).
 
     Raises:
         ConfigError: an unknown field name (the message lists the allowed ones).
@@ -120,7 +124,7 @@ class Binding:
         [('fc1', 1.5)]
     """
 
-    __slots__ = ("field", "kind", "layer", "spec")
+    __slots__ = ("denominator", "field", "kind", "layer", "numerator", "spec")
 
     def __init__(self, spec: str) -> None:
         if not isinstance(spec, str) or not spec:
@@ -128,6 +132,16 @@ class Binding:
         self.spec = spec
         self.layer: str | None = None
         self.field: str | None = None
+        self.numerator: str | None = None
+        self.denominator: str | None = None
+        if spec.startswith("layers_ratio:"):
+            self.kind = "layers_ratio"
+            num, _, den = spec[len("layers_ratio:") :].partition("/")
+            if not den:
+                raise ConfigError(f"rule metric {spec!r}: expected 'layers_ratio:<field>/<field>'")
+            self.numerator = self._check_field(num, spec)
+            self.denominator = self._check_field(den, spec)
+            return
         for prefix, kind in (("layers_rel:", "layers_rel"), ("layers:", "layers")):
             if spec.startswith(prefix):
                 self.kind = kind
@@ -154,19 +168,22 @@ class Binding:
         if name not in METRIC_FIELDS:
             raise ConfigError(
                 f"rule metric {spec!r}: unknown field {name!r}; allowed fields: {', '.join(METRIC_FIELDS)} "
-                "(or 'layers:<field>', 'layers_rel:<field>', or a flat key 'family/metric[/layer]')"
+                "(or 'layers:<field>', 'layers_rel:<field>', 'layers_ratio:<field>/<field>', or a flat key "
+                "'family/metric[/layer]')"
             )
         return name
 
     @property
     def per_layer(self) -> bool:
-        return self.kind in ("layers", "layers_rel")
+        return self.kind in ("layers", "layers_rel", "layers_ratio")
 
     @property
     def label(self) -> str:
         """The metric name put into alerts (``grad_norm`` for ``layers:grad_norm``)."""
         if self.kind == "layers_rel":
             return f"{self.field}/layer-median"
+        if self.kind == "layers_ratio":
+            return f"{self.numerator}/{self.denominator}"
         return self.field if self.kind in ("field", "layers") and self.field else self.spec
 
     def values(self, view: RecordView) -> list[tuple[str | None, Any]]:
@@ -180,6 +197,14 @@ class Binding:
             return [(layer, vals[field]) for layer, vals in record.layers.items() if field in vals]
         if kind == "label":
             return []
+        if kind == "layers_ratio":
+            num, den = self.numerator, self.denominator
+            out: list[tuple[str | None, Any]] = []
+            for layer, values in record.layers.items():
+                a, b = values.get(num), values.get(den)  # type: ignore[arg-type]
+                if a is not None and b is not None and b > 0 and math.isfinite(b):
+                    out.append((layer, a / b))
+            return out
         if self.kind == "layers_rel":
             pairs = [(layer, vals[field]) for layer, vals in record.layers.items() if field in vals]
             finite = sorted(abs(v) for _, v in pairs if math.isfinite(v))
@@ -348,6 +373,13 @@ class Rule:
         cooldown: minimum number of steps between two alerts of the same stream.
         clear_after: consecutive calm observations that end an episode.
         report_recovery: emit a ``recovered`` info alert when an episode ends.
+        suppressed_by: names of other rules of the same `AlertEngine`: for ``suppress_for`` steps after one
+            of them ended an episode (raised its ``recovered`` alert; the engine evaluates those rules
+            first, so this holds from that very record), this rule's condition is taken as calm and the
+            value joins the detector's history as a normal one. The default gradient-explosion rules use
+            it: a gradient rising while silent spiking neurons start firing again is a recovery, not an
+            explosion. Fed by hand (`update`), a rule is never suppressed.
+        suppress_for: steps after the end of such an episode during which the suppression holds.
 
     Raises:
         ConfigError: an option out of range, or one the rule does not have (the message lists them).
@@ -378,6 +410,8 @@ class Rule:
         cooldown: int = 0,
         clear_after: int = 1,
         report_recovery: bool = True,
+        suppressed_by: Iterable[str] = (),
+        suppress_for: int = 100,
         **unknown: Any,
     ) -> None:
         kind = type(self).__name__
@@ -399,6 +433,10 @@ class Rule:
         self.cooldown = check_int(cooldown, f"{kind}.cooldown", minimum=0)
         self.clear_after = check_int(clear_after, f"{kind}.clear_after")
         self.report_recovery = bool(report_recovery)
+        if isinstance(suppressed_by, str):
+            suppressed_by = (suppressed_by,)
+        self.suppressed_by: tuple[str, ...] = tuple(str(n) for n in suppressed_by)
+        self.suppress_for = check_int(suppress_for, f"{kind}.suppress_for", minimum=0)
         self._streams: dict[str | None, _Stream] = {}
 
     @classmethod
@@ -539,6 +577,8 @@ class Rule:
         """
         record = view.record
         binding = self.binding
+        if self.suppressed_by and self._suppressed(view):
+            return self._observe_suppressed(view)
         if self._fast:  # the built-in rule types: one call per value, no list of pairs
             kind = binding.kind
             if kind == "field":  # one global value (most rules): `_feed`, inlined
@@ -604,6 +644,36 @@ class Rule:
                 if alert is not None:
                     out.append(alert)
         return out
+
+    def _suppressed(self, view: RecordView) -> bool:
+        """Whether a rule named in ``suppressed_by`` ended an episode within ``suppress_for`` steps."""
+        recent = view.recent
+        for name in self.suppressed_by:
+            last = recent.get(name)
+            if last is not None and view.step - last <= self.suppress_for:
+                return True
+        return False
+
+    def _observe_suppressed(self, view: RecordView) -> list[Alert]:
+        """`observe` while suppressed: every value is judged (the detector advances) and taken as calm."""
+        out: list[Alert] = []
+        step = view.step
+        for layer, value in self.binding.values(view):
+            judged = self._judge(step, value, layer)
+            if judged is None:
+                continue
+            s, verdict = judged
+            if verdict.triggered:
+                self._absorb(s.det, step, verdict.value)
+                verdict = Verdict(False, verdict.value, verdict.detail)
+            alert = self._advance(s, step, verdict, layer)
+            if alert is not None:
+                out.append(alert)
+        return out
+
+    def _absorb(self, state: Any, step: int, value: float) -> None:
+        """Take a triggering value into the detector's history as a normal one (while suppressed); rule
+        types whose history keeps triggering values out override it."""
 
     def verdicts(self, view: RecordView) -> list[tuple[str | None, Verdict]]:
         """Verdicts of every stream of one record without the lifecycle (used by combinations)."""

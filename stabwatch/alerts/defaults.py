@@ -14,7 +14,17 @@ from stabwatch.alerts.rules import (
 from stabwatch.metrics import AlertReason as R
 from stabwatch.metrics import Severity as S
 
-__all__ = ["CLEAR_AFTER", "COOLDOWN", "GRAD_FLOOR", "UPDATE_FLOOR", "default_rules"]
+__all__ = [
+    "CLEAR_AFTER",
+    "COOLDOWN",
+    "DEAD_STEPS",
+    "GRAD_FLOOR",
+    "GRAD_WEIGHT_FLOOR",
+    "RATE_FLOOR",
+    "SURROGATE_FLOOR",
+    "UPDATE_FLOOR",
+    "default_rules",
+]
 
 #: absolute floor of the relative gradient-explosion rules (``grad_explode``, ``grad_rising``,
 #: ``grad_explode_layer``): a gradient norm below it is not an explosion, whatever its ratio to its past.
@@ -25,6 +35,25 @@ GRAD_FLOOR = 1e-2
 #: absolute floor of ``update_jump``: a step that moves the weights by less than 0.1% of their norm (the
 #: healthy level is about 1e-3) is not dangerous, whatever it jumped from.
 UPDATE_FLOOR = 1e-3
+
+#: a layer's gradient norm relative to its weight norm below which the layer gets no usable gradient
+#: (``grad_floor_layer``): an SGD step even at learning rate 0.1 then moves the weights by < 1e-7 of their
+#: norm, the resolution of float32 (eps = 1.2e-7).
+GRAD_WEIGHT_FLOOR = 1e-6
+#: the mean surrogate derivative (``spiking/surrogate_grad``, in (0, 1]: the surrogates peak at 1 at the
+#: threshold) below which the surrogate lets almost no gradient through (``surrogate_vanishing``)
+SURROGATE_FLOOR = 5e-3
+#: steps a spiking layer must stay > 95 % dead, without a break, for ``spiking_dead`` (a readout silent for a
+#: few steps at the start of training, then firing, is not dead; a layer that never fires at all is
+#: ``silent_layer``'s within 3 steps)
+DEAD_STEPS = 10
+#: a layer's typical firing rate below which ``spiking_rate_falling`` does not judge a fall (a fall of a
+#: rate that was already below 1 % is the business of the dead / silent rules)
+RATE_FLOOR = 1e-2
+#: the gradient-explosion rules are quiet for `COOLDOWN` steps after a silent spiking layer starts firing again
+#: (``silent_layer`` ends an episode): the gradient then rises back from almost nothing as neurons revive, a
+#: recovery (the dead start of examples/snn_failures.py); the update-ratio and loss rules still watch the run
+_REVIVAL = ("silent_layer",)
 
 #: steps before a stream of a default rule may alert again after its last alert (every rule but
 #: ``non_finite``). It never delays a first alert; it stops a condition that flaps around its threshold from
@@ -74,6 +103,8 @@ def default_rules(
             min_history=10,
             floor=grad_floor,
             name="grad_explode",
+            suppressed_by=_REVIVAL,
+            suppress_for=COOLDOWN,
             cooldown=COOLDOWN,
             clear_after=CLEAR_AFTER,
             reason=R.EXPLODING_GRADIENT,
@@ -87,6 +118,8 @@ def default_rules(
             min_t=8.0,
             floor=grad_floor,
             name="grad_rising",
+            suppressed_by=_REVIVAL,
+            suppress_for=COOLDOWN,
             cooldown=COOLDOWN,
             clear_after=CLEAR_AFTER,
             reason=R.EXPLODING_GRADIENT,
@@ -134,6 +167,21 @@ def default_rules(
             severity=S.WARNING,
             suggestion=f"{_LR}; {_CLIP}; look for a bad batch at this step",
         ),
+        RatioRule(
+            "loss",
+            factor=10.0,
+            patience=2,
+            instant_factor=50.0,
+            window=50,
+            min_history=10,
+            name="loss_jump",
+            cooldown=COOLDOWN,
+            clear_after=CLEAR_AFTER,
+            reason=R.LOSS_SPIKE,
+            severity=S.WARNING,
+            suggestion="the loss jumped to many times its running median (a spike-count or other noisy loss "
+            "included): did the learning rate change (scheduler, restart)? lower it; look for a bad batch",
+        ),
         SustainedRule(
             "lyapunov",
             above=0.05,
@@ -151,6 +199,7 @@ def default_rules(
             patience=2,
             window=20,
             min_history=10,
+            instant_factor=50.0,
             floor=update_floor,
             name="update_jump",
             cooldown=COOLDOWN,
@@ -158,6 +207,16 @@ def default_rules(
             severity=S.WARNING,
             suggestion="the step size jumped: did the learning rate change (scheduler, restart, a "
             "loaded optimizer state)? lower it back or clip the update",
+        ),
+        ThresholdRule(
+            "update_ratio",
+            above=1.0,
+            name="update_too_large",
+            cooldown=COOLDOWN,
+            reason=R.UPDATE_RATIO,
+            severity=S.CRITICAL,
+            suggestion="one step changed the weights by more than their own size: the learning rate is far too "
+            "high (÷10 or more); check the scheduler and any loaded optimizer state",
         ),
         SustainedRule(
             "update_ratio",
@@ -180,6 +239,18 @@ def default_rules(
             suggestion="the weights barely move (practice: ~1e-3): raise the learning rate or check "
             "the optimizer holds the parameters",
         ),
+        SustainedRule(
+            "spiking/surrogate_grad",
+            below=SURROGATE_FLOOR,
+            patience=1,
+            name="surrogate_vanishing",
+            cooldown=COOLDOWN,
+            reason=R.VANISHING_GRADIENT,
+            severity=S.WARNING,
+            suggestion="the surrogate gradient lets almost nothing through (mean derivative < 0.005 of its "
+            "peak): use a wider surrogate (a smaller slope), or bring the membranes near the threshold "
+            "(input scaling, weight scale, threshold)",
+        ),
     ]
     if per_layer:
         rules += [
@@ -192,6 +263,8 @@ def default_rules(
                 min_history=10,
                 floor=grad_floor,
                 name="grad_explode_layer",
+                suppressed_by=_REVIVAL,
+                suppress_for=COOLDOWN,
                 cooldown=COOLDOWN,
                 clear_after=CLEAR_AFTER,
                 reason=R.EXPLODING_GRADIENT,
@@ -288,6 +361,7 @@ def default_rules(
                 "layers:dead_neuron_frac",
                 above=0.95,
                 patience=3,
+                min_steps=DEAD_STEPS,
                 name="spiking_dead",
                 cooldown=COOLDOWN,
                 reason=R.DEAD_NEURONS,
@@ -316,6 +390,55 @@ def default_rules(
                 severity=S.WARNING,
                 suggestion="the spiking layer is silent (no spikes, so no surrogate gradient flows): lower "
                 "the threshold or raise the input scale",
+            ),
+            RatioRule(
+                "layers:firing_rate_mean",
+                factor=2.0,
+                direction="down",
+                window=50,
+                min_history=20,
+                floor=RATE_FLOOR,
+                name="spiking_rate_falling",
+                cooldown=COOLDOWN,
+                reason=R.DEAD_NEURONS,
+                severity=S.WARNING,
+                suggestion="this spiking layer fires at less than half its own earlier rate (neurons are dying): "
+                "look for what pushes it down (a drifting bias, weight decay, a too strong rate penalty); "
+                "lower the threshold or add a firing-rate regulariser with a floor",
+            ),
+            SustainedRule(
+                "layers:firing_rate_mean",
+                above=0.4,
+                patience=3,
+                name="spiking_rate_high",
+                cooldown=COOLDOWN,
+                reason=R.SATURATED_NEURONS,
+                severity=S.WARNING,
+                suggestion="the spiking layer fires at more than 40 % of the time steps on average: raise the "
+                "threshold, lower the input scaling or the weights, add leak (β < 1) or a firing-rate regulariser",
+            ),
+            SustainedRule(
+                "layers:membrane_threshold_distance",
+                below=0.0,
+                patience=2,
+                name="membrane_above_threshold",
+                cooldown=COOLDOWN,
+                reason=R.SATURATED_NEURONS,
+                severity=S.WARNING,
+                suggestion="the mean membrane potential sits above the firing threshold (the neurons fire at "
+                "almost every step): raise the threshold, lower the input scaling, add leak (β < 1)",
+            ),
+            SustainedRule(
+                "layers_ratio:grad_norm/weight_norm",
+                below=GRAD_WEIGHT_FLOOR,
+                patience=3,
+                name="grad_floor_layer",
+                cooldown=COOLDOWN,
+                reason=R.VANISHING_GRADIENT,
+                severity=S.WARNING,
+                suggestion="this layer's gradient is < 1e-6 of its weights (no SGD step can move them): in a "
+                "spiking network a too steep surrogate or silent / saturated neurons after it; otherwise "
+                "saturated units or a detached path",
             ),
         ]
     return rules

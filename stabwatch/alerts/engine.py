@@ -9,7 +9,7 @@ from typing import Any
 from stabwatch.alerts.actions import AlertCallbacks, log_alert
 from stabwatch.alerts.base import RecordView, Rule, check_unique_names
 from stabwatch.errors import ConfigError, InstabilityError, StabwatchError
-from stabwatch.metrics import Alert, StabilityMetrics
+from stabwatch.metrics import Alert, AlertReason, StabilityMetrics
 
 __all__ = ["AlertEngine"]
 
@@ -53,11 +53,15 @@ class AlertEngine:
         log_alerts: bool = True,
     ) -> None:
         self._rules: list[Rule] = []
+        self._watched: set[str] = set()
+        self._order: list[int] = []
         for rule in rules:
             self.add(rule)
         self.callbacks = AlertCallbacks(callbacks)
         self.log_alerts = bool(log_alerts)
         self._failed: set[str] = set()
+        #: rule name -> the last step it ended an episode, for the rules some rule's ``suppressed_by`` names
+        self._recent: dict[str, int] = {}
         #: an `InstabilityError` a callback raised during the last `evaluate` (the `Monitor` raises it
         #: after the record has reached the sinks)
         self.stop_error: InstabilityError | None = None
@@ -72,12 +76,21 @@ class AlertEngine:
             if r.binding is not None:
                 r.binding.validate()
         self._rules.append(rule)
+        self._reorder()
         return self
+
+    def _reorder(self) -> None:
+        """Evaluate the rules some rule's ``suppressed_by`` names first, so a suppression takes effect on the
+        record that ends their episode (alerts are still returned in the rules' order)."""
+        self._watched = {n for r in self._rules for n in r.suppressed_by}
+        first = [i for i, r in enumerate(self._rules) if r.name in self._watched]
+        self._order = first + [i for i, r in enumerate(self._rules) if r.name not in self._watched]
 
     def remove(self, name: str) -> Rule:
         """Remove and return the rule called ``name``."""
         rule = self[name]
         self._rules.remove(rule)
+        self._reorder()
         return rule
 
     @property
@@ -106,13 +119,22 @@ class AlertEngine:
         evaluation: the error is kept in `stop_error` for the caller to raise.
         """
         self.stop_error = None
-        view = RecordView(record)
+        view = RecordView(record, self._recent)
         fired: list[Alert] = list(extra)
-        for rule in self._rules:
+        watched = self._watched
+        rules = self._rules
+        by_rule: list[list[Alert]] | None = [[] for _ in rules] if watched else None
+        for i in self._order if watched else range(len(rules)):
+            rule = rules[i]
             try:
                 alerts = rule.observe(view)
-                if alerts:
-                    fired += alerts
+                if by_rule is None:
+                    if alerts:
+                        fired += alerts
+                    continue
+                by_rule[i] = alerts
+                if rule.name in watched and any(a.reason is AlertReason.RECOVERED for a in alerts):
+                    self._recent[rule.name] = record.step
             except Exception as exc:  # noqa: BLE001 - a broken rule never kills training
                 if rule.name not in self._failed:
                     self._failed.add(rule.name)
@@ -124,6 +146,9 @@ class AlertEngine:
                         type(exc).__name__,
                         exc,
                     )
+        if by_rule is not None:
+            for alerts in by_rule:
+                fired += alerts
         self.dispatch(fired)
         return fired
 
@@ -151,12 +176,18 @@ class AlertEngine:
 
     # state ----------------------------------------------------------------------------------------
     def reset(self) -> None:
+        self._recent.clear()
         for rule in self._rules:
             rule.reset()
 
     def state_dict(self) -> dict[str, Any]:
-        """Every rule's windows and episode state, keyed by rule name (plain Python values)."""
-        return {"version": 1, "rules": {rule.name: rule.state_dict() for rule in self._rules}}
+        """Every rule's windows and episode state, keyed by rule name (plain Python values), and the last
+        step each rule named in a ``suppressed_by`` ended an episode."""
+        return {
+            "version": 1,
+            "rules": {rule.name: rule.state_dict() for rule in self._rules},
+            "recent": dict(self._recent),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict` output. Rules absent from ``state`` start fresh; state for rules this
@@ -168,6 +199,10 @@ class AlertEngine:
                 f"got keys {sorted(state) if isinstance(state, dict) else type(state).__name__}"
             )
         names = {r.name for r in self._rules}
+        recent = state.get("recent", {})
+        self._recent.clear()
+        if isinstance(recent, dict):
+            self._recent.update({str(k): int(v) for k, v in recent.items()})
         unknown = sorted(set(saved) - names)
         if unknown:
             log.info("stabwatch: alert state for unknown rule(s) ignored: %s", ", ".join(unknown))

@@ -24,12 +24,16 @@ from stabwatch.analysis._config import AnalyzerConfig, MetricsConfig, Visualizat
 from stabwatch.analysis._errors import AnalysisWarning
 from stabwatch.analysis._results import AnalysisResults, TrajectoryMetrics
 from stabwatch.analysis._training import TrainStep
+from stabwatch.analysis.ftle import FTLEResult, ftle, ftle_field
+from stabwatch.analysis.lyapunov_spectrum import LyapunovSpectrum, lyapunov_spectrum
 from stabwatch.analysis.trajectory import StabilityAnalyzer
 
 __all__ = [
     "AnalysisResults",
     "AnalysisWarning",
     "AnalyzerConfig",
+    "FTLEResult",
+    "LyapunovSpectrum",
     "MetricsConfig",
     "StabilityAnalyzer",
     "TrainStep",
@@ -37,7 +41,10 @@ __all__ = [
     "VisualizationConfig",
     "__version__",
     "config",
+    "ftle",
+    "ftle_field",
     "get_logger",
+    "lyapunov_spectrum",
     "metrics",
     "tracking",
     "visualization",

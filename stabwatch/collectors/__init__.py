@@ -13,10 +13,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from stabwatch.collectors.activation import ActivationCollector
+from stabwatch.collectors.attention import AttentionCollector
 from stabwatch.collectors.base import Collector, CollectorOptions, MonitorContext, Readout
+from stabwatch.collectors.ftle import FTLECollector
 from stabwatch.collectors.grad import GradCollector
 from stabwatch.collectors.grad_sv import GradSVCollector
+from stabwatch.collectors.lyapunov_spectrum import LyapunovSpectrumCollector
 from stabwatch.collectors.nonfinite import NonfiniteCollector
+from stabwatch.collectors.sharpness import SharpnessCollector
 from stabwatch.collectors.spiking import SpikingCollector
 from stabwatch.collectors.update import UpdateCollector
 from stabwatch.collectors.weight import WeightCollector
@@ -25,13 +29,17 @@ __all__ = [
     "FAMILIES",
     "PRESETS",
     "ActivationCollector",
+    "AttentionCollector",
     "Collector",
     "CollectorOptions",
+    "FTLECollector",
     "GradCollector",
     "GradSVCollector",
+    "LyapunovSpectrumCollector",
     "MonitorContext",
     "NonfiniteCollector",
     "Readout",
+    "SharpnessCollector",
     "SpikingCollector",
     "UpdateCollector",
     "WeightCollector",
@@ -48,6 +56,10 @@ FAMILIES: dict[str, type[Collector]] = {
         WeightCollector,
         ActivationCollector,
         SpikingCollector,
+        AttentionCollector,
+        LyapunovSpectrumCollector,
+        FTLECollector,
+        SharpnessCollector,
     )
 }
 
@@ -65,6 +77,7 @@ def _default() -> list[Collector]:
         WeightCollector(100),
         ActivationCollector(50),
         SpikingCollector(10),
+        AttentionCollector(5),
     ]
 
 

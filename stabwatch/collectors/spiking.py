@@ -50,7 +50,21 @@ instead unweighted means over its layers):
   ``saturated_threshold`` (0.9);
 * ``membrane_mean`` / ``membrane_std`` (``spiking/membrane_mean`` ...): over all membrane elements seen;
 * ``membrane_threshold_distance`` (``spiking/membrane_threshold_distance``): mean of
-  ``threshold - v`` (positive: below threshold).
+  ``threshold - v`` (positive: below threshold);
+* ``spiking/surrogate_grad`` (per layer ``spiking_layers/surrogate_grad/<layer>``, extra keys): the mean
+  derivative of the layer's own surrogate spike function (the adapter's ``surrogate``: snntorch
+  ``spike_grad``, spikingjelly ``surrogate_function``, norse ``threshold(u, p.method, p.alpha)``) at
+  ``u = v - threshold`` over a sample of the step's membrane values (about ``surrogate_samples`` per
+  layer: whole rows of 4 forward calls spread over the step), computed at the record with one autograd
+  pass of its own (`stabwatch.functional.spiking.surrogate_statistics`); the global value pools the
+  layers by neuron count. How much gradient the surrogate lets through: a too-steep surrogate reads
+  low from step 0;
+* ``spiking/near_threshold_frac`` (per layer ``spiking_layers/near_threshold_frac/<layer>``): the
+  fraction of the sampled ``u`` inside the surrogate's half-maximum window; for a layer whose surrogate
+  is not reachable, ``|u| <= surrogate_width`` when that option is set.
+
+Schedule: every step for the first ``dense_steps`` (20) steps of the run, then every ``every`` steps
+(`stabwatch.schedules.dense_start`). The hooks are on the modules only during scheduled steps.
 
 Distributed (more than one process): the per-neuron spike counts, the sample counts and the membrane
 sums (``sum v``, ``sum v^2``, ``sum threshold``, element counts) are summed across ranks in the record's
@@ -72,7 +86,14 @@ from torch import nn
 from stabwatch import distributed as _dist
 from stabwatch.collectors.base import Collector, CollectorOptions, MonitorContext, Readout
 from stabwatch.errors import StabwatchError
-from stabwatch.functional.spiking import layer_firing_statistics, pooled_membrane_statistics, sample_dims
+from stabwatch.functional.spiking import (
+    layer_firing_statistics,
+    near_threshold_fraction,
+    pooled_membrane_statistics,
+    sample_dims,
+    surrogate_statistics,
+)
+from stabwatch.schedules import Schedule, dense_start
 
 __all__ = [
     "ADAPTERS",
@@ -86,6 +107,10 @@ __all__ = [
 
 log = logging.getLogger("stabwatch")
 
+#: forward calls per layer and step whose membrane is sampled for the surrogate statistics
+_SAMPLED_CALLS = 4
+_SURROGATE_KEY = "spiking/surrogate_grad"
+_NEAR_KEY = "spiking/near_threshold_frac"
 _FIRING_FIELDS = ("firing_rate_mean", "firing_rate_std", "dead_neuron_frac", "saturated_neuron_frac")
 _MEMBRANE_FIELDS = ("membrane_mean", "membrane_std", "membrane_threshold_distance")
 
@@ -131,6 +156,11 @@ class SpikingAdapter:
             or ``None`` (then ``membrane_threshold_distance`` is not computed).
         time_dim: ``None`` (one call per time step, ``[B, ...]``), ``0`` (``[T, B, ...]``), ``1``
             (``[B, T, ...]``), or a callable ``(module, spikes) -> int | None``.
+        surrogate: where the layer's surrogate spike function is (applied to ``membrane - threshold``,
+            a step forward and the surrogate backward): the name of a module attribute
+            (``"spike_grad"``), a callable ``module -> function | None``, or ``None`` (then the
+            ``surrogate_grad`` key is not emitted for the layer; see `SpikingCollector`'s
+            ``surrogate_width``).
         name: a label for logs and error messages.
 
     Raises:
@@ -157,6 +187,7 @@ class SpikingAdapter:
         membrane: int | str | Callable[[nn.Module, Any], torch.Tensor | None] | None = None,
         threshold: float | str | Callable[[nn.Module], Any] | None = None,
         time_dim: int | Callable[[nn.Module, torch.Tensor], int | None] | None = None,
+        surrogate: str | Callable[[nn.Module], Any] | None = None,
         name: str | None = None,
     ) -> None:
         if isinstance(match, type) or (isinstance(match, tuple) and match and all(isinstance(m, type) for m in match)):
@@ -203,7 +234,13 @@ class SpikingAdapter:
                 f"SpikingAdapter({label}): time_dim must be None (one call per step, [B, ...]), 0 ([T, B, ...]), "
                 f"1 ([B, T, ...]) or a callable (module, spikes) -> int | None, got {time_dim!r}"
             )
+        if surrogate is not None and not (callable(surrogate) or isinstance(surrogate, str)):
+            raise StabwatchError(
+                f"SpikingAdapter({label}): surrogate must be None, a module attribute name (str) or a callable "
+                f"module -> spike function, got {surrogate!r}"
+            )
         self.name = name or label
+        self.surrogate = surrogate
         self.spikes = spikes
         self.membrane = membrane
         self.threshold = threshold
@@ -212,6 +249,14 @@ class SpikingAdapter:
     def matches(self, module: nn.Module) -> bool:
         """Whether this adapter handles ``module``."""
         return bool(self._match(module))
+
+    def surrogate_fn(self, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The module's surrogate spike function (``u -> spikes``), or ``None`` when not reachable."""
+        spec = self.surrogate
+        if spec is None:
+            return None
+        fn = getattr(module, spec, None) if isinstance(spec, str) else spec(module)
+        return fn if callable(fn) else None
 
     def read(self, module: nn.Module, output: Any) -> SpikeReading | None:
         """Read one forward call; ``None`` when the call carries no spike tensor."""
@@ -331,6 +376,20 @@ def _norse_threshold(module: nn.Module) -> Any:
     return th
 
 
+def _norse_surrogate(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    p = getattr(module, "p", None)
+    p = p if hasattr(p, "method") else getattr(p, "lif", None)
+    method, alpha = getattr(p, "method", None), getattr(p, "alpha", None)
+    fn = getattr(sys.modules.get("norse.torch.functional.threshold"), "threshold", None)
+    if not isinstance(method, str) or alpha is None or fn is None:
+        return None
+
+    def _spike(u: torch.Tensor) -> torch.Tensor:
+        return fn(u, method, alpha)  # type: ignore[no-any-return]
+
+    return _spike
+
+
 def _norse_time(module: nn.Module, spikes: torch.Tensor) -> int | None:
     seq = _classes(_NORSE_SNN, "SNN", "SNNRecurrent")
     return 0 if isinstance(module, seq) else None
@@ -345,11 +404,17 @@ def builtin_adapters() -> list[SpikingAdapter]:
             membrane=1,
             threshold="threshold",
             time_dim=0,
+            surrogate="spike_grad",
             name="snntorch.StateLeaky",
         ),
         SpikingAdapter(_snntorch_parallel, spikes=0, threshold="threshold", time_dim=0, name="snntorch.LeakyParallel"),
         SpikingAdapter(
-            _snntorch_step, spikes=_first_or_self, membrane="mem", threshold="threshold", name="snntorch.SpikingNeuron"
+            _snntorch_step,
+            spikes=_first_or_self,
+            membrane="mem",
+            threshold="threshold",
+            surrogate="spike_grad",
+            name="snntorch.SpikingNeuron",
         ),
         SpikingAdapter(
             _spikingjelly,
@@ -357,6 +422,7 @@ def builtin_adapters() -> list[SpikingAdapter]:
             membrane=_spikingjelly_membrane,
             threshold="v_threshold",
             time_dim=_spikingjelly_time,
+            surrogate="surrogate_function",
             name="spikingjelly.BaseNode",
         ),
         SpikingAdapter(
@@ -365,6 +431,7 @@ def builtin_adapters() -> list[SpikingAdapter]:
             membrane=_norse_membrane,
             threshold=_norse_threshold,
             time_dim=_norse_time,
+            surrogate=_norse_surrogate,
             name="norse.SNN",
         ),
     ]
@@ -456,7 +523,19 @@ class _LayerSums:
     when it changes or at the record.
     """
 
-    __slots__ = ("n_mem", "no_threshold", "samples", "spikes", "th_device", "th_host", "th_run", "v", "v2")
+    __slots__ = (
+        "calls",
+        "gaps",
+        "n_mem",
+        "no_threshold",
+        "samples",
+        "spikes",
+        "th_device",
+        "th_host",
+        "th_run",
+        "v",
+        "v2",
+    )
 
     def __init__(self) -> None:
         self.spikes: dict[torch.Size, torch.Tensor] = {}  # [B, *features] -> running spike sum
@@ -468,6 +547,8 @@ class _LayerSums:
         self.th_device: list[torch.Tensor] = []  # folded sums of tensor thresholds (float64, 0-d)
         self.th_run: _ThresholdRun | None = None
         self.no_threshold = False
+        self.calls = 0  # forward calls with a membrane seen in this step
+        self.gaps: list[torch.Tensor] = []  # sampled (membrane - threshold) values, float32, 1-D
 
     def fold_threshold(self) -> None:
         run = self.th_run
@@ -481,7 +562,8 @@ class SpikingCollector(Collector):
 
     See the module docstring for the layers found, what is accumulated and the keys emitted. Cost on
     a scheduled step: a few elementwise kernels per forward call of a spiking layer (their output's
-    size), and one reduction per layer at the record; on other steps, one attribute read per call.
+    size), and one reduction per layer at the record; on other steps nothing: the hooks are on the
+    modules only during scheduled steps.
 
     Args:
         every: schedule (a period, a callable ``step -> bool`` or ``None`` for off).
@@ -489,6 +571,16 @@ class SpikingCollector(Collector):
         dead_threshold: a neuron firing at a rate below this is dead.
         saturated_threshold: a neuron firing at a rate above this is saturated.
         training_only: ignore forward calls made in eval mode.
+        dense_steps: measure every step for the first ``dense_steps`` steps of the run, then on
+            ``every`` (`stabwatch.schedules.dense_start`), so a network that starts silent is seen at
+            step 0; 0 turns it off. An ``every`` that is off stays off.
+        surrogate_samples: about how many membrane values per layer and step are kept for the
+            surrogate-gradient statistics: whole rows of a call's leading dim (batch, or time for a
+            time-major call), from 4 forward calls spread over the step (a different row each); 0
+            turns them off.
+        surrogate_width: for a layer whose surrogate function the adapter cannot reach: the half-width
+            (membrane units) of the window around the threshold counted in ``near_threshold_frac``;
+            ``None``: no value for such a layer.
 
     Raises:
         StabwatchError: thresholds outside ``0 <= dead_threshold < saturated_threshold``, or an
@@ -504,6 +596,9 @@ class SpikingCollector(Collector):
         dead_threshold: float = Field(default=0.01, ge=0.0)
         saturated_threshold: float = Field(default=0.9, gt=0.0)
         training_only: bool = True
+        dense_steps: int = Field(default=20, ge=0)
+        surrogate_samples: int = Field(default=2048, ge=0)
+        surrogate_width: float | None = Field(default=None, gt=0.0)
 
         @model_validator(mode="after")
         def _check(self) -> SpikingCollector.Options:
@@ -521,12 +616,26 @@ class SpikingCollector(Collector):
     dead_threshold: float
     saturated_threshold: float
     training_only: bool
+    dense_steps: int
+    surrogate_samples: int
+    surrogate_width: float | None
 
     def __init__(self, every: Any = 10, **options: Any) -> None:
         super().__init__(every, **options)
+        self.schedule = self._dense(self.schedule)
         self.layers: list[str] = []
         self.layer_adapters: dict[str, str] = {}
         self._sums: list[_LayerSums] = []
+        self._modules: list[tuple[nn.Module, SpikingAdapter]] = []
+        self._sample_every: list[int] = []  # per layer: sample every n-th call (from the last step's calls)
+        self._surrogate_failed = False
+
+    def _dense(self, schedule: Schedule) -> Schedule:
+        return dense_start(schedule, self.dense_steps)
+
+    def reschedule(self, every: Any) -> None:
+        super().reschedule(every)
+        self.schedule = self._dense(self.schedule)
 
     def _find(self, module: nn.Module) -> SpikingAdapter | None:
         for adapter in self.adapters:
@@ -535,7 +644,7 @@ class SpikingCollector(Collector):
         return ADAPTERS.find(module)
 
     def setup(self, ctx: MonitorContext) -> None:
-        self.layers, self.layer_adapters = [], {}
+        self.layers, self.layer_adapters, self._modules = [], {}, []
         for name, module in ctx.model.named_modules():
             adapter = self._find(module)
             if adapter is None:
@@ -544,14 +653,17 @@ class SpikingCollector(Collector):
             path = name or "(root)"
             self.layers.append(path)
             self.layer_adapters[path] = adapter.name
+            self._modules.append((module, adapter))
             self.add_hook(module.register_forward_hook, self._make_hook(index, adapter))
         self._sums = [_LayerSums() for _ in self.layers]
+        self._sample_every = [1 for _ in self.layers]
         if self.layers:
             log.debug("stabwatch: spiking layers %s", self.layer_adapters)
 
     def _make_hook(self, index: int, adapter: SpikingAdapter) -> Any:
+        # registered only during scheduled steps (`begin_step`): unscheduled ones pay no hook dispatch
         def _observe(module: nn.Module, args: Any, out: Any) -> None:
-            if self.training_only and not module.training:
+            if not self.active or (self.training_only and not module.training):
                 return
             reading = adapter.read(module, out)
             if reading is None:
@@ -559,13 +671,7 @@ class SpikingCollector(Collector):
             with torch.no_grad():
                 self._add(index, reading)
 
-        guarded = self.guard(_observe)
-
-        def _hook(module: nn.Module, args: Any, out: Any) -> None:
-            if self.active:  # unscheduled steps cost one attribute read
-                guarded(module, args, out)
-
-        return _hook
+        return self.guard(_observe)
 
     def _add(self, index: int, r: SpikeReading) -> None:
         sums = self._sums[index]
@@ -604,29 +710,44 @@ class SpikingCollector(Collector):
         th = r.threshold
         if th is None:
             sums.no_threshold = True
-        elif isinstance(th, torch.Tensor):
+            return
+        if isinstance(th, torch.Tensor):
             run = sums.th_run
             if run is not None and run.obj is th and run.shape == v.shape and run.version == _version(th):
                 run.n += v.numel()
-                return
-            sums.fold_threshold()
-            if th.numel() != 1 and _broadcast(th.shape, v.shape) != v.shape:
-                raise StabwatchError(
-                    f"spiking layer {self.layers[index]!r}: threshold {tuple(th.shape)} does not broadcast to "
-                    f"the membrane {tuple(v.shape)}"
-                )
-            sums.th_run = _ThresholdRun(th, v.shape, v.numel())
+            else:
+                sums.fold_threshold()
+                if th.numel() != 1 and _broadcast(th.shape, v.shape) != v.shape:
+                    raise StabwatchError(
+                        f"spiking layer {self.layers[index]!r}: threshold {tuple(th.shape)} does not broadcast "
+                        f"to the membrane {tuple(v.shape)}"
+                    )
+                sums.th_run = _ThresholdRun(th, v.shape, v.numel())
+            th = th.detach()
         else:
             sums.th_host += float(th) * v.numel()
+        every = self._sample_every[index]
+        if self.surrogate_samples and sums.calls % every == every // 2:  # mid-block: not always time step 0
+            budget = -(-self.surrogate_samples // _SAMPLED_CALLS)
+            sums.gaps.append(_gap_sample(v, th, budget, sums.calls // every))
+        sums.calls += 1
 
     def begin_step(self, step: int) -> None:
         self._sums = [_LayerSums() for _ in self.layers]
+        if self.active:  # hooks on the modules only while the step is scheduled
+            self.resume_hooks()
+        else:
+            self.suspend_hooks()
 
     def teardown(self) -> None:
         self._sums = []
+        self._modules = []
 
     def collect(self, step: int, readout: Readout, loss: torch.Tensor | None, batch: Any) -> None:
         sums, self._sums = self._sums, [_LayerSums() for _ in self.layers]
+        for i, s in enumerate(sums):  # spread the next step's samples over as many calls as this one had
+            if s.calls:
+                self._sample_every[i] = -(-s.calls // _SAMPLED_CALLS)
         seen = [i for i, s in enumerate(sums) if s.spikes]
         if not seen:
             return
@@ -650,6 +771,7 @@ class SpikingCollector(Collector):
         if rows:
             table = torch.stack(rows)  # [L, 3]: sum v, sum v^2, sum threshold
         mem_names = [self.layers[i] for i in mem]
+        self._add_surrogate(readout, sums, seen, counts)  # type: ignore[arg-type]
         if not readout.across_ranks:
             self._add_firing(readout, names, counts, samples)  # type: ignore[arg-type]
             if table is not None:
@@ -679,6 +801,70 @@ class SpikingCollector(Collector):
 
         readout.add_reduced(torch.cat(parts), "sum", _combined, key=(tuple(names), tuple(mem_names)))
 
+    def _add_surrogate(
+        self, readout: Readout, sums: list[_LayerSums], seen: list[int], counts: list[torch.Tensor]
+    ) -> None:
+        """Per layer: mean surrogate derivative and window fraction over the sampled membrane gaps.
+
+        Layers sharing one spike function (the usual case) are differentiated in one autograd pass.
+        """
+        neurons = {i: float(c.numel()) for i, c in zip(seen, counts, strict=True)}
+        groups: dict[int, tuple[Callable[[torch.Tensor], torch.Tensor], list[int]]] = {}
+        widths: list[int] = []
+        for i in seen:
+            if not sums[i].gaps:
+                continue
+            module, adapter = self._modules[i]
+            try:
+                fn = adapter.surrogate_fn(module)
+            except Exception as exc:  # noqa: BLE001
+                self._surrogate_failure(i, exc)
+                continue
+            if fn is not None:
+                groups.setdefault(id(fn), (fn, []))[1].append(i)
+            elif self.surrogate_width is not None:
+                widths.append(i)
+        stats: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        for fn, members in groups.values():
+            gaps = [torch.cat(sums[i].gaps) for i in members]
+            try:
+                rows = surrogate_statistics(fn, torch.cat(gaps), [g.numel() for g in gaps])
+            except Exception as exc:  # noqa: BLE001 - a surrogate we cannot differentiate loses only its keys
+                self._surrogate_failure(members[0], exc)
+                continue
+            for k, i in enumerate(members):
+                stats[i] = (rows[k, 0], rows[k, 1])
+        for i in widths:
+            stats[i] = (None, near_threshold_fraction(torch.cat(sums[i].gaps), self.surrogate_width))  # type: ignore[arg-type]
+        grads, g_weights, fracs, f_weights = [], [], [], []
+        for i in seen:
+            if i not in stats:
+                continue
+            g, f = stats[i]
+            name, n = self.layers[i], neurons[i]
+            readout.add_extra(_NEAR_KEY, f, layer=name, reduce="mean")
+            fracs.append(f * n)
+            f_weights.append(n)
+            if g is not None:
+                readout.add_extra(_SURROGATE_KEY, g, layer=name, reduce="mean")
+                grads.append(g * n)
+                g_weights.append(n)
+        if grads:  # pooled like the other globals: a layer weighs by its neuron count
+            readout.add_extra(_SURROGATE_KEY, torch.stack(grads).sum() / sum(g_weights), reduce="mean")
+        if fracs:
+            readout.add_extra(_NEAR_KEY, torch.stack(fracs).sum() / sum(f_weights), reduce="mean")
+
+    def _surrogate_failure(self, index: int, exc: BaseException) -> None:
+        if not self._surrogate_failed:
+            self._surrogate_failed = True
+            log.warning(
+                "stabwatch: the surrogate function of spiking layer %r could not be differentiated (%s: %s); "
+                "its surrogate_grad is not reported. Further failures are not logged.",
+                self.layers[index],
+                type(exc).__name__,
+                exc,
+            )
+
     def _add_firing(self, readout: Readout, names: list[str], counts: list[torch.Tensor], samples: list[int]) -> None:
         per, pooled = layer_firing_statistics(counts, samples, self.dead_threshold, self.saturated_threshold)
         for j, field in enumerate(_FIRING_FIELDS):
@@ -696,6 +882,28 @@ class SpikingCollector(Collector):
         if keep:
             readout.add_layers(_MEMBRANE_FIELDS[2], [mem_names[k] for k in keep], stats[keep, 2])
             readout.add(_MEMBRANE_FIELDS[2], pooled_mem[2])
+
+
+def _gap_sample(v: torch.Tensor, th: torch.Tensor | float, budget: int, call: int) -> torch.Tensor:
+    """``v - th`` on about ``budget`` elements: whole rows of ``v``'s leading dim, evenly strided, the
+    start shifted by the call's index so that successive calls sample different rows (a row larger
+    than ``budget``, e.g. one sample's feature map, is thinned to every n-th element)."""
+    if v.ndim == 0:
+        v = v.reshape(1)
+    rows = v.shape[0]
+    per_row = max(v.numel() // max(rows, 1), 1)
+    k = min(rows, max(1, -(-budget // per_row)))
+    stride = max(rows // k, 1)
+    start = call % stride
+    row_th = th if isinstance(th, torch.Tensor) and th.ndim == v.ndim and rows > 1 else None
+    if per_row > budget:  # one row, thinned
+        if row_th is not None:
+            th = row_th[start if row_th.shape[0] == rows else 0]
+        return (v[start].float() - th).reshape(-1)[:: -(-per_row // budget)]
+    vs = v[start::stride][:k]
+    if row_th is not None and row_th.shape[0] == rows:
+        th = row_th[start::stride][:k]
+    return (vs.float() - th).reshape(-1)
 
 
 def _broadcast(a: torch.Size, b: torch.Size) -> torch.Size | None:

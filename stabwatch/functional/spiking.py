@@ -25,12 +25,23 @@ Conventions (shared by `stabwatch.collectors.spiking` and `stabwatch.compat.Stab
   call. The one-pass variance loses relative accuracy like :math:`10^{-7} (\bar v / s_v)^2`: fine unless
   the membrane's std is below ~0.1 % of its mean.
 
-Everything here is pure tensor math on the input's device: no hooks, no state, no host sync.
+* **Surrogate-gradient health.** A surrogate-gradient SNN trains through :math:`\partial s / \partial v
+  = \sigma'(v - \vartheta)`, the derivative of the layer's own surrogate spike function :math:`\sigma` at
+  the membrane's distance to threshold :math:`u = v - \vartheta`. `surrogate_statistics` gives, over a
+  sample of :math:`u`, the mean derivative :math:`\overline{\sigma'(u)}` (how much gradient the layer lets
+  through, relative to a surrogate peaking at 1 at the threshold, as snntorch's and spikingjelly's do)
+  and the fraction of :math:`u` inside the surrogate's half-maximum window,
+  :math:`\sigma'(u) \ge \sigma'(0)/2` (`near_threshold_fraction` does the same for a fixed half-width
+  when the surrogate is not known). For snntorch's ``fast_sigmoid(slope=k)``,
+  :math:`\sigma'(u) = 1 / (1 + k|u|)^2` and the window is :math:`|u| \le (\sqrt2 - 1)/k`.
+
+Everything here is pure tensor math on the input's device: no hooks, no state, no host sync (the
+surrogate derivative runs one small autograd pass of its own, with the global RNG state restored).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -43,9 +54,12 @@ __all__ = [
     "layer_membrane_statistics",
     "membrane_moments",
     "membrane_statistics",
+    "near_threshold_fraction",
     "pooled_membrane_statistics",
     "sample_dims",
     "spike_counts",
+    "surrogate_derivative",
+    "surrogate_statistics",
 ]
 
 
@@ -327,3 +341,111 @@ def membrane_statistics(membrane: torch.Tensor, threshold: torch.Tensor | float 
     th_t = torch.as_tensor(float("nan") if th is None else th, dtype=torch.float64).to(moments.device)
     row = torch.cat([moments.double(), th_t.reshape(1)])
     return layer_membrane_statistics(row, torch.tensor(float(n)))
+
+
+def surrogate_derivative(spike_fn: Callable[[torch.Tensor], torch.Tensor], u: torch.Tensor) -> torch.Tensor:
+    r"""The derivative :math:`\sigma'(u)` of a surrogate spike function at every element of ``u``.
+
+    ``spike_fn`` is what the layer applies to :math:`u = v - \vartheta` to spike (snntorch's
+    ``module.spike_grad``, spikingjelly's ``module.surrogate_function``, norse's ``threshold`` with the
+    layer's ``method`` and ``alpha``): its forward is a step, its backward the surrogate. It is
+    differentiated with one autograd pass on a detached copy of ``u`` (elementwise, so a vector of ones
+    as the output gradient gives every element's own derivative). Nothing else is touched: training's
+    graph, ``u`` and the global RNG (stochastic surrogates draw from it; its state is restored).
+
+    Args:
+        spike_fn: an elementwise function ``Tensor -> Tensor`` with a surrogate backward.
+        u: membrane minus threshold, any shape.
+
+    Returns:
+        float32 tensor of ``u``'s shape: zeros when ``spike_fn`` has no gradient (a bare Heaviside
+        step lets none through).
+
+    Raises:
+        InputError: ``spike_fn`` is not callable or returns a tensor of another shape.
+
+    Example: a smooth stand-in, :math:`\sigma(u) = s(4u)` with the logistic sigmoid :math:`s`, so
+    :math:`\sigma'(u) = 4 s(4u) (1 - s(4u))`:
+
+        >>> spike_fn = lambda u: torch.sigmoid(4 * u)
+        >>> [round(g, 4) for g in surrogate_derivative(spike_fn, torch.tensor([0.0, 0.5, -1.0])).tolist()]
+        [1.0, 0.42, 0.0707]
+    """
+    if not callable(spike_fn):
+        raise InputError(f"surrogate_derivative: spike_fn must be callable (u -> spikes), got {spike_fn!r}")
+    x = u.detach().to(torch.float32).clone().requires_grad_(True)
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        y = spike_fn(x)
+        if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+            raise InputError(
+                f"surrogate_derivative: spike_fn must map u {tuple(x.shape)} to spikes of the same shape, got "
+                f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}"
+            )
+        if not y.requires_grad:
+            return torch.zeros_like(x, requires_grad=False)
+        (g,) = torch.autograd.grad(y, x, grad_outputs=torch.ones_like(y), allow_unused=True)
+    if g is None:
+        return torch.zeros_like(x, requires_grad=False)
+    return g.detach().to(torch.float32)
+
+
+def surrogate_statistics(
+    spike_fn: Callable[[torch.Tensor], torch.Tensor], u: torch.Tensor, sizes: Sequence[int] | None = None
+) -> torch.Tensor:
+    r"""Mean surrogate derivative over ``u`` and the fraction of ``u`` inside the surrogate's window.
+
+    .. math:: g = \frac{1}{n}\sum_i \sigma'(u_i), \qquad
+        f = \frac{1}{n}\,\#\{i : \sigma'(u_i) \ge \tfrac12 \sigma'(0)\}
+
+    Args:
+        spike_fn: the surrogate spike function (see `surrogate_derivative`).
+        u: a sample of membrane minus threshold, any shape (every element counts once).
+        sizes: split the flattened ``u`` into consecutive segments of these sizes (layers sharing one
+            spike function) and return one row per segment: one autograd pass for all of them.
+
+    Returns:
+        float64 ``[g, f]`` on ``u``'s device, or ``[len(sizes), 2]`` with ``sizes`` (NaN for an empty
+        segment; ``f`` is NaN when :math:`\sigma'(0) = 0`, a surrogate without a window).
+
+    Raises:
+        InputError: ``sizes`` do not add up to ``u.numel()``.
+
+    Example: ``sigmoid(4u)`` (derivative 1 at the threshold, half of it at :math:`|u| \approx 0.44`):
+
+        >>> stats = surrogate_statistics(lambda u: torch.sigmoid(4 * u), torch.tensor([0.0, 0.3, 0.5, -1.0]))
+        >>> [round(v, 4) for v in stats.tolist()]
+        [0.5506, 0.5]
+        >>> surrogate_statistics(lambda u: torch.sigmoid(4 * u), torch.tensor([0.0, 0.3, 0.5, -1.0]), [1, 3])[:, 1]
+        tensor([1.0000, 0.3333], dtype=torch.float64)
+    """
+    flat = u.detach().reshape(-1)
+    lengths = [flat.numel()] if sizes is None else [int(n) for n in sizes]
+    if sum(lengths) != flat.numel() or any(n < 0 for n in lengths):
+        raise InputError(f"surrogate_statistics: sizes {lengths} do not add up to the {flat.numel()} values of u")
+    g = surrogate_derivative(spike_fn, torch.cat([flat.to(torch.float32), flat.new_zeros(1, dtype=torch.float32)]))
+    peak = g[-1]
+    both = torch.stack([g[:-1], (g[:-1] >= 0.5 * peak).to(torch.float32)])  # [2, n]
+    totals = torch.stack([part.sum(dim=1) for part in both.split(lengths, dim=1)]).double()  # [L, 2]
+    n = torch.tensor(lengths, dtype=torch.float64, device=totals.device)
+    out = totals / n[:, None]  # an empty segment: 0 / 0 = NaN
+    out[:, 1] = torch.where(peak > 0, out[:, 1], float("nan"))  # no window without a peak
+    return out[0] if sizes is None else out
+
+
+def near_threshold_fraction(u: torch.Tensor, width: float) -> torch.Tensor:
+    r"""Fraction of ``u`` (membrane minus threshold) with :math:`|u| \le` ``width`` (float64, 0-d).
+
+    The surrogate-free stand-in for `surrogate_statistics`'s window fraction: with ``width`` the
+    surrogate's half-width at half maximum it is the same number.
+
+    Example:
+        >>> near_threshold_fraction(torch.tensor([0.0, 0.01, 0.04, -1.0]), 0.0166).item()
+        0.5
+    """
+    if not width > 0:
+        raise InputError(f"near_threshold_fraction: width must be > 0, got {width!r}")
+    flat = u.detach().reshape(-1)
+    if flat.numel() == 0:
+        return torch.full((), float("nan"), dtype=torch.float64, device=u.device)
+    return (flat.abs() <= width).double().mean()

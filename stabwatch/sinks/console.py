@@ -1,4 +1,15 @@
-"""`ConsoleSink`: a compact line per record (and every alert) on a stream."""
+"""`ConsoleSink`: a compact line per record (and every alert, once) on a stream, in step order.
+
+Records reach a sink in step order (the dispatcher hands them to each sink in turn, from one writer
+thread), so the per-step lines and the alerts they carry come out in step order too. Each line goes
+through ``tqdm.write`` when tqdm is installed: an active progress bar on the same terminal is cleared,
+the line printed, the bar redrawn, so no stale copies of the bar are left behind; on a stream that is not
+a terminal no bar is drawn and the lines are plain (no carriage returns).
+
+An alert line names its layer as ``layer '0'`` (a module path such as ``0`` would otherwise read as a
+number), a recovery is one short line, and a rule's suggestion (``try: ...``) is printed the first time
+the rule fires only.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +19,9 @@ from typing import Any, TextIO
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from stabwatch.errors import validated
-from stabwatch.metrics import StabilityMetrics
+from stabwatch.metrics import Alert, AlertReason, StabilityMetrics
 
-__all__ = ["ConsoleSink"]
+__all__ = ["ConsoleSink", "format_alert"]
 
 
 class _Options(BaseModel):
@@ -27,8 +38,24 @@ class _Options(BaseModel):
         return value
 
 
+def format_alert(alert: Alert) -> str:
+    """One line for an alert: ``[warning] step 22 grad_explode_layer, layer '0': <message>``; a recovery:
+    ``[recovered] step 31 grad_explode_layer, layer '0'``.
+
+    Example:
+        >>> from stabwatch.metrics import Severity
+        >>> format_alert(Alert(rule="r", reason=AlertReason.SPIKE, severity=Severity.WARNING, step=3,
+        ...                    metric="grad_norm", layer="0", message="grad_norm 9 is 10x its median"))
+        "[warning] step 3 r, layer '0': grad_norm 9 is 10x its median"
+    """
+    where = f", layer {alert.layer!r}" if alert.layer else ""
+    if alert.reason is AlertReason.RECOVERED:
+        return f"[recovered] step {alert.step} {alert.rule}{where}"
+    return f"[{alert.severity.value}] step {alert.step} {alert.rule}{where}: {alert.message}"
+
+
 class ConsoleSink:
-    """Print ``str(record)`` every ``every`` records and every alert as it happens.
+    """Print ``str(record)`` every ``every`` records and every alert as it happens (each once).
 
     Args:
         every: print one line per this many records (alerts are always printed).
@@ -44,22 +71,29 @@ class ConsoleSink:
         self.every: int = opts.every
         self.stream: TextIO | None = opts.stream
         self._n = 0
+        self._suggested: set[str] = set()  # rules whose suggestion was printed
 
     def _print(self, text: str) -> None:
         stream = self.stream or sys.stderr
         try:
             from tqdm import tqdm
-
-            tqdm.write(text, file=stream)
         except ImportError:
             print(text, file=stream)
+        else:
+            tqdm.write(text, file=stream)
 
     def write(self, record: StabilityMetrics) -> None:
+        lines = []
         if self._n % self.every == 0:
-            self._print(str(record))
+            lines.append(str(record))
         self._n += 1
         for alert in record.alerts:
-            self._print(f"  ALERT {alert}")
+            lines.append(f"  {format_alert(alert)}")
+            if alert.suggestion and alert.reason is not AlertReason.RECOVERED and alert.rule not in self._suggested:
+                self._suggested.add(alert.rule)
+                lines.append(f"    try: {alert.suggestion}")
+        if lines:
+            self._print("\n".join(lines))
 
     def flush(self) -> None:
         stream = self.stream or sys.stderr

@@ -40,12 +40,19 @@ def _baseline(step: int, rng: np.random.Generator) -> dict:
             "activation_batch_std": n(1.0),
             "spectral_radius": n(0.8, 0.01),
             "grad_condition": n(50.0, 0.3),
+            "weight_norm": n(10.0),
         }
         for name in LAYERS
     }
-    layers["lif1"] = {"firing_rate_mean": n(0.1), "dead_neuron_frac": n(0.2), "saturated_neuron_frac": n(0.01)}
+    layers["lif1"] = {
+        "firing_rate_mean": n(0.1),
+        "dead_neuron_frac": n(0.2),
+        "saturated_neuron_frac": n(0.01),
+        "membrane_threshold_distance": n(1.5),
+    }
     return {
         "step": step,
+        "extra": {"spiking/surrogate_grad": n(0.025)},
         "loss": n(1.0),
         "grad_norm": n(1.0),
         "update_ratio": n(1e-3),
@@ -82,9 +89,20 @@ SCENARIOS = {
     "dead_neurons": (lambda r: _set(r, ["fc1", "dead_frac"], lambda v: 0.95), True, ONSET + 1),
     "saturated_neurons": (lambda r: _set(r, ["fc2", "saturated_frac"], lambda v: 0.8), True, ONSET + 1),
     "collapse": (lambda r: _set(r, ["fc3", COLLAPSE_FIELD], lambda v: 1e-3 * v), True, ONSET),
-    "spiking_dead": (lambda r: _set(r, ["lif1", "dead_neuron_frac"], lambda v: 0.99), True, ONSET + 2),
+    "spiking_dead": (lambda r: _set(r, ["lif1", "dead_neuron_frac"], lambda v: 0.99), True, ONSET + 10),
     "spiking_saturated": (lambda r: _set(r, ["lif1", "saturated_neuron_frac"], lambda v: 0.9), True, ONSET + 2),
     "silent_layer": (lambda r: _set(r, ["lif1", "firing_rate_mean"], lambda v: 0.0), True, ONSET + 2),
+    "loss_jump": (lambda r: _set(r, ["loss"], lambda v: 100 * v), False, ONSET),  # 50x or more: at once
+    "update_too_large": (lambda r: r.update(update_ratio=2.0), True, ONSET),
+    "spiking_rate_falling": (lambda r: _set(r, ["lif1", "firing_rate_mean"], lambda v: 0.3 * v), True, ONSET),
+    "spiking_rate_high": (lambda r: _set(r, ["lif1", "firing_rate_mean"], lambda v: 0.6), True, ONSET + 2),
+    "membrane_above_threshold": (
+        lambda r: _set(r, ["lif1", "membrane_threshold_distance"], lambda v: -1.0),
+        True,
+        ONSET + 1,
+    ),
+    "grad_floor_layer": (lambda r: _set(r, ["fc1", "grad_norm"], lambda v: 1e-8), True, ONSET + 2),
+    "surrogate_vanishing": (lambda r: r["extra"].update({"spiking/surrogate_grad": 1e-3}), True, ONSET),
 }
 
 
@@ -119,7 +137,7 @@ def test_each_default_rule_fires_on_its_condition_and_nothing_fires_before(rule)
     a = mine[0]
     assert a.message and a.suggestion and a.severity in (sw.Severity.INFO, sw.Severity.WARNING, sw.Severity.CRITICAL)
     assert re.search(r"\d", a.message), "the message carries the numbers"
-    if rule.endswith("_layer") or rule in ("dead_neurons", "saturated_neurons", "collapse"):
+    if rule.endswith("_layer") or rule in ("dead_neurons", "saturated_neurons", "collapse") or "spiking" in rule:
         assert a.layer in (*LAYERS, "lif1")
 
 

@@ -55,11 +55,33 @@ def test_the_snn_scenario_reproduces_the_false_explosion_without_a_floor():
     median = float(np.median([r.layers["fc1"]["grad_norm"] for r in recs[SPIKE_STEP - 50 : SPIKE_STEP]]))
     assert 5e-6 < median < 1e-5  # the report: "rising from 7.6e-6 to 1e-3"
     assert recs[SPIKE_STEP].layers["fc1"]["grad_norm"] / median > 50  # past grad_explode_layer's instant_factor
-    alerts = AlertEngine(default_rules(grad_floor=None), log_alerts=False).run(recs)
+    rules = default_rules(grad_floor=None)
+    for rule in rules:  # nor the revival guard (a rise while a layer is silent is not an explosion)
+        rule.suppressed_by = ()
+    alerts = AlertEngine(rules, log_alerts=False).run(recs)
     fired = [a for a in alerts if a.rule == "grad_explode_layer"]
     assert [(a.step, a.layer) for a in fired] == [(SPIKE_STEP, "fc1")]
     causes = [c.key for c in analyse(recs, alerts).causes]
     assert causes[:2] == ["dead_units", "step_size"]
+
+
+def test_the_revival_guard_alone_keeps_a_reviving_network_quiet():
+    """Without the floor, the gradient rules stay quiet when the jump comes as the silent layer starts
+    firing again (``silent_layer`` recovers at that record): a recovery, not an explosion. While the layer
+    stays silent they are not suppressed (the jump is an alert again)."""
+    recs = _silent_snn()
+    for r in recs[SPIKE_STEP:]:
+        r.layers["lif1"].update(firing_rate_mean=2e-3, dead_neuron_frac=0.97)
+    alerts = AlertEngine(default_rules(grad_floor=None), log_alerts=False).run(recs)
+    assert not [a for a in alerts if a.reason is AlertReason.EXPLODING_GRADIENT], [str(a) for a in alerts]
+    assert ("silent_layer", SPIKE_STEP, "lif1") in {
+        (a.rule, a.step, a.layer) for a in alerts if a.reason.value == "recovered"
+    }
+    assert [c.key for c in analyse(recs, alerts).causes] == ["dead_units"]
+    still_silent = AlertEngine(default_rules(grad_floor=None), log_alerts=False).run(_silent_snn())
+    assert [(a.rule, a.step) for a in still_silent if a.reason is AlertReason.EXPLODING_GRADIENT] == [
+        ("grad_explode_layer", SPIKE_STEP)
+    ]
 
 
 def test_the_default_floor_keeps_the_dead_network_quiet():
@@ -80,6 +102,8 @@ def test_a_real_explosion_still_fires_with_the_floor(seed):
     for r in recs:
         fc1 = 0.5 * math.exp(0.2 * rng.standard_normal()) * (100.0 if r.step == SPIKE_STEP else 1.0)
         r.layers["fc1"]["grad_norm"] = fc1
+        for lif in ("lif1", "lif2"):  # it learns, so it fires
+            r.layers[lif].update(firing_rate_mean=0.1, dead_neuron_frac=0.2)
         r.grad_norm = math.hypot(fc1, r.layers["fc2"]["grad_norm"])
     alerts = AlertEngine(default_rules(), log_alerts=False).run(recs)
     exploded = {(a.rule, a.step, a.layer) for a in alerts if a.reason is AlertReason.EXPLODING_GRADIENT}
@@ -148,8 +172,11 @@ def test_update_jump_has_its_own_floor():
     low = [1e-6] * 20 + [1e-4] * 3  # 100x, but each step moves the weights by 0.01% of their norm
     assert [s for s, v in enumerate(low) if rule.update(s, v)] == []
     rule.reset()
-    high = [1e-3] * 20 + [5e-2] * 3
-    assert [s for s, v in enumerate(high) if rule.update(s, v)] == [21]  # patience 2
+    high = [1e-3] * 20 + [2e-2] * 3
+    assert [s for s, v in enumerate(high) if rule.update(s, v)] == [21]  # 20x: patience 2
+    rule.reset()
+    huge = [1e-3] * 20 + [5e-2] * 3
+    assert [s for s, v in enumerate(huge) if rule.update(s, v)] == [20]  # 50x: at once (instant_factor)
 
 
 @pytest.mark.parametrize(
@@ -157,7 +184,7 @@ def test_update_jump_has_its_own_floor():
     [
         (lambda: RatioRule("grad_norm", floor=-1.0), "RatioRule.floor"),
         (lambda: RatioRule("grad_norm", floor="high"), "RatioRule.floor"),
-        (lambda: RatioRule("grad_norm", direction="down", floor=1.0), "RatioRule.floor"),
+        (lambda: RatioRule("grad_norm", direction="down", floor=-1.0), "RatioRule.floor"),
         (lambda: TrendRule("grad_norm", direction="falling", floor=1.0), "TrendRule.floor"),
         (lambda: SpikeRule("loss", floor=math.inf), "SpikeRule.floor"),
         (lambda: default_rules(grad_floor=-1), "default_rules.grad_floor"),

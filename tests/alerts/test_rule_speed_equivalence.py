@@ -10,8 +10,10 @@ rule's behaviour: ``python tests/alerts/test_rule_speed_equivalence.py --record`
 The streams (records as the `Monitor` and the compat monitor make them, several layers): healthy noise,
 a gradient explosion (a ratio jump, then an exponential rise) repeated so cooldowns and ``clear_after``
 cycle, a vanishing gradient, NaN/inf values, spiking layers going dead / saturated / silent and back, and
-a mix of all of these; each is run straight through and also with the engine's state saved to JSON,
-loaded into a fresh engine and continued in the middle.
+a mix of all of these, and a spiking network's failures of issue #20 (a silent layer reviving with a
+gradient jump, saturation, a vanishing surrogate, a loss jump, an update larger than the weights, a
+layer's gradient below its weights' floor, a slow death); each is run straight through and also with the
+engine's state saved to JSON, loaded into a fresh engine and continued in the middle.
 """
 
 from __future__ import annotations
@@ -106,8 +108,39 @@ def _layer_values(rng: random.Random, step: int, kind: str, layer: str, jump: fl
     return out
 
 
+def snn_stream(seed: int, steps: int = STEPS) -> list[StabilityMetrics]:
+    """The ``snn`` stream: the failures of issue #20 in 500-step cycles (fields the other streams lack)."""
+    rng = random.Random(seed)
+    out = []
+    for step in range(steps):
+        c = step % 500
+        silent = 100 <= c < 130
+        saturated = 200 <= c < 220
+        rate = 0.0 if silent else 0.6 if saturated else rng.gauss(0.1, 0.01) * (0.3 if c >= 450 else 1.0)
+        g = math.exp(rng.gauss(0.0, 0.15)) * (1e-3 if silent else 1.0) * (100.0 if c == 131 else 1.0)
+        loss = 0.05 * math.exp(rng.gauss(0.0, 0.8)) * (300.0 if 300 <= c < 303 else 1.0)
+        fc1 = {"grad_norm": g * 0.3 * (1e-8 if 400 <= c < 440 else 1.0)}
+        fields: dict[str, Any] = {}
+        if step % 10 == 0:
+            fc1["weight_norm"] = 10.0 * math.exp(rng.gauss(0.0, 0.01))
+            fields["update_ratio"] = 3.0 if c == 380 else abs(rng.gauss(1e-3, 2e-4))
+        lif1 = {
+            "firing_rate_mean": rate,
+            "dead_neuron_frac": 1.0 if silent else rng.uniform(0.1, 0.3),
+            "saturated_neuron_frac": 0.3 if saturated else 0.0,
+            "membrane_threshold_distance": -1.5 if saturated else rng.gauss(1.5, 0.1),
+        }
+        extra = {"spiking/surrogate_grad": 1e-3 if 250 <= c < 253 else rng.gauss(0.025, 0.002)}
+        layers = {"fc1": fc1, "lif1": lif1}
+        out.append(StabilityMetrics(step=step, loss=loss, grad_norm=g, layers=layers, extra=extra, **fields))
+    return out
+
+
 def stream(kind: str, seed: int, steps: int = STEPS) -> list[StabilityMetrics]:
-    """A synthetic record stream: ``healthy``, ``explode``, ``vanish``, ``nan``, ``spiking`` or ``mix``."""
+    """A synthetic record stream: ``healthy``, ``explode``, ``vanish``, ``nan``, ``spiking``, ``mix`` or
+    ``snn`` (`snn_stream`)."""
+    if kind == "snn":
+        return snn_stream(seed, steps)
     rng = random.Random(seed)
     out = []
     for step in range(steps):
@@ -160,6 +193,7 @@ SCENARIOS = {
     "nan": ("nan", 4),
     "spiking": ("spiking", 5),
     "mix": ("mix", 6),
+    "snn": ("snn", 7),
 }
 
 

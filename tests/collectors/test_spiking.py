@@ -42,7 +42,7 @@ def test_thresholds_decide_dead_and_saturated():
 
 def test_eval_mode_calls_and_unscheduled_steps_are_ignored():
     model = TwoLayerSNN(seed=3)
-    drive = Drive(SpikingCollector(every=2), model)
+    drive = Drive(SpikingCollector(every=2, dense_steps=0), model)
     model.eval()
     with torch.no_grad():
         values, _ = _forward_collect(drive, model, seed=0)  # step 0 is scheduled, but eval mode

@@ -136,7 +136,8 @@ def test_unscheduled_steps_are_empty_and_do_not_accumulate():
     model = TwoLayerSNN(seed=3)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.rec = Recorder()
-    with _monitor(model, opt, every={**ONLY_SPIKING, "spiking": 3}) as mon:
+    every = {**ONLY_SPIKING, "spiking": None}
+    with _monitor(model, opt, every=every, collectors=[SpikingCollector(3, dense_steps=0)]) as mon:
         for step in range(7):
             model.rec.clear()
             rec = train_step(model, opt, seed=step, mon=mon)

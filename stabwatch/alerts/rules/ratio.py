@@ -33,9 +33,12 @@ class RatioRule(Rule):
     window, after which the window adapts to the new level. Nothing is judged until the window holds
     ``min_history`` values. Windows count observations (records carrying the metric), not steps.
 
-    A ratio of two tiny numbers is not an explosion: with ``floor`` set (``direction="up"`` only), a
-    value below ``floor`` never triggers, whatever its ratio, and it joins the window as a normal value
-    (a layer whose gradient creeps from 1e-6 to 1e-3 is judged against its new level, not the old one).
+    A ratio of two tiny numbers is not an explosion: with ``floor`` set and ``direction="up"``, a value
+    below ``floor`` never triggers, whatever its ratio, and it joins the window as a normal value (a layer
+    whose gradient creeps from 1e-6 to 1e-3 is judged against its new level, not the old one). With
+    ``direction="down"`` the floor is on the level fallen from: a fall is judged only while the trailing
+    median is at least ``floor`` (a firing rate falling from 0.002 to 0.0008 is not news; from 0.1 to 0.04
+    it is).
 
     Args:
         metric: the bound metric.
@@ -45,7 +48,8 @@ class RatioRule(Rule):
         direction: ``"up"`` or ``"down"``.
         instant_factor: a ratio that alerts at once even when ``patience > 1`` (e.g. ``factor=10,
             patience=2, instant_factor=50``: 10× on two consecutive values, or 50× once).
-        floor: absolute floor (``direction="up"``): values below it never trigger. ``None``: no floor.
+        floor: absolute floor: with ``direction="up"`` values below it never trigger; with ``"down"`` a
+            fall from a median below it does not. ``None``: no floor.
         **kwargs: `Rule` options.
 
     Example:
@@ -84,7 +88,7 @@ class RatioRule(Rule):
         )
         if self.instant_factor is not None and self.instant_factor < self.factor:
             raise ConfigError(f"RatioRule.instant_factor ({instant_factor}) must be >= factor ({factor})")
-        self.floor = check_floor(floor, "RatioRule.floor", upward=self.direction == "up")
+        self.floor = check_floor(floor, "RatioRule.floor")
 
     def _new_state(self) -> _RatioState:
         return _RatioState(self.window)
@@ -105,7 +109,8 @@ class RatioRule(Rule):
             floor = self.floor
             triggered = med > 0 and value >= self.factor * med and (floor is None or value >= floor)
         else:
-            triggered = med > 0 and value <= med / self.factor
+            floor = self.floor
+            triggered = med > 0 and value <= med / self.factor and (floor is None or med >= floor)
         if not triggered and not active and not full:  # calm, outside an episode: the fast path
             state.excluded = 0
             values.append(value)  # `Window.push`, inlined
@@ -139,6 +144,12 @@ class RatioRule(Rule):
             w.push(step, value)  # ...until it has lasted a full window: then the level is the new normal
         urgent = triggered and self.instant_factor is not None and magnitude >= self.instant_factor
         return Verdict(triggered, value, detail, urgent)
+
+    def _absorb(self, state: _RatioState, step: int, value: float) -> None:
+        w = state.window
+        if not w.steps or w.steps[-1] != step:  # not pushed already (an episode longer than the window)
+            w.push(step, value)
+        state.excluded = 0
 
     def _dump_state(self, state: _RatioState) -> dict[str, Any]:
         return {"window": state.window.state(), "excluded": state.excluded}
