@@ -29,6 +29,11 @@ bench:
 	$(PY) benchmarks/bench_shadow.py
 	$(PY) benchmarks/bench_sinks.py
 	$(PY) benchmarks/bench_alerts.py
+	$(PY) benchmarks/bench_snn_diagnosis.py
+	$(PY) benchmarks/bench_ftle.py
+	$(PY) benchmarks/bench_rnn_spectrum.py
+	$(PY) benchmarks/bench_sharpness.py
+	$(PY) benchmarks/bench_attention.py
 	$(PY) benchmarks/bench_analysis.py
 
 demo:

@@ -278,6 +278,19 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
         "nats per time step of the network",
     ),
     # ftle
+    # sharpness
+    "sharpness/max": (
+        "Largest eigenvalue λ_max of the loss's Hessian on the probe batch (`SharpnessCollector(loss_fn=..., probe=...)`), at the parameters after the optimizer step; Lanczos on Hessian-vector products, no Hessian formed.",
+        "loss units per (parameter unit)²; per measured step (default every 2000)",
+    ),
+    "sharpness/eos_ratio": (
+        "Edge-of-stability ratio: λ_max over the largest curvature the optimizer is stable at on a quadratic. SGD `η(1−d)λ_max/(2+2μ)` (`ηλ_max/2` without momentum), Nesterov `η(1+2μ)λ_max/(2+2μ)`, Adam/AdamW `η(1−β₁)λ_max(P⁻¹H)/(2+2β₁)`. ≈ 1: training is at the edge of stability; > 1: a quadratic model of the loss with this curvature diverges.",
+        "dimensionless; per measured step",
+    ),
+    "sharpness/preconditioned_max": (
+        "Adam/AdamW: largest eigenvalue of `P⁻¹H`, P = diag(sqrt(v̂) + ε) from the optimizer's second moments (the curvature Adam's update sees).",
+        "loss units per (parameter unit · gradient unit); per measured step",
+    ),
     "ftle/mean": (
         "Mean over the probe inputs of the maximal input-space finite-time Lyapunov exponent "
         "λ(x) = (1/L)·log σ_max(∂output/∂x) (`FTLECollector`, docs/ftle.md): > 0, the network amplifies small "
@@ -509,12 +522,53 @@ def compat_keys() -> set[str]:
     return set(m.record.to_dict()) if m.record is not None else set()
 
 
+def probe_keys() -> set[str]:
+    """The keys of the probe families (``ftle``, ``lyapunov_spectrum``, ``sharpness``): in no preset, so a
+    small recurrent model of their own, each family every step (sharpness needs the loss function; Adam adds
+    the preconditioned value)."""
+    import torch
+
+    import stabwatch as sw
+
+    class _Probe(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = torch.nn.RNN(4, 6, batch_first=True)
+            self.head = torch.nn.Linear(6, 3)
+
+        def forward(self, x: Any) -> Any:
+            return self.head(self.rnn(x)[0][:, -1])
+
+    def loss_fn(model: Any, batch: tuple[Any, Any]) -> Any:
+        return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    keys: set[str] = set()
+    for name in ("SGD", "Adam"):
+        torch.manual_seed(0)
+        model = _Probe()
+        opt = getattr(torch.optim, name)(model.parameters(), lr=1e-2)
+        batch = (torch.randn(5, 3, 4), torch.randint(0, 3, (5,)))
+        sharp = sw.collectors.SharpnessCollector(1, loss_fn=loss_fn, probe=batch)
+        every = {"ftle": 1, "lyapunov_spectrum": 1}
+        with sw.Monitor(model, opt, preset="cheap", every=every, collectors=[sharp], alerts=False) as mon:
+            for _ in range(2):
+                opt.zero_grad()
+                loss = loss_fn(model, batch)
+                loss.backward()
+                opt.step()
+                rec = mon.step(loss=loss, batch=batch)
+                if rec is not None:
+                    keys |= set(rec.to_dict())
+    return keys
+
+
 def emitted_patterns() -> dict[str, set[str]]:
     """``{pattern: {sources}}`` over the reference runs (sources: ``Monitor``, ``StabilityAnalyzer``,
     ``compat.StabilityMonitor``)."""
     found: dict[str, set[str]] = {}
     runs = (
         ("Monitor", monitor_keys()),
+        ("Monitor", probe_keys()),
         ("StabilityAnalyzer", analyzer_keys()),
         ("compat.StabilityMonitor", compat_keys()),
     )
@@ -583,6 +637,7 @@ _TITLES = {
     "attention": "Attention and output logits (`attention`)",
     "lyapunov_spectrum": "Lyapunov spectrum of recurrent modules (`lyapunov_spectrum`)",
     "ftle": "Input-space FTLE (`ftle`)",
+    "sharpness": "Sharpness and the edge of stability (`sharpness`)",
     "shadow": "Lyapunov exponent of training (`shadow`)",
     "monitor": "The monitor",
     "analysis": "Offline analyzer (`stabwatch.analysis`)",

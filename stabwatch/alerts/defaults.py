@@ -240,6 +240,19 @@ def default_rules(
             "the optimizer holds the parameters",
         ),
         SustainedRule(
+            "sharpness/eos_ratio",
+            above=1.0,
+            patience=3,
+            within=4,
+            name="edge_of_stability",
+            cooldown=COOLDOWN,
+            reason=R.THRESHOLD,
+            severity=S.WARNING,
+            suggestion="training is at or past the edge of stability (η·λ_max/2 > 1 for SGD, the "
+            "preconditioned ratio for Adam): if the loss oscillates or spikes, lower the learning rate or add "
+            "warm-up (docs/sharpness.md)",
+        ),
+        SustainedRule(
             "spiking/surrogate_grad",
             below=SURROGATE_FLOOR,
             patience=1,

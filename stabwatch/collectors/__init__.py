@@ -81,8 +81,13 @@ def _default() -> list[Collector]:
     ]
 
 
+#: families that probe the model apart from training (a probe batch, a loss function of their own, a
+#: whole-sequence analysis): on a schedule of the user's choosing, in no preset (``every={...}`` turns them on)
+PROBES = frozenset({"ftle", "lyapunov_spectrum", "sharpness"})
+
+
 def _full() -> list[Collector]:
-    return [cls(1) for cls in FAMILIES.values()]
+    return [cls(1) for name, cls in FAMILIES.items() if name not in PROBES]
 
 
 #: preset name -> a function making its list of configured collectors (fresh instances per monitor)

@@ -380,6 +380,7 @@ class Collector:
         """Wrap a hook body: time it and count the call (both go into ``monitor/overhead_ms``, see
         `take_hook_time`), and never let it raise."""
 
+        @functools.wraps(fn)  # keeps the hook's own name (a hook listing says which family put it there)
         def _guarded(*args: Any, **kwargs: Any) -> Any:
             t0 = time.perf_counter()
             try:

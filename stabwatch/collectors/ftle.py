@@ -112,14 +112,33 @@ class FTLECollector(Collector):
                     f"shape {tuple(p.shape)} and dtype {p.dtype}"
                 )
         self._probe: torch.Tensor | None = None
+        self._loaded = False  # `_probe` came from load_state_dict before the monitor started: keep it
         self._seed = 0
 
     def setup(self, ctx: MonitorContext) -> None:
-        self._probe = None if self.probe is None else self.probe.detach().clone()
+        if self.probe is not None:
+            self._probe = self.probe.detach().clone()
+        elif not self._loaded:
+            self._probe = None
+        self._loaded = False
         self._seed = int(ctx.generator.initial_seed()) + _SEED_OFFSET
 
-    def teardown(self) -> None:
-        self._probe = None
+    def state_dict(self) -> dict[str, Any]:
+        """The probe taken from a batch (``{"probe": tensor}``; ``{}`` before one was taken or when the
+        probe was given): a resumed run measures the same inputs as an uninterrupted one."""
+        return {} if self.probe is not None or self._probe is None else {"probe": self._probe}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict` output (before or after the monitor starts)."""
+        probe = state.get("probe")
+        if probe is None:
+            return
+        if not isinstance(probe, torch.Tensor) or probe.ndim < 2:
+            raise ConfigError(
+                f"FTLECollector.load_state_dict: expected {{'probe': tensor [n, *input_shape]}}, got {probe!r}"
+            )
+        self._probe = probe.detach().clone()
+        self._loaded = self.ctx is None
 
     def _probe_from(self, batch: Any) -> torch.Tensor:
         x = batch

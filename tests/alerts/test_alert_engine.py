@@ -103,6 +103,7 @@ SCENARIOS = {
     ),
     "grad_floor_layer": (lambda r: _set(r, ["fc1", "grad_norm"], lambda v: 1e-8), True, ONSET + 2),
     "surrogate_vanishing": (lambda r: r["extra"].update({"spiking/surrogate_grad": 1e-3}), True, ONSET),
+    "edge_of_stability": (lambda r: r["extra"].update({"sharpness/eos_ratio": 1.2}), True, ONSET + 2),
 }
 
 

@@ -490,7 +490,7 @@ def test_bad_options_are_config_errors() -> None:
 
 
 def test_logits_handed_to_the_context_replace_the_heads() -> None:
-    """The hook point for ``Monitor.step(logits=...)``: logits on the context win over the output head's."""
+    """``Monitor.step(logits=...)``: the logits the user passes win over the output head's."""
     torch.manual_seed(0)
     model = Decoder()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
@@ -500,9 +500,8 @@ def test_logits_handed_to_the_context_replace_the_heads() -> None:
         loss = _lm_loss(model, _tokens(1)[0])
         loss.backward()
         opt.step()
-        assert collector.ctx is not None
-        collector.ctx.logits = given  # type: ignore[attr-defined]
-        rec = mon.step(loss=loss)
+        rec = mon.step(loss=loss, logits=given)
+        assert collector.ctx is not None and collector.ctx.logits is None  # cleared after the step
     z = torch.logsumexp(given[:2].double(), -1)
     assert rec.to_dict()["attention/z_mean"] == pytest.approx(z.mean().item(), rel=1e-5)
     assert rec.to_dict()["attention/z_max"] == pytest.approx(z.max().item(), rel=1e-5)

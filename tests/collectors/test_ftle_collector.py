@@ -123,3 +123,20 @@ def test_a_batch_without_inputs_is_logged_not_raised(caplog: pytest.LogCaptureFi
         rec = mon.step(loss=torch.tensor(0.0), batch={"tokens": [1, 2]})
     assert "ftle/mean" not in rec.extra
     assert "FTLECollector(probe=inputs)" in caplog.text
+
+
+def test_state_dict_keeps_the_probe_taken_from_a_batch():
+    col = FTLECollector(every=1)
+    assert col.state_dict() == {}
+    _train(_model(), [col], steps=1)
+    state = col.state_dict()
+    torch.testing.assert_close(state["probe"], _batches(1)[0][0])
+    kept = torch.randn(7, 3, generator=torch.Generator().manual_seed(4))  # not the batch's inputs
+    fresh = FTLECollector(every=1)
+    fresh.load_state_dict({"probe": kept})
+    model = _model()
+    recs, _ = _train(model, [fresh], steps=1)
+    assert recs[0].extra["ftle/mean"] == pytest.approx(float(ftle(model, kept).exponents[:, -1].mean()), rel=1e-12)
+    torch.testing.assert_close(fresh.state_dict()["probe"], kept)
+    with pytest.raises(ConfigError, match="probe"):
+        fresh.load_state_dict({"probe": torch.zeros(3)})
