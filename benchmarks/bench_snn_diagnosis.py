@@ -42,7 +42,7 @@ import stabwatch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 import snn_failures as ex
 
-OUT = "/tmp/h/snn_results.md"
+OUT = ""  # no file unless --out is given
 
 
 def _init_worker(threads: int) -> None:

@@ -507,8 +507,6 @@ def main(argv: list[str] | None = None) -> list[Run]:
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
         ap.error(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
-    logging.getLogger("stabwatch").setLevel(logging.ERROR)  # the alerts are summarised below instead
-    warnings.filterwarnings("ignore", category=UserWarning)
     config = "default"
     if args.spiking_every is not None:
         CONFIGS[f"spiking@{args.spiking_every}"] = {"spiking": args.spiking_every}
@@ -525,4 +523,6 @@ def main(argv: list[str] | None = None) -> list[Run]:
 
 
 if __name__ == "__main__":
+    logging.getLogger("stabwatch").setLevel(logging.ERROR)  # the alerts are summarised by `main` instead
+    warnings.filterwarnings("ignore", category=UserWarning)
     main(sys.argv[1:])

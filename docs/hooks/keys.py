@@ -277,20 +277,26 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
         "layer of a stack), mean over the probe sequences; i = 1..`top_k`.",
         "nats per time step of the network",
     ),
-    # ftle
     # sharpness
     "sharpness/max": (
-        "Largest eigenvalue λ_max of the loss's Hessian on the probe batch (`SharpnessCollector(loss_fn=..., probe=...)`), at the parameters after the optimizer step; Lanczos on Hessian-vector products, no Hessian formed.",
+        "Largest eigenvalue λ_max of the loss's Hessian on the probe batch (`SharpnessCollector(loss_fn=..., "
+        "probe=...)`), at the parameters after the optimizer step; Lanczos on Hessian-vector products, no "
+        "Hessian formed.",
         "loss units per (parameter unit)²; per measured step (default every 2000)",
     ),
     "sharpness/eos_ratio": (
-        "Edge-of-stability ratio: λ_max over the largest curvature the optimizer is stable at on a quadratic. SGD `η(1−d)λ_max/(2+2μ)` (`ηλ_max/2` without momentum), Nesterov `η(1+2μ)λ_max/(2+2μ)`, Adam/AdamW `η(1−β₁)λ_max(P⁻¹H)/(2+2β₁)`. ≈ 1: training is at the edge of stability; > 1: a quadratic model of the loss with this curvature diverges.",
+        "Edge-of-stability ratio: λ_max over the largest curvature the optimizer is stable at on a quadratic. "
+        "SGD `η(1−d)λ_max/(2+2μ)` (`ηλ_max/2` without momentum), Nesterov `η(1+2μ)λ_max/(2+2μ)`, Adam/AdamW "
+        "`η(1−β₁)λ_max(P⁻¹H)/(2+2β₁)`. ≈ 1: training is at the edge of stability; > 1: a quadratic model of the"
+        " loss with this curvature diverges.",
         "dimensionless; per measured step",
     ),
     "sharpness/preconditioned_max": (
-        "Adam/AdamW: largest eigenvalue of `P⁻¹H`, P = diag(sqrt(v̂) + ε) from the optimizer's second moments (the curvature Adam's update sees).",
+        "Adam/AdamW: largest eigenvalue of `P⁻¹H`, P = diag(sqrt(v̂) + ε) from the optimizer's second moments "
+        "(the curvature Adam's update sees).",
         "loss units per (parameter unit · gradient unit); per measured step",
     ),
+    # ftle
     "ftle/mean": (
         "Mean over the probe inputs of the maximal input-space finite-time Lyapunov exponent "
         "λ(x) = (1/L)·log σ_max(∂output/∂x) (`FTLECollector`, docs/ftle.md): > 0, the network amplifies small "

