@@ -380,7 +380,6 @@ class Collector:
         """Wrap a hook body: time it and count the call (both go into ``monitor/overhead_ms``, see
         `take_hook_time`), and never let it raise."""
 
-        @functools.wraps(fn)  # keeps the hook's own name (a hook listing says which family put it there)
         def _guarded(*args: Any, **kwargs: Any) -> Any:
             t0 = time.perf_counter()
             try:
@@ -392,6 +391,9 @@ class Collector:
                 self.hook_calls += 1
             return None
 
+        # named after the hook it wraps (a hook listing says which family put it there); still a stabwatch function
+        _guarded.__qualname__ = f"{getattr(fn, '__qualname__', repr(fn))} (guarded)"
+        _guarded.__wrapped__ = fn  # type: ignore[attr-defined]
         return _guarded
 
     def take_hook_time(self) -> float:

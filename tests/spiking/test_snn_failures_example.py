@@ -4,10 +4,13 @@ measurements, the monitors leaving training unchanged, and the judging of what s
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from stabwatch.diagnosis import Cause, Diagnosis
 from stabwatch.metrics import Alert, AlertReason, Severity
@@ -121,7 +124,15 @@ def test_example_and_benchmark_print_what_stabwatch_says(tmp_path, capsys):
 
     bench = _load("bench_snn_diagnosis", ROOT / "benchmarks" / "bench_snn_diagnosis.py")
     md = tmp_path / "results.md"
-    runs = bench.main(["--scenarios", "dead", "--steps", "10", "--configs", "spiking@1", "--out", str(md)])
+    # the benchmark sets up its process (torch threads, stabwatch's log level, warning filters): put them back
+    logger, threads = logging.getLogger("stabwatch"), torch.get_num_threads()
+    level = logger.level
+    try:
+        with warnings.catch_warnings():
+            runs = bench.main(["--scenarios", "dead", "--steps", "10", "--configs", "spiking@1", "--out", str(md)])
+    finally:
+        logger.setLevel(level)
+        torch.set_num_threads(threads)
     assert [(r.scenario.name, r.config) for r in runs] == [("dead", "spiking@1")]
     text = md.read_text()
     assert "| dead | spiking@1 | hidden layer silent for 10 steps, 100% dead at the end | 0 |" in text
