@@ -117,7 +117,9 @@ class Monitor:
         sinks: where records go: a sink or a list of sinks (`stabwatch.sinks`).
         preset / every / log_every / max_records / per_layer / seed: see `MonitorConfig`.
         alerts: ``True`` for the default rule set (`stabwatch.alerts.default_rules`), ``False``/``None``
-            for none, or a list of rules / an `stabwatch.alerts.AlertEngine`.
+            for none, or a list of rules / an `stabwatch.alerts.AlertEngine`. Alerts are logged on the
+            ``stabwatch.alerts`` logger, except when a `stabwatch.sinks.ConsoleSink` is among the sinks (it prints
+            each alert once, in step order); an engine you pass keeps its own ``log_alerts``.
         on_alert: a callable ``fn(alert)`` (or a list of them) called for every alert.
         raise_on: ``"critical"`` (or ``True``) / ``"warning"``: raise `stabwatch.InstabilityError` from
             `step` when an alert of that severity or worse fires (after the record reached the sinks);
@@ -236,15 +238,16 @@ class Monitor:
 
     def _build_engine(self, alerts: Any, on_alert: Any = None) -> Any:
         from stabwatch.alerts import AlertEngine, default_rules
+        from stabwatch.sinks.console import ConsoleSink
 
         if alerts is None or alerts is False:
             engine = None
-        elif alerts is True:
-            engine = AlertEngine(default_rules(per_layer=self.config.per_layer))
+        elif alerts is True or isinstance(alerts, (list, tuple)):
+            rules = default_rules(per_layer=self.config.per_layer) if alerts is True else list(alerts)
+            # a console sink prints every alert already, in step order: not a second time on the log
+            engine = AlertEngine(rules, log_alerts=not any(isinstance(s, ConsoleSink) for s in self.sinks))
         elif isinstance(alerts, AlertEngine):
-            engine = alerts
-        elif isinstance(alerts, (list, tuple)):
-            engine = AlertEngine(list(alerts))
+            engine = alerts  # its own log_alerts setting
         else:
             raise ConfigError(f"Monitor: alerts must be True, False, a list of rules or an AlertEngine, got {alerts!r}")
         if on_alert is not None:

@@ -15,6 +15,8 @@ from stabwatch.metrics import AlertReason as R
 from stabwatch.metrics import Severity as S
 
 __all__ = [
+    "ATTENTION_ENTROPY_FLOOR",
+    "ATTENTION_LOGIT_CEILING",
     "CLEAR_AFTER",
     "COOLDOWN",
     "DEAD_STEPS",
@@ -43,6 +45,15 @@ GRAD_WEIGHT_FLOOR = 1e-6
 #: the mean surrogate derivative (``spiking/surrogate_grad``, in (0, 1]: the surrogates peak at 1 at the
 #: threshold) below which the surrogate lets almost no gradient through (``surrogate_vanishing``)
 SURROGATE_FLOOR = 5e-3
+#: the largest pre-softmax attention logit (``attention/max_logit``) above which the attention logits are
+#: growing out of control (``attention_logit_growth``). Healthy transformers of the issue's sweep stayed
+#: <= 47 and the tiny decoder of tests/collectors/test_attention.py at lr 3e-2 <= 14.3; unstable runs pass
+#: 100 on their way to 1e3-1e4 (Wortsman et al. 2023): 603 at step 10 at lr 1e-1 (docs/alerts.md).
+ATTENTION_LOGIT_CEILING = 100.0
+#: the smallest head's mean attention entropy (``attention/entropy_min``, nats) below which attention has
+#: collapsed onto single keys (``attention_entropy_collapse``): > 95 % of a row's mass on one key on
+#: average. Healthy runs >= 0.54 (issue's sweep), >= 0.56 (tiny decoder at lr 3e-2); collapsed <= 0.02.
+ATTENTION_ENTROPY_FLOOR = 0.05
 #: steps a spiking layer must stay > 95 % dead, without a break, for ``spiking_dead`` (a readout silent for a
 #: few steps at the start of training, then firing, is not dead; a layer that never fires at all is
 #: ``silent_layer``'s within 3 steps)
@@ -67,6 +78,10 @@ COOLDOWN = 100
 CLEAR_AFTER = 5
 
 _LR = "lower the learning rate (try ÷10) or add warm-up"
+_QK = (
+    "normalise queries and keys (qk-layernorm: a LayerNorm on q and k of each head), lower the peak learning "
+    "rate or lengthen the warm-up"
+)
 _CLIP = "clip gradients (torch.nn.utils.clip_grad_norm_ at ~2× the typical norm)"
 
 
@@ -251,6 +266,28 @@ def default_rules(
             suggestion="training is at or past the edge of stability (η·λ_max/2 > 1 for SGD, the "
             "preconditioned ratio for Adam): if the loss oscillates or spikes, lower the learning rate or add "
             "warm-up (docs/sharpness.md)",
+        ),
+        ThresholdRule(
+            "attention/max_logit",
+            above=ATTENTION_LOGIT_CEILING,
+            clear=0.5 * ATTENTION_LOGIT_CEILING,
+            name="attention_logit_growth",
+            cooldown=COOLDOWN,
+            reason=R.THRESHOLD,
+            severity=S.WARNING,
+            suggestion="the pre-softmax attention logits are growing out of control (Wortsman et al. 2023): "
+            f"{_QK} (see the per-layer attention_layers/max_logit keys for where)",
+        ),
+        SustainedRule(
+            "attention/entropy_min",
+            below=ATTENTION_ENTROPY_FLOOR,
+            patience=2,
+            name="attention_entropy_collapse",
+            cooldown=COOLDOWN,
+            reason=R.THRESHOLD,
+            severity=S.WARNING,
+            suggestion="a head attends to a single key almost everywhere (attention entropy collapse, the "
+            f"consequence of growing attention logits): {_QK}",
         ),
         SustainedRule(
             "spiking/surrogate_grad",

@@ -72,6 +72,37 @@ def test_console_sink_prints_steps_in_order_and_each_alert_once(one_thread):
     assert sum(1 for x in lines if x.startswith("    try: ")) == len(rules)
 
 
+def test_with_a_console_sink_the_monitor_does_not_log_its_alerts_a_second_time(caplog):
+    # the default rules (alerts=True) and a console sink: each alert on the console once, none on the log
+    model = mlp(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = data(64)
+    buf = io.StringIO()
+    sinks = [sw.sinks.ConsoleSink(every=10, stream=buf)]
+    with caplog.at_level("INFO", logger="stabwatch"), sw.Monitor(model, opt, sinks=sinks) as mon:
+        for i in range(50):
+            if i == 30:
+                opt.param_groups[0]["lr"] = 3.0
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            mon.step()
+    alerts = list(mon.alerts)
+    assert alerts, "the learning-rate jump raises alerts"
+    assert all(buf.getvalue().count(f"  {format_alert(a)}\n") == 1 for a in alerts)
+    assert not [r for r in caplog.records if r.name.startswith("stabwatch.alerts")]
+    # without a console sink the alerts still go to the log (nothing else would show them)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="stabwatch"), sw.Monitor(model, opt) as mon2:
+        for _ in range(3):
+            opt.param_groups[0]["lr"] = 300.0
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            mon2.step()
+    assert list(mon2.alerts) and [r for r in caplog.records if r.name.startswith("stabwatch.alerts")]
+
+
 def test_alert_lines_name_the_layer_as_a_layer():
     a = sw.Alert(
         rule="grad_explode_layer",
