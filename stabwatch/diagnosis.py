@@ -27,6 +27,10 @@ live `Monitor` (`Monitor.diagnose`) and a JSONL file read back (``stabwatch diag
   with silent or saturated neurons is theirs (the membranes sit far from the threshold); a gradient alert
   while a silent layer fires again is a recovery; the trend lines of the firing rate, the dead and
   saturated fractions and the membrane's distance to the threshold count as evidence.
+* **Transformers**: alerts on the ``attention`` family's keys (``attention_logit_growth``,
+  ``attention_entropy_collapse``) are evidence for attention logit growth, whose advice is qk-layernorm, a
+  lower peak learning rate or a longer warm-up, and a z-loss for drifting output logits; what clipping does
+  is said for the run's optimizer (little under Adam & co.).
 * **Clipping** is not suggested under an adaptive optimizer (``optimizer=``: Adam & co. step by about the
   learning rate whatever the gradient), nor, the optimizer unknown, while gradients vanish.
 """
@@ -251,7 +255,21 @@ class _CauseSpec:
 
 _CLIP_ACTION = "clip gradients: torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={clip})"
 
+_CLIP_ATTENTION = "gradient clipping"  # replaced by the optimizer's own text (`_attention_clip_text`)
+
 _CAUSES: dict[str, _CauseSpec] = {
+    "attention_logits": _CauseSpec(
+        "attention logit growth: the pre-softmax attention logits grow without bound and the attention "
+        "entropy collapses (heads attend to single keys), the transformer instability of Wortsman et al. 2023",
+        (
+            "add qk-layernorm: a LayerNorm (or RMSNorm) on each head's queries and keys before q·kᵀ "
+            "(Dehghani et al. 2023; Wortsman et al. 2023): it keeps the logits small at the same learning rate",
+            "lower the peak learning rate (÷3 to ÷10) or lengthen the warm-up",
+            "if the output logits drift too (attention/z_max growing far above log(vocabulary size)), add a "
+            "z-loss: 1e-4 · logsumexp(logits)² per token to the loss (PaLM; Wortsman et al. 2023)",
+            _CLIP_ATTENTION,
+        ),
+    ),
     "step_size": _CauseSpec(
         "the learning rate (step size) is too high for this model/batch",
         (
@@ -418,6 +436,8 @@ def _targets(s: AlertSummary, spiking: bool) -> list[str]:
         out.append("dead_units")
     if r is AlertReason.ILL_CONDITIONED:
         out.append("conditioning")
+    if s.metric.startswith(("attention/", "attention_layers/")):
+        out.append("attention_logits")
     return out
 
 
@@ -713,6 +733,8 @@ def _causes(
                 del actions[i]  # the gradients are vanishing: clipping them cannot help
             else:
                 actions[i] = actions[i].format(clip=clip)
+        if key == "attention_logits":
+            actions[actions.index(_CLIP_ATTENTION)] = _attention_clip_text(optimizer, adaptive)
         causes.append(Cause(key, title or spec.title, max(score.get(key, 0), 1), evidence[key], actions))
     low = [s for s in summaries if s.rule == "update_ratio_low"]
     if low:
@@ -726,6 +748,24 @@ def _causes(
             )
         )
     return sorted(causes, key=lambda c: -c.score)
+
+
+def _attention_clip_text(optimizer: str | None, adaptive: bool | None) -> str:
+    """What gradient clipping does against attention logit growth, for this run's optimizer."""
+    if adaptive:
+        return (
+            f"gradient clipping does little here: under {optimizer} the step is about lr per weight whatever "
+            "the gradient's size, so clipping does not bound how fast q and k grow"
+        )
+    if adaptive is False:
+        return (
+            f"under {optimizer} the step scales with the gradient, so clipping it (clip_grad_norm_) caps each "
+            "step; qk-layernorm removes the cause"
+        )
+    return (
+        "gradient clipping bounds the step only for SGD-type optimizers; under Adam & co. the step is about lr "
+        "per weight whatever the gradient's size, so clipping does not stop the growth"
+    )
 
 
 def _clip_text(records: Sequence[StabilityMetrics]) -> str:

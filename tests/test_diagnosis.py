@@ -346,3 +346,39 @@ def test_compat_diagnose_gives_spiking_advice():
     causes = text.split("likely causes (most likely first):")[1]
     assert "saturated spiking neurons" in causes and "raise the firing threshold" in causes
     assert not [w for w in NON_SPIKING_ADVICE if w in causes], causes
+
+
+def _attention_alert(rule: str, step: int, metric: str, value: float) -> Alert:
+    return Alert(
+        rule=rule,
+        reason=AlertReason.THRESHOLD,
+        severity=Severity.WARNING,
+        step=step,
+        metric=metric,
+        value=value,
+        message=f"{metric} {value}",
+        suggestion="qk-layernorm",
+    )
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "clip"),
+    [("AdamW", "does little here: under AdamW"), ("SGD", "under SGD the step scales"), (None, "only for SGD-type")],
+)
+def test_attention_alerts_name_attention_logit_growth_and_clipping_is_said_per_optimizer(optimizer, clip):
+    recs = [StabilityMetrics(step=s, loss=2.5, grad_norm=0.5) for s in range(40)]
+    alerts = [
+        _attention_alert("attention_logit_growth", 10, "attention/max_logit", 603.0),
+        _attention_alert("attention_entropy_collapse", 20, "attention/entropy_min", 0.01),
+        _alert("update_ratio_high", AlertReason.UPDATE_RATIO, 25),  # a later step-size sign ranks below it
+    ]
+    d = analyse(recs, alerts, optimizer=optimizer)
+    assert [c.key for c in d.causes] == ["attention_logits", "step_size"]
+    top = d.causes[0]
+    assert top.score == 2 + 2 + 1  # two warnings, and the first sign
+    assert top.evidence == ["attention_logit_growth (step 10)", "attention_entropy_collapse (step 20)"]
+    text = _text(top)
+    assert "qk-layernorm" in text and "z-loss" in text and "warm-up" in text and clip in text
+    # an alert on another threshold rule (edge of stability) is no evidence for attention
+    other = analyse(recs, [_attention_alert("edge_of_stability", 10, "sharpness/eos_ratio", 1.2)])
+    assert [c.key for c in other.causes] == []

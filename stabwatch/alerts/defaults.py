@@ -51,8 +51,8 @@ SURROGATE_FLOOR = 5e-3
 #: 100 on their way to 1e3-1e4 (Wortsman et al. 2023): 603 at step 10 at lr 1e-1 (docs/alerts.md).
 ATTENTION_LOGIT_CEILING = 100.0
 #: the smallest head's mean attention entropy (``attention/entropy_min``, nats) below which attention has
-#: collapsed onto single keys (``attention_entropy_collapse``): > 95 % of a row's mass on one key on
-#: average. Healthy runs >= 0.54 (issue's sweep), >= 0.56 (tiny decoder at lr 3e-2); collapsed <= 0.02.
+#: collapsed onto single keys (``attention_entropy_collapse``): about 99 % or more of a row's mass on one
+#: key. Healthy runs >= 0.54 (issue's sweep), >= 0.56 (tiny decoder at lr 3e-2); collapsed <= 0.02.
 ATTENTION_ENTROPY_FLOOR = 0.05
 #: steps a spiking layer must stay > 95 % dead, without a break, for ``spiking_dead`` (a readout silent for a
 #: few steps at the start of training, then firing, is not dead; a layer that never fires at all is

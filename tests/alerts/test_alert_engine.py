@@ -104,6 +104,8 @@ SCENARIOS = {
     "grad_floor_layer": (lambda r: _set(r, ["fc1", "grad_norm"], lambda v: 1e-8), True, ONSET + 2),
     "surrogate_vanishing": (lambda r: r["extra"].update({"spiking/surrogate_grad": 1e-3}), True, ONSET),
     "edge_of_stability": (lambda r: r["extra"].update({"sharpness/eos_ratio": 1.2}), True, ONSET + 2),
+    "attention_logit_growth": (lambda r: r["extra"].update({"attention/max_logit": 500.0}), True, ONSET),
+    "attention_entropy_collapse": (lambda r: r["extra"].update({"attention/entropy_min": 0.01}), True, ONSET + 1),
 }
 
 

@@ -367,6 +367,8 @@ def test_fixture_covers_every_rule(expected: dict[str, Any]) -> None:
         "saturated_neurons",
         "collapse",
         "edge_of_stability",  # a probe family's key (sharpness): covered by test_alert_engine's scenario
+        "attention_logit_growth",  # the attention family's keys: covered by test_alert_engine's scenarios
+        "attention_entropy_collapse",  # and by tests/alerts/test_attention_rules.py on a trained decoder
     }
     assert names - fired <= unfed, names - fired
 
