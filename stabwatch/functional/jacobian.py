@@ -221,6 +221,18 @@ def _autograd_products(
     return y.detach(), jv, jtu
 
 
+def _check_options(tol: float, direction_tol: float | None, max_iter: int, backend: str, where: str) -> None:
+    """The iterative paths' common options, with errors that name the function."""
+    if not tol > 0:
+        raise ConfigError(f"{where}: tol must be > 0, got {tol!r}")
+    if direction_tol is not None and not direction_tol > 0:
+        raise ConfigError(f"{where}: direction_tol must be > 0 or None, got {direction_tol!r}")
+    if not isinstance(max_iter, int) or max_iter < 1:
+        raise ConfigError(f"{where}: max_iter must be a positive int, got {max_iter!r}")
+    if backend not in ("auto", "func", "autograd"):
+        raise ConfigError(f"{where}: backend must be 'auto', 'func' or 'autograd', got {backend!r}")
+
+
 def power_top_singular(
     f: BatchedFn,
     x: Tensor,
@@ -259,14 +271,7 @@ def power_top_singular(
         (4.0, True)
     """
     _check_input(x, "power_top_singular")
-    if not tol > 0:
-        raise ConfigError(f"power_top_singular: tol must be > 0, got {tol!r}")
-    if direction_tol is not None and not direction_tol > 0:
-        raise ConfigError(f"power_top_singular: direction_tol must be > 0 or None, got {direction_tol!r}")
-    if not isinstance(max_iter, int) or max_iter < 1:
-        raise ConfigError(f"power_top_singular: max_iter must be a positive int, got {max_iter!r}")
-    if backend not in ("auto", "func", "autograd"):
-        raise ConfigError(f"power_top_singular: backend must be 'auto', 'func' or 'autograd', got {backend!r}")
+    _check_options(tol, direction_tol, max_iter, backend, "power_top_singular")
     if v0 is None:
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
         v = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.device, x.dtype)
@@ -374,14 +379,7 @@ def lanczos_top_singular(
         (4.0, [0.0, -0.0, 1.0, 0.0], True)
     """
     _check_input(x, "lanczos_top_singular")
-    if not tol > 0:
-        raise ConfigError(f"lanczos_top_singular: tol must be > 0, got {tol!r}")
-    if direction_tol is not None and not direction_tol > 0:
-        raise ConfigError(f"lanczos_top_singular: direction_tol must be > 0 or None, got {direction_tol!r}")
-    if not isinstance(max_iter, int) or max_iter < 1:
-        raise ConfigError(f"lanczos_top_singular: max_iter must be a positive int, got {max_iter!r}")
-    if backend not in ("auto", "func", "autograd"):
-        raise ConfigError(f"lanczos_top_singular: backend must be 'auto', 'func' or 'autograd', got {backend!r}")
+    _check_options(tol, direction_tol, max_iter, backend, "lanczos_top_singular")
     n, d = x.shape[0], x[0].numel()
     if v0 is None:
         gen = generator if generator is not None else torch.Generator().manual_seed(0)

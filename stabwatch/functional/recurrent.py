@@ -53,6 +53,23 @@ __all__ = [
 Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _affine(
+    x: torch.Tensor,
+    h: torch.Tensor,
+    w_ih: torch.Tensor,
+    w_hh: torch.Tensor,
+    b_ih: torch.Tensor | None,
+    b_hh: torch.Tensor | None,
+) -> torch.Tensor:
+    """``W_ih x + b_ih + W_hh h + b_hh`` (a missing bias is zero), the pre-activation of the RNN and LSTM cells."""
+    out = x @ w_ih.T + h @ w_hh.T
+    if b_ih is not None:
+        out = out + b_ih
+    if b_hh is not None:
+        out = out + b_hh
+    return out
+
+
 def rnn_cell(
     x: torch.Tensor,
     h: torch.Tensor,
@@ -69,11 +86,7 @@ def rnn_cell(
         >>> rnn_cell(torch.zeros(1, 2), torch.ones(1, 2), w, 0.5 * w, nonlinearity="relu")
         tensor([[0.5000, 0.5000]])
     """
-    pre = x @ w_ih.T + h @ w_hh.T
-    if b_ih is not None:
-        pre = pre + b_ih
-    if b_hh is not None:
-        pre = pre + b_hh
+    pre = _affine(x, h, w_ih, w_hh, b_ih, b_hh)
     return torch.tanh(pre) if nonlinearity == "tanh" else torch.relu(pre)
 
 
@@ -87,11 +100,7 @@ def lstm_cell(
     b_hh: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of ``nn.LSTM``'s cell (gates ``i, f, g, o`` in PyTorch's order): returns ``(h', c')``."""
-    gates = x @ w_ih.T + h @ w_hh.T
-    if b_ih is not None:
-        gates = gates + b_ih
-    if b_hh is not None:
-        gates = gates + b_hh
+    gates = _affine(x, h, w_ih, w_hh, b_ih, b_hh)
     i, f, g, o = gates.chunk(4, dim=-1)
     c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     return torch.sigmoid(o) * torch.tanh(c_new), c_new

@@ -9,13 +9,12 @@ import functools
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 import stabwatch as sw
 from stabwatch.alerts.defaults import ATTENTION_ENTROPY_FLOOR, ATTENTION_LOGIT_CEILING, default_rules
 from stabwatch.diagnosis import analyse
 from stabwatch.metrics import AlertReason, StabilityMetrics
-from tests.collectors.test_attention import Attn, Decoder
+from tests.collectors.test_attention import Attn, Decoder, lm_steps
 
 _ATTENTION_RULES = {"attention_logit_growth", "attention_entropy_collapse"}
 
@@ -43,18 +42,8 @@ def _train(lr: float, seed: int = 0, qk_norm: bool = False, steps: int = 50) -> 
     if qk_norm:
         model.blocks = nn.ModuleList([_QKNormAttn(), _QKNormAttn()])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    records = []
     with sw.Monitor(model, opt) as mon:
-        for _ in range(steps):
-            starts = torch.randint(0, 200 - 17, (8,), generator=g).tolist()
-            idx = torch.stack([text[s : s + 16] for s in starts])
-            opt.zero_grad()
-            loss = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
-            loss.backward()
-            opt.step()
-            rec = mon.step(loss=loss)
-            if rec is not None:
-                records.append(rec)
+        records = lm_steps(model, opt, mon, text, g, steps)
     return records, type(opt).__name__
 
 

@@ -514,20 +514,28 @@ def _train_char_lm(lr: float, steps: int = 30) -> list[dict[str, float]]:
     torch.manual_seed(0)
     model = Decoder()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    out = []
     collector = AttentionCollector(10)
     with sw.Monitor(model, opt, preset="cheap", every=_every_off(), collectors=[collector], alerts=False) as mon:
-        for _ in range(steps):
-            starts = torch.randint(0, 200 - 17, (8,), generator=g).tolist()
-            idx = torch.stack([text[s : s + 16] for s in starts])
-            opt.zero_grad()
-            loss = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
-            loss.backward()
-            opt.step()
-            rec = mon.step(loss=loss)
-            if rec is not None and rec.extra:
-                out.append(dict(rec.extra))
-    return out
+        return [dict(rec.extra) for rec in lm_steps(model, opt, mon, text, g, steps) if rec.extra]
+
+
+def lm_steps(
+    model: nn.Module, opt: torch.optim.Optimizer, mon: sw.Monitor, text: torch.Tensor, g: torch.Generator, steps: int
+) -> list[sw.StabilityMetrics]:
+    """``steps`` monitored steps of next-token prediction on batches of 8 windows of 16 tokens drawn from
+    ``text`` with ``g``; the records the monitor emitted."""
+    records = []
+    for _ in range(steps):
+        starts = torch.randint(0, len(text) - 17, (8,), generator=g).tolist()
+        idx = torch.stack([text[s : s + 16] for s in starts])
+        opt.zero_grad()
+        loss = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        rec = mon.step(loss=loss)
+        if rec is not None:
+            records.append(rec)
+    return records
 
 
 def test_logit_growth_and_entropy_collapse_at_a_high_rate_not_at_a_moderate_one() -> None:
